@@ -1,0 +1,140 @@
+//! One-time codes sent by SMS or e-mail: generation from the OS CSPRNG, normalisation of what a
+//! person typed, and the keyed hash that is all the store ever sees.
+
+use crate::crypto::{ct_eq, fill_random, hmac_sha256};
+use crate::error::CoreError;
+
+/// A syntactically valid code: ASCII digits only, already normalised.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OtpCode(String);
+
+impl std::fmt::Debug for OtpCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OtpCode(..)")
+    }
+}
+
+/// Maps Persian (U+06F0..) and Arabic-Indic (U+0660..) digits to ASCII; other chars unchanged.
+pub fn normalize_digit(c: char) -> char {
+    match c {
+        '\u{06F0}'..='\u{06F9}' => char::from(b'0' + (c as u32 - 0x06F0) as u8),
+        '\u{0660}'..='\u{0669}' => char::from(b'0' + (c as u32 - 0x0660) as u8),
+        other => other,
+    }
+}
+
+impl OtpCode {
+    /// Parses a typed code: surrounding white space dropped, Persian and Arabic-Indic digits
+    /// made ASCII; anything else that is not a digit, or a length other than `expected_len`
+    /// (or any of 6..=8 when `None`), is refused before any counter is touched.
+    pub fn parse(input: &str, expected_len: Option<usize>) -> Result<Self, CoreError> {
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return Err(CoreError::invalid("code", "is required"));
+        }
+        let mut digits = String::with_capacity(trimmed.len());
+        for c in trimmed.chars().map(normalize_digit) {
+            if !c.is_ascii_digit() {
+                return Err(CoreError::invalid("code", "must contain digits only"));
+            }
+            digits.push(c);
+        }
+        let ok_len = match expected_len {
+            Some(n) => digits.len() == n,
+            None => (6..=8).contains(&digits.len()),
+        };
+        if !ok_len {
+            let wanted = expected_len.map_or("6 to 8".to_owned(), |n| n.to_string());
+            return Err(CoreError::invalid(
+                "code",
+                format!("must be {wanted} digits"),
+            ));
+        }
+        Ok(OtpCode(digits))
+    }
+
+    /// A fresh uniformly random code of `len` digits.
+    pub fn generate(len: u8) -> Result<Self, CoreError> {
+        let mut digits = String::with_capacity(usize::from(len));
+        let mut buf = [0u8; 1];
+        while digits.len() < usize::from(len) {
+            fill_random(&mut buf)?;
+            // Rejection sampling: 250 = 25 * 10, so every digit is equally likely.
+            if buf[0] < 250 {
+                digits.push(char::from(b'0' + buf[0] % 10));
+            }
+        }
+        Ok(OtpCode(digits))
+    }
+
+    /// The digits, for the outgoing message only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The keyed hash stored for this code, bound to the challenge it belongs to.
+    pub fn keyed_hash(&self, key: &[u8; 32], challenge_id: &str) -> [u8; 32] {
+        hmac_sha256(key, &[challenge_id.as_bytes(), b":", self.0.as_bytes()])
+    }
+
+    /// Whether this code matches `stored_hash`, compared in constant time.
+    pub fn matches(&self, key: &[u8; 32], challenge_id: &str, stored_hash: &[u8]) -> bool {
+        ct_eq(&self.keyed_hash(key, challenge_id), stored_hash)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn persian_and_arabic_digits_and_spaces_are_normalised() {
+        assert_eq!(
+            OtpCode::parse(" ۱۲۳۴۵۶ ", Some(6)).unwrap().expose(),
+            "123456"
+        );
+        assert_eq!(
+            OtpCode::parse("١٢٣٤٥٦", Some(6)).unwrap().expose(),
+            "123456"
+        );
+        assert_eq!(
+            OtpCode::parse("12345678", None).unwrap().expose(),
+            "12345678"
+        );
+    }
+
+    #[test]
+    fn letters_inner_spaces_and_wrong_lengths_are_refused() {
+        for bad in [
+            "12a456",
+            "123 456",
+            "12345",
+            "1234567",
+            "",
+            "   ",
+            "１２３４５６",
+        ] {
+            assert!(OtpCode::parse(bad, Some(6)).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn generated_codes_have_the_length_and_only_digits() {
+        for len in [4u8, 6, 8, 10] {
+            let code = OtpCode::generate(len).unwrap();
+            assert_eq!(code.expose().len(), usize::from(len));
+            assert!(code.expose().bytes().all(|b| b.is_ascii_digit()));
+        }
+    }
+
+    #[test]
+    fn a_code_matches_only_its_own_challenge() {
+        let key = [7u8; 32];
+        let code = OtpCode::parse("123456", Some(6)).unwrap();
+        let hash = code.keyed_hash(&key, "a");
+        assert!(code.matches(&key, "a", &hash));
+        assert!(!code.matches(&key, "b", &hash));
+        let other = OtpCode::parse("123457", Some(6)).unwrap();
+        assert!(!other.matches(&key, "a", &hash));
+    }
+}

@@ -1,0 +1,185 @@
+//! Parsed identities: usernames, e-mail addresses and E.164 phone numbers. Each constructor is
+//! the only way in, so a value of these types is valid by construction.
+
+use crate::code::normalize_digit;
+use crate::error::CoreError;
+
+/// A username: 1 to 64 characters, no white space or control characters, compared lowercased.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Username(String);
+
+impl Username {
+    /// Parses and lowercases a username.
+    pub fn parse(input: &str) -> Result<Self, CoreError> {
+        let trimmed = input.trim();
+        if trimmed.is_empty() {
+            return Err(CoreError::invalid("username", "is required"));
+        }
+        if trimmed.chars().count() > 64 {
+            return Err(CoreError::invalid(
+                "username",
+                "must be at most 64 characters",
+            ));
+        }
+        if trimmed.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(CoreError::invalid("username", "must not contain spaces"));
+        }
+        Ok(Username(
+            trimmed
+                .chars()
+                .map(normalize_digit)
+                .collect::<String>()
+                .to_lowercase(),
+        ))
+    }
+
+    /// The normalised text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// An e-mail address of practical shape (RFC 5321 lengths, a dotted domain), domain lowercased.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Email(String);
+
+impl Email {
+    /// Parses an address.
+    pub fn parse(input: &str) -> Result<Self, CoreError> {
+        let bad = || CoreError::invalid("email", "is not a valid e-mail address");
+        let trimmed = input.trim();
+        if trimmed.len() > 254 {
+            return Err(bad());
+        }
+        let (local, domain) = trimmed.rsplit_once('@').ok_or_else(bad)?;
+        let local_ok = !local.is_empty()
+            && local.len() <= 64
+            && !local.contains('@')
+            && local.chars().all(|c| c.is_ascii_graphic() || !c.is_ascii())
+            && !local.chars().any(|c| c.is_whitespace() || c.is_control());
+        let labels: Vec<&str> = domain.split('.').collect();
+        let domain_ok = labels.len() >= 2
+            && labels.iter().all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            });
+        if !local_ok || !domain_ok {
+            return Err(bad());
+        }
+        Ok(Email(format!("{local}@{}", domain.to_ascii_lowercase())))
+    }
+
+    /// The address.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A phone number in E.164 form: `+`, then 8 to 15 digits, the first not zero.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct E164Phone(String);
+
+impl E164Phone {
+    /// Parses a number written in international form (`+98 912 345 6789`, `0098…`), with
+    /// Persian or Arabic-Indic digits, spaces, dashes, dots and parentheses allowed.
+    pub fn parse(input: &str) -> Result<Self, CoreError> {
+        let bad = || {
+            CoreError::invalid(
+                "phone",
+                "is not a valid phone number in international form (+ and 8 to 15 digits)",
+            )
+        };
+        let mut digits = String::new();
+        let mut plus = false;
+        for (i, c) in input.trim().chars().map(normalize_digit).enumerate() {
+            match c {
+                '+' if i == 0 => plus = true,
+                '0'..='9' => digits.push(c),
+                ' ' | '-' | '.' | '(' | ')' | '\u{00A0}' => {}
+                _ => return Err(bad()),
+            }
+        }
+        let national = if plus {
+            digits.as_str()
+        } else if let Some(rest) = digits.strip_prefix("00") {
+            rest
+        } else {
+            return Err(bad());
+        };
+        if !(8..=15).contains(&national.len()) || national.starts_with('0') {
+            return Err(bad());
+        }
+        Ok(E164Phone(format!("+{national}")))
+    }
+
+    /// The number, `+` and digits.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phones_are_normalised_to_e164() {
+        assert_eq!(
+            E164Phone::parse("+98 912 345-6789").unwrap().as_str(),
+            "+989123456789"
+        );
+        assert_eq!(
+            E164Phone::parse("0098 (912) 3456789").unwrap().as_str(),
+            "+989123456789"
+        );
+        assert_eq!(
+            E164Phone::parse("+۹۸۹۱۲۳۴۵۶۷۸۹").unwrap().as_str(),
+            "+989123456789"
+        );
+    }
+
+    #[test]
+    fn malformed_phones_are_refused() {
+        for bad in [
+            "",
+            "09123456789",
+            "+0123456789",
+            "+12",
+            "+1234567890123456",
+            "+98abc1234567",
+            "+98+912",
+        ] {
+            assert!(E164Phone::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn emails_are_checked_and_domain_lowercased() {
+        assert_eq!(
+            Email::parse(" Ali@Example.COM ").unwrap().as_str(),
+            "Ali@example.com"
+        );
+        for bad in [
+            "",
+            "ali",
+            "ali@",
+            "@x.com",
+            "ali@localhost",
+            "a b@x.com",
+            "ali@x..com",
+            "ali@-x.com",
+        ] {
+            assert!(Email::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn usernames_are_lowercased_and_refuse_spaces() {
+        assert_eq!(Username::parse(" Ali ").unwrap().as_str(), "ali");
+        assert!(Username::parse("a b").is_err());
+        assert!(Username::parse("").is_err());
+    }
+}

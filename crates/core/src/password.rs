@@ -1,0 +1,150 @@
+//! Password hashing with argon2id at OWASP's parameters (m=19456 KiB, t=2, p=1). Hashing runs on
+//! the blocking pool, never on the async workers, and unknown users cost a dummy verification so
+//! that their answers take as long as a wrong password's.
+
+use std::sync::Arc;
+
+use argon2::{
+    Algorithm, Argon2, Params, PasswordHash, PasswordHasher as _, PasswordVerifier, Version,
+};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::error::CoreError;
+
+/// Longest password accepted (argon2 takes any length; this bounds the work per request).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+/// Hashes and verifies passwords.
+#[derive(Clone)]
+pub struct PasswordHasher {
+    params: Params,
+    dummy_hash: Arc<String>,
+}
+
+impl std::fmt::Debug for PasswordHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PasswordHasher").finish_non_exhaustive()
+    }
+}
+
+fn argon2(params: &Params) -> Argon2<'static> {
+    Argon2::new(Algorithm::Argon2id, Version::V0x13, params.clone())
+}
+
+fn hash_blocking(params: &Params, password: &[u8]) -> Result<String, CoreError> {
+    argon2(params)
+        .hash_password(password)
+        .map(|h| h.to_string())
+        .map_err(|e| CoreError::Internal(format!("argon2 hashing failed: {e}")))
+}
+
+impl PasswordHasher {
+    /// OWASP's argon2id parameters; computes the dummy hash once.
+    pub fn owasp() -> Result<Self, CoreError> {
+        let params = Params::new(19_456, 2, 1, None)
+            .map_err(|e| CoreError::Internal(format!("argon2 params: {e}")))?;
+        Self::with_params(params)
+    }
+
+    /// Custom parameters (tests of other crates may use cheaper ones; production uses OWASP's).
+    pub fn with_params(params: Params) -> Result<Self, CoreError> {
+        let dummy = hash_blocking(&params, b"otpgate dummy password")?;
+        Ok(PasswordHasher {
+            params,
+            dummy_hash: Arc::new(dummy),
+        })
+    }
+
+    /// Refuses empty and oversized passwords.
+    pub fn check_acceptable(password: &SecretString) -> Result<(), CoreError> {
+        let len = password.expose_secret().len();
+        if len == 0 {
+            return Err(CoreError::invalid("password", "is required"));
+        }
+        if len > MAX_PASSWORD_BYTES {
+            return Err(CoreError::invalid("password", "is too long"));
+        }
+        Ok(())
+    }
+
+    /// Hashes a password into a PHC string, off the async workers.
+    pub async fn hash(&self, password: SecretString) -> Result<String, CoreError> {
+        Self::check_acceptable(&password)?;
+        let params = self.params.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            hash_blocking(&params, password.expose_secret().as_bytes())
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("blocking pool: {e}")))?
+    }
+
+    /// Verifies `password` against `stored`, or against the dummy hash when there is no user,
+    /// so both cases cost one argon2 run. Oversized passwords are not hashed at all.
+    pub async fn verify(
+        &self,
+        password: SecretString,
+        stored: Option<String>,
+    ) -> Result<bool, CoreError> {
+        let real = stored.is_some();
+        let phc = stored.unwrap_or_else(|| self.dummy_hash.as_ref().clone());
+        let acceptable = Self::check_acceptable(&password).is_ok();
+        let span = tracing::Span::current();
+        let matched = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let candidate: &[u8] = if acceptable {
+                password.expose_secret().as_bytes()
+            } else {
+                b"\0"
+            };
+            match PasswordHash::new(&phc) {
+                Ok(parsed) => argon2(&Params::default())
+                    .verify_password(candidate, &parsed)
+                    .is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("blocking pool: {e}")))?;
+        Ok(real && acceptable && matched)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_hash_verifies_its_password_only() {
+        let hasher = PasswordHasher::owasp().unwrap();
+        let hash = hasher
+            .hash(SecretString::from("correct horse"))
+            .await
+            .unwrap();
+        assert!(hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert!(
+            hasher
+                .verify(SecretString::from("correct horse"), Some(hash.clone()))
+                .await
+                .unwrap()
+        );
+        assert!(
+            !hasher
+                .verify(SecretString::from("wrong"), Some(hash))
+                .await
+                .unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn no_user_never_verifies_even_with_the_dummy_password() {
+        let hasher = PasswordHasher::owasp().unwrap();
+        assert!(
+            !hasher
+                .verify(SecretString::from("otpgate dummy password"), None)
+                .await
+                .unwrap()
+        );
+    }
+}

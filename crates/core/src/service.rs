@@ -1,0 +1,1231 @@
+//! The core's operations. Every dialect (acl, verify_login, digipay, native v1, the panel) and the
+//! CLI calls these; none of them holds a rule of its own.
+//!
+//! A challenge moves `pending → approved | canceled | max_attempts_reached`, and a pending one
+//! past its expiry reads as `expired`. Every move is a conditional update in the store keyed on
+//! the state this code saw (status and attempts), so concurrent checks cannot both win: the
+//! loser re-reads and answers from the new state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use time::OffsetDateTime;
+use tokio::sync::Notify;
+
+use crate::clock::Clock;
+use crate::code::OtpCode;
+use crate::crypto::{MasterKey, random_bytes};
+use crate::error::CoreError;
+use crate::identity::{E164Phone, Email, Username};
+use crate::message::{normalize_locale, render_code_message};
+use crate::model::{
+    ApiKey, ApiKeyId, AuditEvent, AuditKind, Challenge, ChallengeId, ChallengeStatus, Channel,
+    DeliveryStatus, FactorId, LoginTicket, MessageId, OutboxMessage, Purpose, RequestContext, Role,
+    Session, Tenant, TenantId, TotpFactor, User, UserId,
+};
+use crate::otp::{TotpParams, otpauth_uri, secret_to_base32};
+use crate::password::PasswordHasher;
+use crate::policy::Policy;
+use crate::store::{LoginCompletion, Store};
+use crate::token::{hash_token, mint_api_key, mint_hex_token};
+
+/// Result of core operations.
+pub type CoreResult<T> = Result<T, CoreError>;
+
+/// How many times a conditional update is retried after losing a race. Each loss means the
+/// challenge moved on (attempts only grow, statuses only leave `pending`), so this bounds work.
+const MAX_RACE_RETRIES: usize = 16;
+
+/// TOTP window: one step either side (RFC 6238 §5.2).
+const TOTP_WINDOW: i64 = 1;
+
+/// Bytes in a new TOTP secret (160 bits, RFC 4226 §4's recommendation).
+const TOTP_SECRET_BYTES: usize = 20;
+
+/// A user to create.
+pub struct NewUser {
+    /// Login name.
+    pub username: String,
+    /// Password (hashed with argon2id; never stored or logged as given).
+    pub password: SecretString,
+    /// E-mail address, if any.
+    pub email: Option<String>,
+    /// Phone number in international form, if any.
+    pub phone: Option<String>,
+    /// Role.
+    pub role: Role,
+}
+
+/// A request to send a verification code.
+#[derive(Debug, Clone)]
+pub struct StartVerification {
+    /// Phone number (sms) or e-mail address (email).
+    pub to: String,
+    /// `Sms` or `Email`.
+    pub channel: Channel,
+    /// Locale of the message (`fa`, `en`, ...).
+    pub locale: Option<String>,
+}
+
+/// The answer to a code check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOutcome {
+    /// The challenge's status after the check.
+    pub status: ChallengeStatus,
+    /// Checks left (0 unless still pending).
+    pub attempts_left: u32,
+}
+
+/// Step 1 of a login passed.
+pub struct LoginStarted {
+    /// The temporary ticket for step 2 (shown once).
+    pub ticket: SecretString,
+    /// How the code comes.
+    pub channel: Channel,
+    /// When the ticket expires.
+    pub expires_at: OffsetDateTime,
+    /// When another code may be asked for (SMS and e-mail only).
+    pub resend_at: Option<OffsetDateTime>,
+}
+
+/// A session token was issued.
+pub struct SessionIssued {
+    /// The token (32 lowercase hex; shown once).
+    pub token: SecretString,
+    /// Its expiry.
+    pub expires_at: OffsetDateTime,
+    /// Whose it is.
+    pub user: User,
+}
+
+/// A new code was queued.
+#[derive(Debug, Clone)]
+pub struct Resent {
+    /// The challenge's new expiry.
+    pub expires_at: OffsetDateTime,
+    /// When the next resend is allowed.
+    pub next_resend_at: OffsetDateTime,
+}
+
+/// A TOTP factor was enrolled.
+pub struct TotpEnrolment {
+    /// The factor.
+    pub factor_id: FactorId,
+    /// The secret in base32, for manual entry.
+    pub secret_base32: SecretString,
+    /// The `otpauth://` URI, for the QR code.
+    pub uri: SecretString,
+    /// Whether it is active already (operator enrolment) or waits for a first code.
+    pub active: bool,
+}
+
+/// A verification's delivery as the native API shows it.
+#[derive(Debug, Clone)]
+pub struct DeliveryState {
+    /// Queued, sent or failed.
+    pub status: DeliveryStatus,
+    /// The provider's id, once sent.
+    pub provider_message_id: Option<String>,
+}
+
+/// The core service.
+pub struct Otpgate {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    policy: Policy,
+    hasher: PasswordHasher,
+    master: MasterKey,
+    code_key: [u8; 32],
+    outbox_wake: Arc<Notify>,
+}
+
+impl Otpgate {
+    /// Builds the service.
+    pub fn new(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        master: MasterKey,
+        policy: Policy,
+        hasher: PasswordHasher,
+    ) -> Self {
+        let code_key = master.derive("code-hash");
+        Otpgate {
+            store,
+            clock,
+            policy,
+            hasher,
+            master,
+            code_key,
+            outbox_wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The store (for the delivery worker and health checks).
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        Arc::clone(&self.clock)
+    }
+
+    /// Notified whenever a message is queued, so the worker need not poll.
+    pub fn outbox_wake(&self) -> Arc<Notify> {
+        Arc::clone(&self.outbox_wake)
+    }
+
+    /// The rules in force.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn event(
+        &self,
+        tenant: &TenantId,
+        user: Option<&UserId>,
+        kind: AuditKind,
+        detail: impl Into<String>,
+        ctx: &RequestContext,
+        at: OffsetDateTime,
+    ) -> AuditEvent {
+        AuditEvent {
+            tenant_id: tenant.clone(),
+            user_id: user.cloned(),
+            kind,
+            detail: detail.into(),
+            context: ctx.clone(),
+            at,
+        }
+    }
+
+    // ---------------------------------------------------------------- tenants
+
+    /// Creates a tenant.
+    pub async fn create_tenant(&self, name: &str) -> CoreResult<Tenant> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 100 {
+            return Err(CoreError::invalid("name", "must be 1 to 100 characters"));
+        }
+        let tenant = Tenant {
+            id: TenantId::generate()?,
+            name: name.to_owned(),
+            is_default: false,
+            created_at: self.clock.now(),
+        };
+        self.store.insert_tenant(&tenant).await?;
+        Ok(tenant)
+    }
+
+    /// The default tenant, created on first use.
+    pub async fn default_tenant(&self) -> CoreResult<Tenant> {
+        let candidate = Tenant {
+            id: TenantId::generate()?,
+            name: "default".to_owned(),
+            is_default: true,
+            created_at: self.clock.now(),
+        };
+        Ok(self.store.ensure_default_tenant(&candidate).await?)
+    }
+
+    /// A tenant by id (`NotFound` when unknown).
+    pub async fn tenant(&self, id: &TenantId) -> CoreResult<Tenant> {
+        self.store.get_tenant(id).await?.ok_or(CoreError::NotFound)
+    }
+
+    // ---------------------------------------------------------------- users and keys
+
+    /// Creates a user.
+    pub async fn create_user(
+        &self,
+        tenant: &TenantId,
+        new: NewUser,
+        ctx: &RequestContext,
+    ) -> CoreResult<User> {
+        let username = Username::parse(&new.username)?;
+        let email = new.email.as_deref().map(Email::parse).transpose()?;
+        let phone = new.phone.as_deref().map(E164Phone::parse).transpose()?;
+        let password_hash = self.hasher.hash(new.password).await?;
+        let now = self.clock.now();
+        let user = User {
+            id: UserId::generate()?,
+            tenant_id: tenant.clone(),
+            username,
+            email,
+            phone,
+            role: new.role,
+            password_hash,
+            mobile_verified_at: None,
+            email_verified_at: None,
+            failed_logins: 0,
+            locked_until: None,
+            created_at: now,
+        };
+        let audit = [self.event(tenant, Some(&user.id), AuditKind::UserCreated, "", ctx, now)];
+        self.store.insert_user(&user, &audit).await?;
+        Ok(user)
+    }
+
+    /// A user by username.
+    pub async fn user_by_username(&self, tenant: &TenantId, username: &str) -> CoreResult<User> {
+        let username = Username::parse(username)?;
+        self.store
+            .find_user_by_username(tenant, username.as_str())
+            .await?
+            .ok_or(CoreError::NotFound)
+    }
+
+    /// Creates an API key; the secret is returned once and stored only hashed.
+    pub async fn create_api_key(
+        &self,
+        tenant: &TenantId,
+        name: &str,
+    ) -> CoreResult<(ApiKey, SecretString)> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 100 {
+            return Err(CoreError::invalid("name", "must be 1 to 100 characters"));
+        }
+        self.tenant(tenant).await?;
+        let minted = mint_api_key()?;
+        let now = self.clock.now();
+        let key = ApiKey {
+            id: ApiKeyId::generate()?,
+            tenant_id: tenant.clone(),
+            name: name.to_owned(),
+            hash: minted.hash,
+            created_at: now,
+            revoked_at: None,
+        };
+        let audit = [self.event(
+            tenant,
+            None,
+            AuditKind::ApiKeyCreated,
+            format!("api key {} ({name})", key.id),
+            &RequestContext::default(),
+            now,
+        )];
+        self.store.insert_api_key(&key, &audit).await?;
+        Ok((key, minted.secret))
+    }
+
+    /// The tenant an API key belongs to; `Unauthorized` for unknown or revoked keys.
+    pub async fn authenticate_api_key(&self, presented: &SecretString) -> CoreResult<TenantId> {
+        let text = presented.expose_secret().trim();
+        if text.is_empty() || text.len() > 200 {
+            return Err(CoreError::Unauthorized);
+        }
+        match self.store.find_api_key(&hash_token(text)).await? {
+            Some(key) if key.revoked_at.is_none() => Ok(key.tenant_id),
+            _ => Err(CoreError::Unauthorized),
+        }
+    }
+
+    // ---------------------------------------------------------------- codes
+
+    fn parse_destination(channel: Channel, to: &str) -> CoreResult<String> {
+        match channel {
+            Channel::Sms => Ok(E164Phone::parse(to)
+                .map_err(|_| CoreError::invalid("to", "is not a valid phone number in E.164 form"))?
+                .as_str()
+                .to_owned()),
+            Channel::Email => Ok(Email::parse(to)
+                .map_err(|_| CoreError::invalid("to", "is not a valid e-mail address"))?
+                .as_str()
+                .to_owned()),
+            Channel::Totp => Err(CoreError::invalid("channel", "must be sms or email")),
+        }
+    }
+
+    /// Refuses a send when the destination had its fill in the current window.
+    async fn check_send_budget(
+        &self,
+        tenant: &TenantId,
+        destination: &str,
+        now: OffsetDateTime,
+    ) -> CoreResult<()> {
+        let since = now - self.policy.send_window;
+        let sent = self
+            .store
+            .count_sends_since(tenant, destination, since)
+            .await?;
+        if sent >= self.policy.max_sends_per_window {
+            return Err(CoreError::RateLimited {
+                retry_after: self.policy.send_window,
+            });
+        }
+        Ok(())
+    }
+
+    fn cooldown_left(&self, challenge: &Challenge, now: OffsetDateTime) -> Option<Duration> {
+        let ready_at = challenge.last_sent_at + self.policy.resend_cooldown;
+        (now < ready_at).then(|| (ready_at - now).unsigned_abs().max(Duration::from_secs(1)))
+    }
+
+    fn new_message(
+        &self,
+        challenge: &Challenge,
+        code: &OtpCode,
+        now: OffsetDateTime,
+    ) -> CoreResult<OutboxMessage> {
+        let ttl_minutes = self
+            .policy
+            .code_ttl(challenge.channel)
+            .as_secs()
+            .div_ceil(60);
+        Ok(OutboxMessage {
+            id: MessageId::generate()?,
+            tenant_id: challenge.tenant_id.clone(),
+            challenge_id: Some(challenge.id.clone()),
+            channel: challenge.channel,
+            destination: challenge.destination.clone(),
+            purpose: challenge.purpose,
+            locale: challenge.locale.clone(),
+            body: Some(render_code_message(
+                &self.policy.product_name,
+                challenge.purpose,
+                &challenge.locale,
+                code.expose(),
+                ttl_minutes,
+            )),
+            code: Some(code.expose().to_owned()),
+            status: DeliveryStatus::Queued,
+            attempts: 0,
+            next_attempt_at: now,
+            created_at: now,
+            provider_message_id: None,
+            last_error: None,
+        })
+    }
+
+    /// A new pending challenge with a fresh code, and (for SMS and e-mail) its message.
+    #[allow(clippy::too_many_arguments)]
+    fn new_challenge(
+        &self,
+        tenant: &TenantId,
+        user: Option<&UserId>,
+        purpose: Purpose,
+        channel: Channel,
+        destination: String,
+        locale: String,
+        now: OffsetDateTime,
+    ) -> CoreResult<(Challenge, Option<OutboxMessage>)> {
+        let id = ChallengeId::generate()?;
+        let code = OtpCode::generate(self.policy.code_length)?;
+        let code_hash = match channel {
+            Channel::Totp => Vec::new(),
+            Channel::Sms | Channel::Email => code.keyed_hash(&self.code_key, id.as_str()).to_vec(),
+        };
+        let ttl = match channel {
+            Channel::Totp => self.policy.login_ticket_ttl,
+            other => self.policy.code_ttl(other),
+        };
+        let challenge = Challenge {
+            id,
+            tenant_id: tenant.clone(),
+            user_id: user.cloned(),
+            purpose,
+            channel,
+            destination,
+            code_hash,
+            locale,
+            created_at: now,
+            expires_at: now + ttl,
+            last_sent_at: now,
+            send_count: u32::from(channel != Channel::Totp),
+            attempts: 0,
+            max_attempts: self.policy.max_checks,
+            status: ChallengeStatus::Pending,
+        };
+        let message = match channel {
+            Channel::Totp => None,
+            _ => Some(self.new_message(&challenge, &code, now)?),
+        };
+        Ok((challenge, message))
+    }
+
+    /// Sends a verification code (native API). A pending verification to the same destination
+    /// is reused with a new code, within the resend cool-down and the send budget.
+    pub async fn start_verification(
+        &self,
+        tenant: &TenantId,
+        request: StartVerification,
+        ctx: &RequestContext,
+    ) -> CoreResult<Challenge> {
+        let destination = Self::parse_destination(request.channel, &request.to)?;
+        let locale = normalize_locale(request.locale.as_deref());
+        let now = self.clock.now();
+        if let Some(existing) = self
+            .store
+            .find_pending_challenge(tenant, Purpose::Verify.as_str(), &destination, now)
+            .await?
+            && existing.channel == request.channel
+        {
+            self.resend(&existing, None, ctx).await?;
+            return self
+                .store
+                .get_challenge(tenant, &existing.id)
+                .await?
+                .ok_or(CoreError::NotFound);
+        }
+        self.check_send_budget(tenant, &destination, now).await?;
+        let (challenge, message) = self.new_challenge(
+            tenant,
+            None,
+            Purpose::Verify,
+            request.channel,
+            destination,
+            locale,
+            now,
+        )?;
+        let audit = [self.event(
+            tenant,
+            None,
+            AuditKind::OtpSent,
+            format!(
+                "verification {} by {}",
+                challenge.id,
+                challenge.channel.as_str()
+            ),
+            ctx,
+            now,
+        )];
+        self.store
+            .insert_challenge(&challenge, message.as_ref(), &audit)
+            .await?;
+        self.outbox_wake.notify_one();
+        Ok(challenge)
+    }
+
+    /// Queues a new code for a pending SMS or e-mail challenge.
+    async fn resend(
+        &self,
+        challenge: &Challenge,
+        user: Option<&UserId>,
+        ctx: &RequestContext,
+    ) -> CoreResult<Resent> {
+        let now = self.clock.now();
+        if challenge.status_at(now) != ChallengeStatus::Pending
+            || challenge.channel == Channel::Totp
+        {
+            return Err(CoreError::Conflict(
+                "there is no pending code to resend".into(),
+            ));
+        }
+        if let Some(retry_after) = self.cooldown_left(challenge, now) {
+            return Err(CoreError::RateLimited { retry_after });
+        }
+        self.check_send_budget(&challenge.tenant_id, &challenge.destination, now)
+            .await?;
+        let code = OtpCode::generate(self.policy.code_length)?;
+        let hash = code.keyed_hash(&self.code_key, challenge.id.as_str());
+        let expires_at = now + self.policy.code_ttl(challenge.channel);
+        let message = self.new_message(challenge, &code, now)?;
+        let audit = [self.event(
+            &challenge.tenant_id,
+            user,
+            AuditKind::OtpSent,
+            format!(
+                "challenge {} resent by {}",
+                challenge.id,
+                challenge.channel.as_str()
+            ),
+            ctx,
+            now,
+        )];
+        let won = self
+            .store
+            .resend_challenge(
+                &challenge.id,
+                challenge.send_count,
+                &hash,
+                now,
+                expires_at,
+                &message,
+                &audit,
+            )
+            .await?;
+        if !won {
+            // Another request resent it a moment ago: that one's cool-down applies.
+            return Err(CoreError::RateLimited {
+                retry_after: self.policy.resend_cooldown,
+            });
+        }
+        self.outbox_wake.notify_one();
+        Ok(Resent {
+            expires_at,
+            next_resend_at: now + self.policy.resend_cooldown,
+        })
+    }
+
+    /// A verification by id (tenant-scoped: another tenant's id is `NotFound`).
+    pub async fn get_verification(&self, tenant: &TenantId, id: &str) -> CoreResult<Challenge> {
+        let id = ChallengeId::parse(id)?;
+        match self.store.get_challenge(tenant, &id).await? {
+            Some(c) if c.purpose == Purpose::Verify => Ok(c),
+            _ => Err(CoreError::NotFound),
+        }
+    }
+
+    /// The delivery state of a verification's latest message.
+    pub async fn delivery_state(
+        &self,
+        challenge: &ChallengeId,
+    ) -> CoreResult<Option<DeliveryState>> {
+        Ok(self
+            .store
+            .latest_message_for(challenge)
+            .await?
+            .map(|m| DeliveryState {
+                status: m.status,
+                provider_message_id: m.provider_message_id,
+            }))
+    }
+
+    /// Checks a code against a verification.
+    pub async fn check_verification(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        raw_code: &str,
+        ctx: &RequestContext,
+    ) -> CoreResult<CheckOutcome> {
+        let id = ChallengeId::parse(id)?;
+        // Parse before any read: malformed codes never touch a counter.
+        let code = OtpCode::parse(raw_code, Some(usize::from(self.policy.code_length)))?;
+        for _ in 0..MAX_RACE_RETRIES {
+            let challenge = self.get_verification(tenant, id.as_str()).await?;
+            let now = self.clock.now();
+            match challenge.status_at(now) {
+                ChallengeStatus::Pending => {}
+                ChallengeStatus::Approved => {
+                    return Err(CoreError::Conflict(
+                        "verification was already approved".into(),
+                    ));
+                }
+                other => {
+                    return Ok(CheckOutcome {
+                        status: other,
+                        attempts_left: 0,
+                    });
+                }
+            }
+            if code.matches(&self.code_key, id.as_str(), &challenge.code_hash) {
+                let audit = [self.event(
+                    tenant,
+                    None,
+                    AuditKind::OtpAccepted,
+                    format!("verification {id}"),
+                    ctx,
+                    now,
+                )];
+                if self
+                    .store
+                    .consume_challenge(&id, challenge.attempts, now, &audit)
+                    .await?
+                {
+                    return Ok(CheckOutcome {
+                        status: ChallengeStatus::Approved,
+                        attempts_left: 0,
+                    });
+                }
+            } else {
+                let audit = [self.event(
+                    tenant,
+                    None,
+                    AuditKind::OtpRejected,
+                    format!("verification {id}"),
+                    ctx,
+                    now,
+                )];
+                if self
+                    .store
+                    .record_failed_check(&id, challenge.attempts, now, &audit)
+                    .await?
+                {
+                    let left = challenge.attempts_left().saturating_sub(1);
+                    return Ok(CheckOutcome {
+                        status: if left == 0 {
+                            ChallengeStatus::MaxAttemptsReached
+                        } else {
+                            ChallengeStatus::Pending
+                        },
+                        attempts_left: left,
+                    });
+                }
+            }
+        }
+        Err(CoreError::Internal(
+            "challenge kept changing under the check".into(),
+        ))
+    }
+
+    /// Cancels a pending verification.
+    pub async fn cancel_verification(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        ctx: &RequestContext,
+    ) -> CoreResult<Challenge> {
+        let challenge = self.get_verification(tenant, id).await?;
+        let now = self.clock.now();
+        if challenge.status_at(now) != ChallengeStatus::Pending {
+            return Err(CoreError::Conflict(format!(
+                "verification is {}, not pending",
+                challenge.status_at(now).as_str()
+            )));
+        }
+        let audit = [self.event(
+            tenant,
+            None,
+            AuditKind::OtpCanceled,
+            format!("verification {}", challenge.id),
+            ctx,
+            now,
+        )];
+        if !self
+            .store
+            .cancel_challenge(&challenge.id, now, &audit)
+            .await?
+        {
+            return Err(CoreError::Conflict(
+                "verification is no longer pending".into(),
+            ));
+        }
+        self.get_verification(tenant, challenge.id.as_str()).await
+    }
+
+    // ---------------------------------------------------------------- logins
+
+    async fn active_totp_factor(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> CoreResult<Option<TotpFactor>> {
+        Ok(self
+            .store
+            .list_totp_factors(tenant, user)
+            .await?
+            .into_iter()
+            .find(|f| f.confirmed_at.is_some()))
+    }
+
+    /// Counts a failure against the account and locks it when the policy says so.
+    async fn count_failure(
+        &self,
+        user: &User,
+        detail: &str,
+        ctx: &RequestContext,
+        now: OffsetDateTime,
+    ) -> CoreResult<()> {
+        let audit = [self.event(
+            &user.tenant_id,
+            Some(&user.id),
+            AuditKind::LoginFailed,
+            detail,
+            ctx,
+            now,
+        )];
+        let failures = self
+            .store
+            .record_login_failure(&user.tenant_id, &user.id, &audit)
+            .await?;
+        if let Some(pause) = self.policy.lockout_for(failures) {
+            self.store
+                .lock_user(&user.tenant_id, &user.id, now + pause)
+                .await?;
+            let audit = [self.event(
+                &user.tenant_id,
+                Some(&user.id),
+                AuditKind::LockedOut,
+                format!(
+                    "{failures} consecutive failures; locked for {} s",
+                    pause.as_secs()
+                ),
+                ctx,
+                now,
+            )];
+            self.store.insert_audit(&audit).await?;
+        }
+        Ok(())
+    }
+
+    fn is_locked(user: &User, now: OffsetDateTime) -> bool {
+        user.locked_until.is_some_and(|until| now < until)
+    }
+
+    /// Step 1 of a two-step login: checks the password and issues a ticket; sends the code by
+    /// SMS (phone), else e-mail, unless the user has an authenticator factor, which wins.
+    /// Unknown user, wrong password and locked account all answer `InvalidCredentials`, after
+    /// one argon2 verification each.
+    pub async fn login(
+        &self,
+        tenant: &TenantId,
+        username: &str,
+        password: SecretString,
+        ctx: &RequestContext,
+    ) -> CoreResult<LoginStarted> {
+        let user = match Username::parse(username) {
+            Ok(name) => {
+                self.store
+                    .find_user_by_username(tenant, name.as_str())
+                    .await?
+            }
+            Err(_) => None,
+        };
+        let stored_hash = user.as_ref().map(|u| u.password_hash.clone());
+        let password_ok = self.hasher.verify(password, stored_hash).await?;
+        let now = self.clock.now();
+        let Some(user) = user else {
+            self.store
+                .insert_audit(&[self.event(
+                    tenant,
+                    None,
+                    AuditKind::LoginFailed,
+                    "unknown user",
+                    ctx,
+                    now,
+                )])
+                .await?;
+            return Err(CoreError::InvalidCredentials);
+        };
+        if Self::is_locked(&user, now) {
+            self.store
+                .insert_audit(&[self.event(
+                    tenant,
+                    Some(&user.id),
+                    AuditKind::LoginFailed,
+                    "locked",
+                    ctx,
+                    now,
+                )])
+                .await?;
+            return Err(CoreError::InvalidCredentials);
+        }
+        if !password_ok {
+            self.count_failure(&user, "wrong password", ctx, now)
+                .await?;
+            return Err(CoreError::InvalidCredentials);
+        }
+        self.issue_ticket(&user, Purpose::Login, None, ctx, now)
+            .await
+    }
+
+    /// Issues a login ticket for a user whose first factor was proven, with its challenge.
+    /// `channel` forces SMS or e-mail; by default TOTP wins, then SMS, then e-mail.
+    pub async fn issue_ticket(
+        &self,
+        user: &User,
+        purpose: Purpose,
+        channel: Option<Channel>,
+        ctx: &RequestContext,
+        now: OffsetDateTime,
+    ) -> CoreResult<LoginStarted> {
+        let channel = match channel {
+            Some(c) => c,
+            None if self
+                .active_totp_factor(&user.tenant_id, &user.id)
+                .await?
+                .is_some() =>
+            {
+                Channel::Totp
+            }
+            None if user.phone.is_some() => Channel::Sms,
+            None if user.email.is_some() => Channel::Email,
+            None => {
+                return Err(CoreError::Conflict(
+                    "the user has no phone, e-mail or authenticator".into(),
+                ));
+            }
+        };
+        let destination = match channel {
+            Channel::Sms => user.phone.as_ref().map(|p| p.as_str().to_owned()),
+            Channel::Email => user.email.as_ref().map(|e| e.as_str().to_owned()),
+            Channel::Totp => Some(String::new()),
+        }
+        .ok_or_else(|| CoreError::Conflict(format!("the user has no {}", channel.as_str())))?;
+        if channel != Channel::Totp {
+            self.check_send_budget(&user.tenant_id, &destination, now)
+                .await?;
+            if let Some(pending) = self
+                .store
+                .find_pending_challenge(&user.tenant_id, purpose.as_str(), &destination, now)
+                .await?
+                && let Some(retry_after) = self.cooldown_left(&pending, now)
+            {
+                return Err(CoreError::RateLimited { retry_after });
+            }
+        }
+        let locale = normalize_locale(ctx.locale.as_deref());
+        let (challenge, message) = self.new_challenge(
+            &user.tenant_id,
+            Some(&user.id),
+            purpose,
+            channel,
+            destination,
+            locale,
+            now,
+        )?;
+        let minted = mint_hex_token()?;
+        let ticket = LoginTicket {
+            hash: minted.hash,
+            tenant_id: user.tenant_id.clone(),
+            user_id: user.id.clone(),
+            challenge_id: challenge.id.clone(),
+            channel,
+            created_at: now,
+            expires_at: now + self.policy.login_ticket_ttl,
+            used_at: None,
+        };
+        let mut audit = vec![self.event(
+            &user.tenant_id,
+            Some(&user.id),
+            AuditKind::LoginPasswordOk,
+            format!("login by {}", channel.as_str()),
+            ctx,
+            now,
+        )];
+        if message.is_some() {
+            audit.push(self.event(
+                &user.tenant_id,
+                Some(&user.id),
+                AuditKind::OtpSent,
+                format!("challenge {} by {}", challenge.id, channel.as_str()),
+                ctx,
+                now,
+            ));
+        }
+        self.store
+            .insert_login_ticket(&ticket, &challenge, message.as_ref(), &audit)
+            .await?;
+        if message.is_some() {
+            self.outbox_wake.notify_one();
+        }
+        Ok(LoginStarted {
+            ticket: minted.secret,
+            channel,
+            expires_at: ticket.expires_at,
+            resend_at: (channel != Channel::Totp).then(|| now + self.policy.resend_cooldown),
+        })
+    }
+
+    async fn live_ticket(
+        &self,
+        ticket: &SecretString,
+        now: OffsetDateTime,
+    ) -> CoreResult<LoginTicket> {
+        let text = ticket.expose_secret().trim();
+        if text.is_empty() || text.len() > 200 {
+            return Err(CoreError::Unauthorized);
+        }
+        match self.store.get_login_ticket(&hash_token(text)).await? {
+            Some(t) if t.used_at.is_none() && now < t.expires_at => Ok(t),
+            _ => Err(CoreError::Unauthorized),
+        }
+    }
+
+    /// Step 2 of a login: checks the code (SMS, e-mail or authenticator) against the ticket and
+    /// issues a session token. A wrong code counts against the challenge and the account; after
+    /// the last attempt the ticket is dead. A locked account's right code is refused like a
+    /// wrong one.
+    pub async fn confirm_login(
+        &self,
+        ticket: &SecretString,
+        raw_code: &str,
+        ctx: &RequestContext,
+    ) -> CoreResult<SessionIssued> {
+        let now = self.clock.now();
+        let ticket = self.live_ticket(ticket, now).await?;
+        let user = self
+            .store
+            .get_user(&ticket.tenant_id, &ticket.user_id)
+            .await?
+            .ok_or(CoreError::Unauthorized)?;
+        let factor = match ticket.channel {
+            Channel::Totp => Some(
+                self.active_totp_factor(&user.tenant_id, &user.id)
+                    .await?
+                    .ok_or(CoreError::Unauthorized)?,
+            ),
+            _ => None,
+        };
+        let code_len = factor
+            .as_ref()
+            .map_or(self.policy.code_length, |f| f.params.digits);
+        let code = OtpCode::parse(raw_code, Some(usize::from(code_len)))?;
+        for _ in 0..MAX_RACE_RETRIES {
+            let challenge = self
+                .store
+                .get_challenge(&ticket.tenant_id, &ticket.challenge_id)
+                .await?
+                .ok_or(CoreError::Unauthorized)?;
+            let now = self.clock.now();
+            if challenge.status_at(now) != ChallengeStatus::Pending {
+                return Err(CoreError::CodeRejected {
+                    attempts_left: None,
+                });
+            }
+            let totp_step = match &factor {
+                Some(f) => self
+                    .totp_step_for(f, &code, now)?
+                    .map(|s| (f.id.clone(), s)),
+                None => None,
+            };
+            let matched = match &factor {
+                Some(_) => totp_step.is_some(),
+                None => code.matches(&self.code_key, challenge.id.as_str(), &challenge.code_hash),
+            };
+            if matched && !Self::is_locked(&user, now) {
+                let minted = mint_hex_token()?;
+                let session = Session {
+                    hash: minted.hash,
+                    tenant_id: user.tenant_id.clone(),
+                    user_id: user.id.clone(),
+                    created_at: now,
+                    expires_at: now + self.policy.session_ttl,
+                    revoked_at: None,
+                };
+                let completion = LoginCompletion {
+                    ticket_hash: ticket.hash,
+                    challenge_id: challenge.id.clone(),
+                    expected_attempts: challenge.attempts,
+                    totp_step,
+                    session: session.clone(),
+                    now,
+                    audit: vec![
+                        self.event(
+                            &user.tenant_id,
+                            Some(&user.id),
+                            AuditKind::OtpAccepted,
+                            format!("challenge {}", challenge.id),
+                            ctx,
+                            now,
+                        ),
+                        self.event(
+                            &user.tenant_id,
+                            Some(&user.id),
+                            AuditKind::TokenIssued,
+                            "session",
+                            ctx,
+                            now,
+                        ),
+                    ],
+                };
+                if self.store.complete_login(&completion).await? {
+                    return Ok(SessionIssued {
+                        token: minted.secret,
+                        expires_at: session.expires_at,
+                        user,
+                    });
+                }
+                // Lost a race (or the TOTP step was just used): re-read and decide again.
+                continue;
+            }
+            let audit = [self.event(
+                &user.tenant_id,
+                Some(&user.id),
+                AuditKind::OtpRejected,
+                format!("challenge {}", challenge.id),
+                ctx,
+                now,
+            )];
+            if self
+                .store
+                .record_failed_check(&challenge.id, challenge.attempts, now, &audit)
+                .await?
+            {
+                self.count_failure(&user, "wrong code", ctx, now).await?;
+                let left = challenge.attempts_left().saturating_sub(1);
+                return Err(CoreError::CodeRejected {
+                    attempts_left: Some(left),
+                });
+            }
+        }
+        Err(CoreError::CodeRejected {
+            attempts_left: None,
+        })
+    }
+
+    /// Queues a new code for a live SMS or e-mail login ticket.
+    pub async fn resend_login_code(
+        &self,
+        ticket: &SecretString,
+        ctx: &RequestContext,
+    ) -> CoreResult<Resent> {
+        let now = self.clock.now();
+        let ticket = self.live_ticket(ticket, now).await?;
+        let challenge = self
+            .store
+            .get_challenge(&ticket.tenant_id, &ticket.challenge_id)
+            .await?
+            .ok_or(CoreError::Unauthorized)?;
+        if challenge.status_at(now) == ChallengeStatus::Expired {
+            return Err(CoreError::Unauthorized);
+        }
+        self.resend(&challenge, Some(&ticket.user_id), ctx).await
+    }
+
+    /// The session and user a token opens; `Unauthorized` for missing, expired, revoked tokens.
+    pub async fn authenticate_session(&self, token: &SecretString) -> CoreResult<(Session, User)> {
+        let text = token.expose_secret().trim();
+        if text.is_empty() || text.len() > 200 {
+            return Err(CoreError::Unauthorized);
+        }
+        let now = self.clock.now();
+        let session = match self.store.get_session(&hash_token(text)).await? {
+            Some(s) if s.is_active(now) => s,
+            _ => return Err(CoreError::Unauthorized),
+        };
+        let user = self
+            .store
+            .get_user(&session.tenant_id, &session.user_id)
+            .await?
+            .ok_or(CoreError::Unauthorized)?;
+        Ok((session, user))
+    }
+
+    /// Revokes a session token.
+    pub async fn revoke_session(
+        &self,
+        token: &SecretString,
+        ctx: &RequestContext,
+    ) -> CoreResult<()> {
+        let (session, _) = self.authenticate_session(token).await?;
+        let now = self.clock.now();
+        let audit = [self.event(
+            &session.tenant_id,
+            Some(&session.user_id),
+            AuditKind::TokenRevoked,
+            "session",
+            ctx,
+            now,
+        )];
+        if self
+            .store
+            .revoke_session(&session.hash, now, &audit)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(CoreError::Unauthorized)
+        }
+    }
+
+    // ---------------------------------------------------------------- TOTP
+
+    fn totp_secret(&self, factor: &TotpFactor) -> CoreResult<Vec<u8>> {
+        self.master
+            .open(&factor.secret_sealed, factor.id.as_str().as_bytes())
+    }
+
+    /// The time step `code` proves for `factor` at `now`, if it is new.
+    fn totp_step_for(
+        &self,
+        factor: &TotpFactor,
+        code: &OtpCode,
+        now: OffsetDateTime,
+    ) -> CoreResult<Option<i64>> {
+        let secret = self.totp_secret(factor)?;
+        factor.params.verify(
+            &secret,
+            code.expose(),
+            now.unix_timestamp(),
+            TOTP_WINDOW,
+            factor.last_step,
+        )
+    }
+
+    /// Enrols an authenticator factor. `activate` makes it active at once (operator enrolment);
+    /// otherwise it waits for [`Otpgate::confirm_totp`].
+    pub async fn enroll_totp(
+        &self,
+        tenant: &TenantId,
+        user_id: &UserId,
+        activate: bool,
+        ctx: &RequestContext,
+    ) -> CoreResult<TotpEnrolment> {
+        let user = self
+            .store
+            .get_user(tenant, user_id)
+            .await?
+            .ok_or(CoreError::NotFound)?;
+        let params = TotpParams::default();
+        let secret: [u8; TOTP_SECRET_BYTES] = random_bytes()?;
+        let id = FactorId::generate()?;
+        let now = self.clock.now();
+        let factor = TotpFactor {
+            secret_sealed: self.master.seal(&secret, id.as_str().as_bytes())?,
+            id,
+            tenant_id: tenant.clone(),
+            user_id: user.id.clone(),
+            params,
+            confirmed_at: activate.then_some(now),
+            last_step: None,
+            created_at: now,
+        };
+        let audit = [self.event(
+            tenant,
+            Some(&user.id),
+            AuditKind::TotpEnrolled,
+            format!("factor {}", factor.id),
+            ctx,
+            now,
+        )];
+        self.store.insert_totp_factor(&factor, &audit).await?;
+        let uri = otpauth_uri(
+            &secret,
+            &params,
+            &self.policy.product_name,
+            user.username.as_str(),
+        );
+        Ok(TotpEnrolment {
+            factor_id: factor.id,
+            secret_base32: SecretString::from(secret_to_base32(&secret)),
+            uri: SecretString::from(uri),
+            active: activate,
+        })
+    }
+
+    /// Confirms the user's newest pending factor with a first code.
+    pub async fn confirm_totp(
+        &self,
+        tenant: &TenantId,
+        user_id: &UserId,
+        raw_code: &str,
+        ctx: &RequestContext,
+    ) -> CoreResult<()> {
+        let factor = self
+            .store
+            .list_totp_factors(tenant, user_id)
+            .await?
+            .into_iter()
+            .find(|f| f.confirmed_at.is_none())
+            .ok_or(CoreError::NotFound)?;
+        let code = OtpCode::parse(raw_code, Some(usize::from(factor.params.digits)))?;
+        let now = self.clock.now();
+        let Some(step) = self.totp_step_for(&factor, &code, now)? else {
+            return Err(CoreError::CodeRejected {
+                attempts_left: None,
+            });
+        };
+        let audit = [self.event(
+            tenant,
+            Some(user_id),
+            AuditKind::TotpConfirmed,
+            format!("factor {}", factor.id),
+            ctx,
+            now,
+        )];
+        if self
+            .store
+            .accept_totp_step(&factor.id, step, now, &audit)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(CoreError::CodeRejected {
+                attempts_left: None,
+            })
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! The storage port. Methods are shaped by use case, and each write that guards a security rule
+//! is one atomic conditional update or one transaction inside the store ("consume the challenge
+//! if its attempts are still N"), never a read-then-write in the core. Audit events passed to a
+//! write are committed in the same transaction, so the trail cannot disagree with the state.
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::error::StoreError;
+use crate::model::{
+    ApiKey, AuditEvent, Challenge, ChallengeId, FactorId, LoginTicket, MessageId, OutboxMessage,
+    Session, Tenant, TenantId, TotpFactor, User, UserId,
+};
+
+/// Result of store operations.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Everything that a successful step 2 changes, in one transaction.
+#[derive(Debug, Clone)]
+pub struct LoginCompletion {
+    /// The ticket to spend (must be unused and unexpired at `now`).
+    pub ticket_hash: [u8; 32],
+    /// The ticket's challenge, consumed if pending, unexpired and still at `expected_attempts`.
+    pub challenge_id: ChallengeId,
+    /// Attempts seen when the code was compared.
+    pub expected_attempts: u32,
+    /// For an authenticator code: the factor whose last step must advance to this step.
+    pub totp_step: Option<(FactorId, i64)>,
+    /// The session to create.
+    pub session: Session,
+    /// The moment of the check.
+    pub now: OffsetDateTime,
+    /// Events to record with it.
+    pub audit: Vec<AuditEvent>,
+}
+
+/// The storage port of the core. Both back-ends pass the same contract suite.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Whether the database answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    // --- tenants ---
+    /// Inserts a tenant; `Conflict` when the name is taken.
+    async fn insert_tenant(&self, tenant: &Tenant) -> StoreResult<()>;
+    /// Inserts `candidate` as the default tenant unless one exists; returns the default tenant.
+    async fn ensure_default_tenant(&self, candidate: &Tenant) -> StoreResult<Tenant>;
+    /// A tenant by id.
+    async fn get_tenant(&self, id: &TenantId) -> StoreResult<Option<Tenant>>;
+
+    // --- users ---
+    /// Inserts a user; `Conflict` when the username is taken in the tenant.
+    async fn insert_user(&self, user: &User, audit: &[AuditEvent]) -> StoreResult<()>;
+    /// A user by normalised username.
+    async fn find_user_by_username(
+        &self,
+        tenant: &TenantId,
+        username: &str,
+    ) -> StoreResult<Option<User>>;
+    /// A user by id.
+    async fn get_user(&self, tenant: &TenantId, id: &UserId) -> StoreResult<Option<User>>;
+    /// Adds one to the user's consecutive failures and returns the new count.
+    async fn record_login_failure(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &[AuditEvent],
+    ) -> StoreResult<u32>;
+    /// Locks the user until `until` (never shortens an existing lock).
+    async fn lock_user(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        until: OffsetDateTime,
+    ) -> StoreResult<()>;
+
+    // --- API keys ---
+    /// Inserts an API key.
+    async fn insert_api_key(&self, key: &ApiKey, audit: &[AuditEvent]) -> StoreResult<()>;
+    /// An API key by the hash of its secret.
+    async fn find_api_key(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiKey>>;
+
+    // --- challenges ---
+    /// Inserts a challenge and, in the same transaction, its outbox message.
+    async fn insert_challenge(
+        &self,
+        challenge: &Challenge,
+        message: Option<&OutboxMessage>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()>;
+    /// A challenge by id, within its tenant.
+    async fn get_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+    ) -> StoreResult<Option<Challenge>>;
+    /// The newest pending, unexpired challenge for this purpose, channel and destination.
+    async fn find_pending_challenge(
+        &self,
+        tenant: &TenantId,
+        purpose: &str,
+        destination: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Option<Challenge>>;
+    /// Replaces the code of a pending challenge if its send count is still `expected_sends`,
+    /// queueing `message` in the same transaction. False when another request won the race.
+    async fn resend_challenge(
+        &self,
+        id: &ChallengeId,
+        expected_sends: u32,
+        code_hash: &[u8],
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+        message: &OutboxMessage,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool>;
+    /// Counts one wrong check if the challenge is pending, unexpired and still at
+    /// `expected_attempts`; the last allowed one moves it to `max_attempts_reached`.
+    async fn record_failed_check(
+        &self,
+        id: &ChallengeId,
+        expected_attempts: u32,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool>;
+    /// Consumes the challenge (status `approved`) if it is pending, unexpired and still at
+    /// `expected_attempts`. At most one caller ever gets `true`.
+    async fn consume_challenge(
+        &self,
+        id: &ChallengeId,
+        expected_attempts: u32,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool>;
+    /// Cancels a pending challenge; false if it was no longer pending.
+    async fn cancel_challenge(
+        &self,
+        id: &ChallengeId,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool>;
+    /// Sends queued to `destination` since `since` (for the per-destination send limit).
+    async fn count_sends_since(
+        &self,
+        tenant: &TenantId,
+        destination: &str,
+        since: OffsetDateTime,
+    ) -> StoreResult<u32>;
+
+    // --- logins and sessions ---
+    /// Inserts a login ticket with its challenge, and the message when a code is sent.
+    async fn insert_login_ticket(
+        &self,
+        ticket: &LoginTicket,
+        challenge: &Challenge,
+        message: Option<&OutboxMessage>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()>;
+    /// A login ticket by hash.
+    async fn get_login_ticket(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginTicket>>;
+    /// Spends the ticket, applies the proof, resets the user's failures and creates the session,
+    /// all or nothing. False when any condition no longer held.
+    async fn complete_login(&self, completion: &LoginCompletion) -> StoreResult<bool>;
+    /// A session by token hash.
+    async fn get_session(&self, hash: &[u8; 32]) -> StoreResult<Option<Session>>;
+    /// Revokes an active session; false if it was not active.
+    async fn revoke_session(
+        &self,
+        hash: &[u8; 32],
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool>;
+
+    // --- TOTP ---
+    /// Inserts a factor.
+    async fn insert_totp_factor(
+        &self,
+        factor: &TotpFactor,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()>;
+    /// The user's factors, newest first.
+    async fn list_totp_factors(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> StoreResult<Vec<TotpFactor>>;
+    /// Advances the factor's last step to `step` if it is below it, confirming the factor if it
+    /// was pending. False when the step was already used.
+    async fn accept_totp_step(
+        &self,
+        factor: &FactorId,
+        step: i64,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool>;
+
+    // --- outbox ---
+    /// Claims up to `limit` due queued messages: their next try moves to `lease_until`, so no
+    /// other worker takes them meanwhile, and their tries count one up.
+    async fn claim_outbox(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: u32,
+    ) -> StoreResult<Vec<OutboxMessage>>;
+    /// Marks a message sent and erases its body and code.
+    async fn mark_message_sent(
+        &self,
+        id: &MessageId,
+        provider_message_id: Option<&str>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()>;
+    /// Schedules another try.
+    async fn mark_message_retry(
+        &self,
+        id: &MessageId,
+        next_attempt_at: OffsetDateTime,
+        error: &str,
+    ) -> StoreResult<()>;
+    /// Marks a message failed and erases its body and code.
+    async fn mark_message_failed(
+        &self,
+        id: &MessageId,
+        error: &str,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()>;
+    /// The newest message of a challenge (for its delivery state).
+    async fn latest_message_for(
+        &self,
+        challenge: &ChallengeId,
+    ) -> StoreResult<Option<OutboxMessage>>;
+
+    // --- audit ---
+    /// Records events outside any other write.
+    async fn insert_audit(&self, events: &[AuditEvent]) -> StoreResult<()>;
+    /// The newest events of a tenant (optionally one user's), newest first.
+    async fn list_audit(
+        &self,
+        tenant: &TenantId,
+        user: Option<&UserId>,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditEvent>>;
+}
