@@ -500,6 +500,33 @@ pub enum AuditKind {
 }
 
 impl AuditKind {
+    /// Every kind, for parsing stored names.
+    pub const ALL: [AuditKind; 15] = [
+        AuditKind::LoginPasswordOk,
+        AuditKind::LoginFailed,
+        AuditKind::LockedOut,
+        AuditKind::OtpSent,
+        AuditKind::OtpAccepted,
+        AuditKind::OtpRejected,
+        AuditKind::OtpCanceled,
+        AuditKind::TokenIssued,
+        AuditKind::TokenRevoked,
+        AuditKind::TotpEnrolled,
+        AuditKind::TotpConfirmed,
+        AuditKind::MessageSent,
+        AuditKind::MessageFailed,
+        AuditKind::ApiKeyCreated,
+        AuditKind::UserCreated,
+    ];
+
+    /// Parses a stored name.
+    pub fn parse(text: &str) -> Result<Self, CoreError> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == text)
+            .ok_or_else(|| CoreError::invalid("kind", "unknown audit kind"))
+    }
+
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {

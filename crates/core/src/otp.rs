@@ -167,6 +167,18 @@ pub fn secret_to_base32(secret: &[u8]) -> String {
     BASE32_NOPAD.encode(secret)
 }
 
+/// Decodes a base32 secret (spaces and lowercase allowed, padding optional).
+pub fn secret_from_base32(text: &str) -> Result<Vec<u8>, CoreError> {
+    let cleaned: String = text
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '=')
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    BASE32_NOPAD
+        .decode(cleaned.as_bytes())
+        .map_err(|_| CoreError::invalid("secret", "is not valid base32"))
+}
+
 /// The `otpauth://totp/...` URI of a factor (Key Uri Format), for QR codes.
 pub fn otpauth_uri(secret: &[u8], params: &TotpParams, issuer: &str, account: &str) -> String {
     let issuer_enc = utf8_percent_encode(issuer, NON_ALPHANUMERIC).to_string();

@@ -1,0 +1,811 @@
+//! The [`Store`] implementation: one method per use case, each write one job of the group commit.
+
+use async_trait::async_trait;
+use otpgate_core::StoreError;
+use otpgate_core::model::{
+    ApiKey, AuditEvent, Challenge, ChallengeId, FactorId, LoginTicket, MessageId, OutboxMessage,
+    Session, Tenant, TenantId, TotpFactor, User, UserId,
+};
+use otpgate_core::store::{LoginCompletion, Store, StoreResult};
+use rusqlite::{Connection, OptionalExtension, params};
+use time::OffsetDateTime;
+
+use crate::rows::{self, ms};
+use crate::{ConditionFailed, JobError, SqliteStore, map_error};
+
+fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), JobError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO audit_events (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    for e in events {
+        stmt.execute(params![
+            e.tenant_id.as_str(),
+            e.user_id.as_ref().map(|u| u.as_str()),
+            e.kind.as_str(),
+            e.detail,
+            e.context.ip,
+            e.context.latitude,
+            e.context.longitude,
+            e.context.mode,
+            ms(e.at),
+        ])?;
+    }
+    Ok(())
+}
+
+fn insert_challenge(conn: &Connection, c: &Challenge) -> Result<(), JobError> {
+    conn.prepare_cached(
+        "INSERT INTO challenges (id, tenant_id, user_id, purpose, channel, destination, code_hash, \
+         locale, created_at, expires_at, last_sent_at, send_count, attempts, max_attempts, status) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+    )?
+    .execute(params![
+        c.id.as_str(),
+        c.tenant_id.as_str(),
+        c.user_id.as_ref().map(|u| u.as_str()),
+        c.purpose.as_str(),
+        c.channel.as_str(),
+        c.destination,
+        c.code_hash,
+        c.locale,
+        ms(c.created_at),
+        ms(c.expires_at),
+        ms(c.last_sent_at),
+        c.send_count,
+        c.attempts,
+        c.max_attempts,
+        c.status.as_str(),
+    ])
+    .map_err(|e| JobError::Store(map_error(e, "challenge")))?;
+    Ok(())
+}
+
+fn insert_message(conn: &Connection, m: &OutboxMessage) -> Result<(), JobError> {
+    conn.prepare_cached(
+        "INSERT INTO outbox (id, tenant_id, challenge_id, channel, destination, purpose, locale, body, \
+         code, status, attempts, next_attempt_at, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?
+    .execute(params![
+        m.id.as_str(),
+        m.tenant_id.as_str(),
+        m.challenge_id.as_ref().map(|c| c.as_str()),
+        m.channel.as_str(),
+        m.destination,
+        m.purpose.as_str(),
+        m.locale,
+        m.body,
+        m.code,
+        m.status.as_str(),
+        m.attempts,
+        ms(m.next_attempt_at),
+        ms(m.created_at),
+    ])?;
+    Ok(())
+}
+
+/// Fails the job (rolling its savepoint back) unless exactly one row changed.
+fn require_one(changed: usize) -> Result<(), JobError> {
+    if changed == 1 {
+        Ok(())
+    } else {
+        Err(JobError::Condition)
+    }
+}
+
+fn flag(outcome: Result<(), ConditionFailed>) -> bool {
+    outcome.is_ok()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        self.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))
+            .await
+            .map(|_| ())
+    }
+
+    async fn insert_tenant(&self, tenant: &Tenant) -> StoreResult<()> {
+        let t = tenant.clone();
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO tenants (id, name, is_default, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    t.id.as_str(),
+                    t.name,
+                    i64::from(t.is_default),
+                    ms(t.created_at)
+                ],
+            )
+            .map_err(|e| JobError::Store(map_error(e, "tenant")))?;
+            Ok(())
+        })
+        .await?
+        .map_err(|_| StoreError::Other("tenant insert refused".into()))
+    }
+
+    async fn ensure_default_tenant(&self, candidate: &Tenant) -> StoreResult<Tenant> {
+        let t = candidate.clone();
+        let sql = format!(
+            "SELECT {} FROM tenants WHERE is_default = 1",
+            rows::TENANT_COLUMNS
+        );
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO tenants (id, name, is_default, created_at) \
+                 SELECT ?1, ?2, 1, ?3 WHERE NOT EXISTS (SELECT 1 FROM tenants WHERE is_default = 1)",
+                params![t.id.as_str(), t.name, ms(t.created_at)],
+            )
+            .map_err(|e| JobError::Store(map_error(e, "tenant")))?;
+            Ok(c.query_row(&sql, [], rows::tenant)?)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("default tenant".into()))
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> StoreResult<Option<Tenant>> {
+        let id = id.clone();
+        let sql = format!("SELECT {} FROM tenants WHERE id = ?1", rows::TENANT_COLUMNS);
+        self.read(move |c| c.query_row(&sql, [id.as_str()], rows::tenant).optional())
+            .await
+    }
+
+    async fn insert_user(&self, user: &User, audit: &[AuditEvent]) -> StoreResult<()> {
+        let u = user.clone();
+        let audit = audit.to_vec();
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO users (id, tenant_id, username, email, phone, role, password_hash, \
+                 mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    u.id.as_str(),
+                    u.tenant_id.as_str(),
+                    u.username.as_str(),
+                    u.email.as_ref().map(|e| e.as_str()),
+                    u.phone.as_ref().map(|p| p.as_str()),
+                    u.role.as_str(),
+                    u.password_hash,
+                    u.mobile_verified_at.map(ms),
+                    u.email_verified_at.map(ms),
+                    u.failed_logins,
+                    u.locked_until.map(ms),
+                    ms(u.created_at),
+                ],
+            )
+            .map_err(|e| JobError::Store(map_error(e, "username")))?;
+            insert_audit(c, &audit)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("user insert refused".into()))
+    }
+
+    async fn find_user_by_username(
+        &self,
+        tenant: &TenantId,
+        username: &str,
+    ) -> StoreResult<Option<User>> {
+        let (tenant, username) = (tenant.clone(), username.to_owned());
+        let sql = format!(
+            "SELECT {} FROM users WHERE tenant_id = ?1 AND username = ?2",
+            rows::USER_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_row(params![tenant.as_str(), username], rows::user)
+                .optional()
+        })
+        .await
+    }
+
+    async fn get_user(&self, tenant: &TenantId, id: &UserId) -> StoreResult<Option<User>> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        let sql = format!(
+            "SELECT {} FROM users WHERE tenant_id = ?1 AND id = ?2",
+            rows::USER_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_row(params![tenant.as_str(), id.as_str()], rows::user)
+                .optional()
+        })
+        .await
+    }
+
+    async fn record_login_failure(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &[AuditEvent],
+    ) -> StoreResult<u32> {
+        let (tenant, user, audit) = (tenant.clone(), user.clone(), audit.to_vec());
+        self.write(move |c| {
+            let failures: i64 = c.query_row(
+                "UPDATE users SET failed_logins = failed_logins + 1 \
+                 WHERE tenant_id = ?1 AND id = ?2 RETURNING failed_logins",
+                params![tenant.as_str(), user.as_str()],
+                |r| r.get(0),
+            )?;
+            insert_audit(c, &audit)?;
+            Ok(u32::try_from(failures).unwrap_or(u32::MAX))
+        })
+        .await?
+        .map_err(|_| StoreError::Other("login failure refused".into()))
+    }
+
+    async fn lock_user(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        until: OffsetDateTime,
+    ) -> StoreResult<()> {
+        let (tenant, user) = (tenant.clone(), user.clone());
+        self.write(move |c| {
+            c.execute(
+                "UPDATE users SET locked_until = MAX(COALESCE(locked_until, 0), ?3) \
+                 WHERE tenant_id = ?1 AND id = ?2",
+                params![tenant.as_str(), user.as_str(), ms(until)],
+            )?;
+            Ok(())
+        })
+        .await?
+        .map_err(|_| StoreError::Other("lock refused".into()))
+    }
+
+    async fn insert_api_key(&self, key: &ApiKey, audit: &[AuditEvent]) -> StoreResult<()> {
+        let (k, audit) = (key.clone(), audit.to_vec());
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO api_keys (id, tenant_id, name, key_hash, created_at, revoked_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    k.id.as_str(),
+                    k.tenant_id.as_str(),
+                    k.name,
+                    k.hash.as_slice(),
+                    ms(k.created_at),
+                    k.revoked_at.map(ms)
+                ],
+            )
+            .map_err(|e| JobError::Store(map_error(e, "api key")))?;
+            insert_audit(c, &audit)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("api key insert refused".into()))
+    }
+
+    async fn find_api_key(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiKey>> {
+        let hash = *hash;
+        let sql = format!(
+            "SELECT {} FROM api_keys WHERE key_hash = ?1",
+            rows::API_KEY_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_row([hash.as_slice()], rows::api_key)
+                .optional()
+        })
+        .await
+    }
+
+    async fn insert_challenge(
+        &self,
+        challenge: &Challenge,
+        message: Option<&OutboxMessage>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let (ch, msg, audit) = (challenge.clone(), message.cloned(), audit.to_vec());
+        self.write(move |c| {
+            insert_challenge(c, &ch)?;
+            if let Some(m) = &msg {
+                insert_message(c, m)?;
+            }
+            insert_audit(c, &audit)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("challenge insert refused".into()))
+    }
+
+    async fn get_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+    ) -> StoreResult<Option<Challenge>> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        let sql = format!(
+            "SELECT {} FROM challenges WHERE tenant_id = ?1 AND id = ?2",
+            rows::CHALLENGE_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_row(params![tenant.as_str(), id.as_str()], rows::challenge)
+                .optional()
+        })
+        .await
+    }
+
+    async fn find_pending_challenge(
+        &self,
+        tenant: &TenantId,
+        purpose: &str,
+        destination: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Option<Challenge>> {
+        let (tenant, purpose, destination) =
+            (tenant.clone(), purpose.to_owned(), destination.to_owned());
+        let sql = format!(
+            "SELECT {} FROM challenges WHERE tenant_id = ?1 AND destination = ?2 AND purpose = ?3 \
+             AND status = 'pending' AND expires_at > ?4 ORDER BY created_at DESC LIMIT 1",
+            rows::CHALLENGE_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_row(
+                    params![tenant.as_str(), destination, purpose, ms(now)],
+                    rows::challenge,
+                )
+                .optional()
+        })
+        .await
+    }
+
+    async fn resend_challenge(
+        &self,
+        id: &ChallengeId,
+        expected_sends: u32,
+        code_hash: &[u8],
+        now: OffsetDateTime,
+        expires_at: OffsetDateTime,
+        message: &OutboxMessage,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let (id, hash, msg, audit) = (
+            id.clone(),
+            code_hash.to_vec(),
+            message.clone(),
+            audit.to_vec(),
+        );
+        self.write(move |c| {
+            require_one(c.execute(
+                "UPDATE challenges SET code_hash = ?3, last_sent_at = ?4, expires_at = ?5, \
+                 send_count = send_count + 1 \
+                 WHERE id = ?1 AND send_count = ?2 AND status = 'pending' AND expires_at > ?4",
+                params![id.as_str(), expected_sends, hash, ms(now), ms(expires_at)],
+            )?)?;
+            insert_message(c, &msg)?;
+            insert_audit(c, &audit)
+        })
+        .await
+        .map(flag)
+    }
+
+    async fn record_failed_check(
+        &self,
+        id: &ChallengeId,
+        expected_attempts: u32,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let (id, audit) = (id.clone(), audit.to_vec());
+        self.write(move |c| {
+            require_one(c.execute(
+                "UPDATE challenges SET attempts = attempts + 1, \
+                 status = CASE WHEN attempts + 1 >= max_attempts THEN 'max_attempts_reached' ELSE status END, \
+                 resolved_at = CASE WHEN attempts + 1 >= max_attempts THEN ?3 ELSE resolved_at END \
+                 WHERE id = ?1 AND attempts = ?2 AND status = 'pending' AND expires_at > ?3",
+                params![id.as_str(), expected_attempts, ms(now)],
+            )?)?;
+            insert_audit(c, &audit)
+        })
+        .await
+        .map(flag)
+    }
+
+    async fn consume_challenge(
+        &self,
+        id: &ChallengeId,
+        expected_attempts: u32,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let (id, audit) = (id.clone(), audit.to_vec());
+        self.write(move |c| {
+            require_one(consume(c, &id, expected_attempts, now)?)?;
+            insert_audit(c, &audit)
+        })
+        .await
+        .map(flag)
+    }
+
+    async fn cancel_challenge(
+        &self,
+        id: &ChallengeId,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let (id, audit) = (id.clone(), audit.to_vec());
+        self.write(move |c| {
+            require_one(c.execute(
+                "UPDATE challenges SET status = 'canceled', resolved_at = ?2 \
+                 WHERE id = ?1 AND status = 'pending' AND expires_at > ?2",
+                params![id.as_str(), ms(now)],
+            )?)?;
+            insert_audit(c, &audit)
+        })
+        .await
+        .map(flag)
+    }
+
+    async fn count_sends_since(
+        &self,
+        tenant: &TenantId,
+        destination: &str,
+        since: OffsetDateTime,
+    ) -> StoreResult<u32> {
+        let (tenant, destination) = (tenant.clone(), destination.to_owned());
+        self.read(move |c| {
+            let n: i64 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM outbox WHERE tenant_id = ?1 AND destination = ?2 \
+                     AND created_at > ?3",
+                )?
+                .query_row(params![tenant.as_str(), destination, ms(since)], |r| {
+                    r.get(0)
+                })?;
+            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        })
+        .await
+    }
+
+    async fn insert_login_ticket(
+        &self,
+        ticket: &LoginTicket,
+        challenge: &Challenge,
+        message: Option<&OutboxMessage>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let (t, ch, msg, audit) = (
+            ticket.clone(),
+            challenge.clone(),
+            message.cloned(),
+            audit.to_vec(),
+        );
+        self.write(move |c| {
+            insert_challenge(c, &ch)?;
+            if let Some(m) = &msg {
+                insert_message(c, m)?;
+            }
+            c.prepare_cached(
+                "INSERT INTO login_tickets (hash, tenant_id, user_id, challenge_id, channel, \
+                 created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                t.hash.as_slice(),
+                t.tenant_id.as_str(),
+                t.user_id.as_str(),
+                t.challenge_id.as_str(),
+                t.channel.as_str(),
+                ms(t.created_at),
+                ms(t.expires_at),
+            ])
+            .map_err(|e| JobError::Store(map_error(e, "login ticket")))?;
+            insert_audit(c, &audit)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("ticket insert refused".into()))
+    }
+
+    async fn get_login_ticket(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginTicket>> {
+        let hash = *hash;
+        let sql = format!(
+            "SELECT {} FROM login_tickets WHERE hash = ?1",
+            rows::TICKET_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_row([hash.as_slice()], rows::ticket)
+                .optional()
+        })
+        .await
+    }
+
+    async fn complete_login(&self, completion: &LoginCompletion) -> StoreResult<bool> {
+        let done = completion.clone();
+        self.write(move |c| {
+            let now = ms(done.now);
+            require_one(c.execute(
+                "UPDATE login_tickets SET used_at = ?2 \
+                 WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2",
+                params![done.ticket_hash.as_slice(), now],
+            )?)?;
+            require_one(consume(
+                c,
+                &done.challenge_id,
+                done.expected_attempts,
+                done.now,
+            )?)?;
+            if let Some((factor, step)) = &done.totp_step {
+                require_one(c.execute(
+                    "UPDATE totp_factors SET last_step = ?2 \
+                     WHERE id = ?1 AND confirmed_at IS NOT NULL \
+                     AND (last_step IS NULL OR last_step < ?2)",
+                    params![factor.as_str(), step],
+                )?)?;
+            }
+            let s = &done.session;
+            c.execute(
+                "UPDATE users SET failed_logins = 0, locked_until = NULL \
+                 WHERE tenant_id = ?1 AND id = ?2",
+                params![s.tenant_id.as_str(), s.user_id.as_str()],
+            )?;
+            c.prepare_cached(
+                "INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![
+                s.hash.as_slice(),
+                s.tenant_id.as_str(),
+                s.user_id.as_str(),
+                ms(s.created_at),
+                ms(s.expires_at),
+            ])?;
+            insert_audit(c, &done.audit)
+        })
+        .await
+        .map(flag)
+    }
+
+    async fn get_session(&self, hash: &[u8; 32]) -> StoreResult<Option<Session>> {
+        let hash = *hash;
+        let sql = format!(
+            "SELECT {} FROM sessions WHERE hash = ?1",
+            rows::SESSION_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_row([hash.as_slice()], rows::session)
+                .optional()
+        })
+        .await
+    }
+
+    async fn revoke_session(
+        &self,
+        hash: &[u8; 32],
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let (hash, audit) = (*hash, audit.to_vec());
+        self.write(move |c| {
+            require_one(c.execute(
+                "UPDATE sessions SET revoked_at = ?2 \
+                 WHERE hash = ?1 AND revoked_at IS NULL AND expires_at > ?2",
+                params![hash.as_slice(), ms(now)],
+            )?)?;
+            insert_audit(c, &audit)
+        })
+        .await
+        .map(flag)
+    }
+
+    async fn insert_totp_factor(
+        &self,
+        factor: &TotpFactor,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let (f, audit) = (factor.clone(), audit.to_vec());
+        self.write(move |c| {
+            c.execute(
+                "INSERT INTO totp_factors (id, tenant_id, user_id, secret_sealed, algorithm, digits, \
+                 period, confirmed_at, last_step, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    f.id.as_str(),
+                    f.tenant_id.as_str(),
+                    f.user_id.as_str(),
+                    f.secret_sealed,
+                    f.params.algorithm.as_str(),
+                    f.params.digits,
+                    f.params.period,
+                    f.confirmed_at.map(ms),
+                    f.last_step,
+                    ms(f.created_at),
+                ],
+            )
+            .map_err(|e| JobError::Store(map_error(e, "factor")))?;
+            insert_audit(c, &audit)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("factor insert refused".into()))
+    }
+
+    async fn list_totp_factors(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> StoreResult<Vec<TotpFactor>> {
+        let (tenant, user) = (tenant.clone(), user.clone());
+        let sql = format!(
+            "SELECT {} FROM totp_factors WHERE tenant_id = ?1 AND user_id = ?2 \
+             ORDER BY created_at DESC, id DESC",
+            rows::FACTOR_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_map(params![tenant.as_str(), user.as_str()], rows::factor)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn accept_totp_step(
+        &self,
+        factor: &FactorId,
+        step: i64,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let (factor, audit) = (factor.clone(), audit.to_vec());
+        self.write(move |c| {
+            require_one(c.execute(
+                "UPDATE totp_factors SET last_step = ?2, confirmed_at = COALESCE(confirmed_at, ?3) \
+                 WHERE id = ?1 AND (last_step IS NULL OR last_step < ?2)",
+                params![factor.as_str(), step, ms(now)],
+            )?)?;
+            insert_audit(c, &audit)
+        })
+        .await
+        .map(flag)
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: u32,
+    ) -> StoreResult<Vec<OutboxMessage>> {
+        let sql = format!(
+            "UPDATE outbox SET next_attempt_at = ?2, attempts = attempts + 1 \
+             WHERE id IN (SELECT id FROM outbox WHERE status = 'queued' AND next_attempt_at <= ?1 \
+                          ORDER BY next_attempt_at LIMIT ?3) \
+             RETURNING {}",
+            rows::MESSAGE_COLUMNS
+        );
+        self.write(move |c| {
+            let claimed = c
+                .prepare_cached(&sql)?
+                .query_map(params![ms(now), ms(lease_until), limit], rows::message)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(claimed)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("claim refused".into()))
+    }
+
+    async fn mark_message_sent(
+        &self,
+        id: &MessageId,
+        provider_message_id: Option<&str>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let (id, provider, audit) = (
+            id.clone(),
+            provider_message_id.map(str::to_owned),
+            audit.to_vec(),
+        );
+        let sent_at = audit.first().map(|e| ms(e.at));
+        self.write(move |c| {
+            c.execute(
+                "UPDATE outbox SET status = 'sent', body = NULL, code = NULL, \
+                 provider_message_id = ?2, sent_at = ?3, last_error = NULL WHERE id = ?1",
+                params![id.as_str(), provider, sent_at],
+            )?;
+            insert_audit(c, &audit)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("mark sent refused".into()))
+    }
+
+    async fn mark_message_retry(
+        &self,
+        id: &MessageId,
+        next_attempt_at: OffsetDateTime,
+        error: &str,
+    ) -> StoreResult<()> {
+        let (id, error) = (id.clone(), error.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "UPDATE outbox SET next_attempt_at = ?2, last_error = ?3 \
+                 WHERE id = ?1 AND status = 'queued'",
+                params![id.as_str(), ms(next_attempt_at), error],
+            )?;
+            Ok(())
+        })
+        .await?
+        .map_err(|_| StoreError::Other("mark retry refused".into()))
+    }
+
+    async fn mark_message_failed(
+        &self,
+        id: &MessageId,
+        error: &str,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let (id, error, audit) = (id.clone(), error.to_owned(), audit.to_vec());
+        self.write(move |c| {
+            c.execute(
+                "UPDATE outbox SET status = 'failed', body = NULL, code = NULL, last_error = ?2 \
+                 WHERE id = ?1",
+                params![id.as_str(), error],
+            )?;
+            insert_audit(c, &audit)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("mark failed refused".into()))
+    }
+
+    async fn latest_message_for(
+        &self,
+        challenge: &ChallengeId,
+    ) -> StoreResult<Option<OutboxMessage>> {
+        let challenge = challenge.clone();
+        let sql = format!(
+            "SELECT {} FROM outbox WHERE challenge_id = ?1 ORDER BY created_at DESC, rowid DESC LIMIT 1",
+            rows::MESSAGE_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_row([challenge.as_str()], rows::message)
+                .optional()
+        })
+        .await
+    }
+
+    async fn insert_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
+        let events = events.to_vec();
+        self.write(move |c| insert_audit(c, &events))
+            .await?
+            .map_err(|_| StoreError::Other("audit insert refused".into()))
+    }
+
+    async fn list_audit(
+        &self,
+        tenant: &TenantId,
+        user: Option<&UserId>,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        let (tenant, user) = (tenant.clone(), user.cloned());
+        let sql = format!(
+            "SELECT {} FROM audit_events WHERE tenant_id = ?1 AND (?2 IS NULL OR user_id = ?2) \
+             ORDER BY id DESC LIMIT ?3",
+            rows::AUDIT_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_map(
+                    params![tenant.as_str(), user.as_ref().map(|u| u.as_str()), limit],
+                    rows::audit,
+                )?
+                .collect()
+        })
+        .await
+    }
+}
+
+/// The one statement that consumes a challenge: pending, unexpired, attempts unchanged.
+fn consume(
+    c: &Connection,
+    id: &ChallengeId,
+    expected_attempts: u32,
+    now: OffsetDateTime,
+) -> Result<usize, JobError> {
+    Ok(c.prepare_cached(
+        "UPDATE challenges SET status = 'approved', resolved_at = ?3 \
+         WHERE id = ?1 AND attempts = ?2 AND status = 'pending' AND expires_at > ?3",
+    )?
+    .execute(params![id.as_str(), expected_attempts, ms(now)])?)
+}

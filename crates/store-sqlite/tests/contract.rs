@@ -1,0 +1,13 @@
+//! The store contract suite on SQLite, each test on a fresh database file.
+
+async fn fresh_store() -> (
+    std::sync::Arc<dyn otpgate_core::store::Store>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store =
+        otpgate_store_sqlite::SqliteStore::open(dir.path().join("otpgate.db")).expect("open store");
+    (std::sync::Arc::new(store), dir)
+}
+
+otpgate_store_testkit::store_contract_tests!(fresh_store());

@@ -1,0 +1,983 @@
+//! The store contract: every method's rules, run against each back-end. The `service_*` cases
+//! drive the core's service over the store, for the properties that span both (single use under
+//! concurrency, attempt limits, replay).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use otpgate_core::clock::Clock;
+use otpgate_core::crypto::MasterKey;
+use otpgate_core::model::{
+    ApiKey, ApiKeyId, AuditEvent, AuditKind, Challenge, ChallengeId, ChallengeStatus, Channel,
+    DeliveryStatus, FactorId, LoginTicket, MessageId, OutboxMessage, Purpose, RequestContext, Role,
+    Session, Tenant, TenantId, TotpFactor, User, UserId,
+};
+use otpgate_core::otp::TotpParams;
+use otpgate_core::password::PasswordHasher;
+use otpgate_core::policy::Policy;
+use otpgate_core::service::{NewUser, StartVerification};
+use otpgate_core::store::{LoginCompletion, Store};
+use otpgate_core::{Otpgate, StoreError};
+use secrecy::SecretString;
+use time::OffsetDateTime;
+
+use crate::FakeClock;
+
+/// Generates one `#[tokio::test]` per contract case; `$make` is an async expression giving a
+/// fresh `(Arc<dyn Store>, guard)` for each test, the guard (a temp dir, a database) kept alive
+/// until the test ends.
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($make:expr) => {
+        $crate::store_contract_tests!(@cases $make;
+            tenants_are_unique_by_name_and_found_by_id,
+            the_default_tenant_is_created_once,
+            usernames_are_unique_per_tenant_only,
+            api_keys_are_found_by_hash,
+            a_challenge_is_consumed_at_most_once,
+            a_stale_attempt_count_cannot_consume,
+            an_expired_challenge_can_be_neither_consumed_nor_failed,
+            the_last_allowed_failure_kills_the_challenge,
+            only_pending_challenges_can_be_canceled,
+            a_resend_wins_only_against_the_send_count_it_saw,
+            challenges_are_isolated_by_tenant,
+            fifty_concurrent_consumes_give_exactly_one_success,
+            a_failed_login_completion_changes_nothing,
+            a_login_completion_spends_ticket_challenge_and_step,
+            totp_steps_only_move_forward,
+            sessions_are_revoked_once,
+            outbox_claims_are_leases_and_delivery_erases_the_code,
+            sends_are_counted_per_destination,
+            login_failures_count_up_and_locks_never_shorten,
+            audit_events_are_listed_newest_first,
+            service_fifty_concurrent_right_codes_approve_once,
+            service_wrong_codes_kill_the_verification_after_five,
+            service_malformed_codes_touch_no_counter,
+            service_two_step_login_issues_one_session,
+            service_totp_codes_work_once,
+        );
+    };
+    (@cases $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let (store, _guard) = $make.await;
+                let store: std::sync::Arc<dyn otpgate_core::store::Store> = store;
+                $crate::contract::$name(store).await;
+            }
+        )*
+    };
+}
+
+fn t0() -> OffsetDateTime {
+    FakeClock::new().now()
+}
+
+fn ctx() -> RequestContext {
+    RequestContext {
+        ip: Some("127.0.0.1".into()),
+        mode: Some("test".into()),
+        ..RequestContext::default()
+    }
+}
+
+async fn tenant(store: &Arc<dyn Store>, name: &str) -> Tenant {
+    let t = Tenant {
+        id: TenantId::generate().unwrap(),
+        name: name.into(),
+        is_default: false,
+        created_at: t0(),
+    };
+    store.insert_tenant(&t).await.unwrap();
+    t
+}
+
+fn user(tenant: &Tenant, name: &str) -> User {
+    User {
+        id: UserId::generate().unwrap(),
+        tenant_id: tenant.id.clone(),
+        username: otpgate_core::identity::Username::parse(name).unwrap(),
+        email: Some(otpgate_core::identity::Email::parse("ali@example.com").unwrap()),
+        phone: Some(otpgate_core::identity::E164Phone::parse("+989121234567").unwrap()),
+        role: Role::User,
+        password_hash: "$argon2id$not-a-real-hash".into(),
+        mobile_verified_at: None,
+        email_verified_at: None,
+        failed_logins: 0,
+        locked_until: None,
+        created_at: t0(),
+    }
+}
+
+fn challenge(tenant: &Tenant, destination: &str) -> Challenge {
+    Challenge {
+        id: ChallengeId::generate().unwrap(),
+        tenant_id: tenant.id.clone(),
+        user_id: None,
+        purpose: Purpose::Verify,
+        channel: Channel::Sms,
+        destination: destination.into(),
+        code_hash: vec![1; 32],
+        locale: "en".into(),
+        created_at: t0(),
+        expires_at: t0() + Duration::from_secs(300),
+        last_sent_at: t0(),
+        send_count: 1,
+        attempts: 0,
+        max_attempts: 5,
+        status: ChallengeStatus::Pending,
+    }
+}
+
+fn message(ch: &Challenge, at: OffsetDateTime) -> OutboxMessage {
+    OutboxMessage {
+        id: MessageId::generate().unwrap(),
+        tenant_id: ch.tenant_id.clone(),
+        challenge_id: Some(ch.id.clone()),
+        channel: ch.channel,
+        destination: ch.destination.clone(),
+        purpose: ch.purpose,
+        locale: "en".into(),
+        body: Some("Your code is 123456".into()),
+        code: Some("123456".into()),
+        status: DeliveryStatus::Queued,
+        attempts: 0,
+        next_attempt_at: at,
+        created_at: at,
+        provider_message_id: None,
+        last_error: None,
+    }
+}
+
+fn event(tenant: &Tenant, kind: AuditKind, detail: &str) -> AuditEvent {
+    AuditEvent {
+        tenant_id: tenant.id.clone(),
+        user_id: None,
+        kind,
+        detail: detail.into(),
+        context: ctx(),
+        at: t0(),
+    }
+}
+
+async fn stored(store: &Arc<dyn Store>, ch: &Challenge) -> Challenge {
+    store
+        .get_challenge(&ch.tenant_id, &ch.id)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+pub async fn tenants_are_unique_by_name_and_found_by_id(store: Arc<dyn Store>) {
+    // Arrange
+    let t = tenant(&store, "acme").await;
+    // Act
+    let again = Tenant {
+        id: TenantId::generate().unwrap(),
+        ..t.clone()
+    };
+    let dup = store.insert_tenant(&again).await;
+    // Assert
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    let found = store.get_tenant(&t.id).await.unwrap().unwrap();
+    assert_eq!(found.name, "acme");
+    assert!(
+        store
+            .get_tenant(&TenantId::generate().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub async fn the_default_tenant_is_created_once(store: Arc<dyn Store>) {
+    let make = || Tenant {
+        id: TenantId::generate().unwrap(),
+        name: "default".into(),
+        is_default: true,
+        created_at: t0(),
+    };
+    let first = store.ensure_default_tenant(&make()).await.unwrap();
+    let second = store.ensure_default_tenant(&make()).await.unwrap();
+    assert_eq!(first.id, second.id);
+    assert!(first.is_default);
+}
+
+pub async fn usernames_are_unique_per_tenant_only(store: Arc<dyn Store>) {
+    let a = tenant(&store, "a").await;
+    let b = tenant(&store, "b").await;
+    store.insert_user(&user(&a, "ali"), &[]).await.unwrap();
+    let dup = store.insert_user(&user(&a, "ali"), &[]).await;
+    assert!(matches!(dup, Err(StoreError::Conflict(_))), "{dup:?}");
+    store.insert_user(&user(&b, "ali"), &[]).await.unwrap();
+    let found = store
+        .find_user_by_username(&a.id, "ali")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.tenant_id, a.id);
+    assert_eq!(found.phone.unwrap().as_str(), "+989121234567");
+    assert!(
+        store
+            .find_user_by_username(&a.id, "reza")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A failed insert left nothing behind.
+    assert!(store.get_user(&a.id, &found.id).await.unwrap().is_some());
+}
+
+pub async fn api_keys_are_found_by_hash(store: Arc<dyn Store>) {
+    let t = tenant(&store, "keys").await;
+    let key = ApiKey {
+        id: ApiKeyId::generate().unwrap(),
+        tenant_id: t.id.clone(),
+        name: "ci".into(),
+        hash: [9; 32],
+        created_at: t0(),
+        revoked_at: None,
+    };
+    store
+        .insert_api_key(&key, &[event(&t, AuditKind::ApiKeyCreated, "k")])
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .find_api_key(&[9; 32])
+            .await
+            .unwrap()
+            .unwrap()
+            .tenant_id,
+        t.id
+    );
+    assert!(store.find_api_key(&[8; 32]).await.unwrap().is_none());
+}
+
+pub async fn a_challenge_is_consumed_at_most_once(store: Arc<dyn Store>) {
+    let t = tenant(&store, "c").await;
+    let ch = challenge(&t, "+989121234567");
+    store
+        .insert_challenge(&ch, Some(&message(&ch, t0())), &[])
+        .await
+        .unwrap();
+    let now = t0() + Duration::from_secs(10);
+    assert!(store.consume_challenge(&ch.id, 0, now, &[]).await.unwrap());
+    assert!(!store.consume_challenge(&ch.id, 0, now, &[]).await.unwrap());
+    assert_eq!(stored(&store, &ch).await.status, ChallengeStatus::Approved);
+    assert!(
+        !store
+            .record_failed_check(&ch.id, 0, now, &[])
+            .await
+            .unwrap()
+    );
+}
+
+pub async fn a_stale_attempt_count_cannot_consume(store: Arc<dyn Store>) {
+    let t = tenant(&store, "c").await;
+    let ch = challenge(&t, "+989121234567");
+    store.insert_challenge(&ch, None, &[]).await.unwrap();
+    let now = t0() + Duration::from_secs(10);
+    assert!(
+        store
+            .record_failed_check(&ch.id, 0, now, &[])
+            .await
+            .unwrap()
+    );
+    assert!(!store.consume_challenge(&ch.id, 0, now, &[]).await.unwrap());
+    assert!(
+        !store
+            .record_failed_check(&ch.id, 0, now, &[])
+            .await
+            .unwrap()
+    );
+    assert!(store.consume_challenge(&ch.id, 1, now, &[]).await.unwrap());
+}
+
+pub async fn an_expired_challenge_can_be_neither_consumed_nor_failed(store: Arc<dyn Store>) {
+    let t = tenant(&store, "c").await;
+    let ch = challenge(&t, "+989121234567");
+    store.insert_challenge(&ch, None, &[]).await.unwrap();
+    let late = ch.expires_at;
+    assert!(!store.consume_challenge(&ch.id, 0, late, &[]).await.unwrap());
+    assert!(
+        !store
+            .record_failed_check(&ch.id, 0, late, &[])
+            .await
+            .unwrap()
+    );
+    assert!(!store.cancel_challenge(&ch.id, late, &[]).await.unwrap());
+    let s = stored(&store, &ch).await;
+    assert_eq!(s.status_at(late), ChallengeStatus::Expired);
+    assert!(
+        store
+            .find_pending_challenge(&t.id, "verify", &ch.destination, late)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub async fn the_last_allowed_failure_kills_the_challenge(store: Arc<dyn Store>) {
+    let t = tenant(&store, "c").await;
+    let ch = challenge(&t, "+989121234567");
+    store.insert_challenge(&ch, None, &[]).await.unwrap();
+    let now = t0();
+    for n in 0..5 {
+        assert!(
+            store
+                .record_failed_check(&ch.id, n, now, &[])
+                .await
+                .unwrap()
+        );
+    }
+    let s = stored(&store, &ch).await;
+    assert_eq!(s.attempts, 5);
+    assert_eq!(s.status, ChallengeStatus::MaxAttemptsReached);
+    assert!(!store.consume_challenge(&ch.id, 5, now, &[]).await.unwrap());
+    assert!(
+        !store
+            .record_failed_check(&ch.id, 5, now, &[])
+            .await
+            .unwrap()
+    );
+}
+
+pub async fn only_pending_challenges_can_be_canceled(store: Arc<dyn Store>) {
+    let t = tenant(&store, "c").await;
+    let ch = challenge(&t, "+989121234567");
+    store.insert_challenge(&ch, None, &[]).await.unwrap();
+    assert!(store.cancel_challenge(&ch.id, t0(), &[]).await.unwrap());
+    assert!(!store.cancel_challenge(&ch.id, t0(), &[]).await.unwrap());
+    assert_eq!(stored(&store, &ch).await.status, ChallengeStatus::Canceled);
+    assert!(!store.consume_challenge(&ch.id, 0, t0(), &[]).await.unwrap());
+}
+
+pub async fn a_resend_wins_only_against_the_send_count_it_saw(store: Arc<dyn Store>) {
+    let t = tenant(&store, "c").await;
+    let ch = challenge(&t, "+989121234567");
+    store
+        .insert_challenge(&ch, Some(&message(&ch, t0())), &[])
+        .await
+        .unwrap();
+    let later = t0() + Duration::from_secs(40);
+    let expiry = later + Duration::from_secs(300);
+    assert!(
+        store
+            .resend_challenge(
+                &ch.id,
+                1,
+                &[2; 32],
+                later,
+                expiry,
+                &message(&ch, later),
+                &[]
+            )
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .resend_challenge(
+                &ch.id,
+                1,
+                &[3; 32],
+                later,
+                expiry,
+                &message(&ch, later),
+                &[]
+            )
+            .await
+            .unwrap()
+    );
+    let s = stored(&store, &ch).await;
+    assert_eq!(s.send_count, 2);
+    assert_eq!(s.code_hash, vec![2; 32]);
+    assert_eq!(s.expires_at, expiry);
+    // The losing resend queued nothing.
+    assert_eq!(
+        store
+            .count_sends_since(&t.id, &ch.destination, t0() - Duration::from_secs(1))
+            .await
+            .unwrap(),
+        2
+    );
+}
+
+pub async fn challenges_are_isolated_by_tenant(store: Arc<dyn Store>) {
+    let a = tenant(&store, "a").await;
+    let b = tenant(&store, "b").await;
+    let ch = challenge(&a, "+989121234567");
+    store
+        .insert_challenge(&ch, Some(&message(&ch, t0())), &[])
+        .await
+        .unwrap();
+    assert!(store.get_challenge(&b.id, &ch.id).await.unwrap().is_none());
+    assert!(
+        store
+            .find_pending_challenge(&b.id, "verify", &ch.destination, t0())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store
+            .count_sends_since(&b.id, &ch.destination, t0() - Duration::from_secs(1))
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+pub async fn fifty_concurrent_consumes_give_exactly_one_success(store: Arc<dyn Store>) {
+    let t = tenant(&store, "c").await;
+    let ch = challenge(&t, "+989121234567");
+    store.insert_challenge(&ch, None, &[]).await.unwrap();
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let id = ch.id.clone();
+            tokio::spawn(async move { store.consume_challenge(&id, 0, t0(), &[]).await.unwrap() })
+        })
+        .collect();
+    let mut wins = 0;
+    for task in tasks {
+        wins += usize::from(task.await.unwrap());
+    }
+    assert_eq!(wins, 1);
+}
+
+async fn login_fixture(store: &Arc<dyn Store>) -> (Tenant, User, Challenge, LoginTicket) {
+    let t = tenant(store, "login").await;
+    let u = user(&t, "ali");
+    store.insert_user(&u, &[]).await.unwrap();
+    let mut ch = challenge(&t, "+989121234567");
+    ch.user_id = Some(u.id.clone());
+    ch.purpose = Purpose::Login;
+    let ticket = LoginTicket {
+        hash: [5; 32],
+        tenant_id: t.id.clone(),
+        user_id: u.id.clone(),
+        challenge_id: ch.id.clone(),
+        channel: Channel::Sms,
+        created_at: t0(),
+        expires_at: t0() + Duration::from_secs(300),
+        used_at: None,
+    };
+    store
+        .insert_login_ticket(&ticket, &ch, Some(&message(&ch, t0())), &[])
+        .await
+        .unwrap();
+    (t, u, ch, ticket)
+}
+
+fn completion(
+    u: &User,
+    ch: &Challenge,
+    attempts: u32,
+    totp: Option<(FactorId, i64)>,
+) -> LoginCompletion {
+    LoginCompletion {
+        ticket_hash: [5; 32],
+        challenge_id: ch.id.clone(),
+        expected_attempts: attempts,
+        totp_step: totp,
+        session: Session {
+            hash: [6; 32],
+            tenant_id: u.tenant_id.clone(),
+            user_id: u.id.clone(),
+            created_at: t0(),
+            expires_at: t0() + Duration::from_secs(36_000),
+            revoked_at: None,
+        },
+        now: t0() + Duration::from_secs(5),
+        audit: vec![],
+    }
+}
+
+pub async fn a_failed_login_completion_changes_nothing(store: Arc<dyn Store>) {
+    let (_, u, ch, _) = login_fixture(&store).await;
+    // Stale attempts: the challenge condition fails after the ticket update ran.
+    assert!(
+        !store
+            .complete_login(&completion(&u, &ch, 3, None))
+            .await
+            .unwrap()
+    );
+    let ticket = store.get_login_ticket(&[5; 32]).await.unwrap().unwrap();
+    assert!(
+        ticket.used_at.is_none(),
+        "the ticket update was not rolled back"
+    );
+    assert!(store.get_session(&[6; 32]).await.unwrap().is_none());
+    assert_eq!(stored(&store, &ch).await.status, ChallengeStatus::Pending);
+}
+
+pub async fn a_login_completion_spends_ticket_challenge_and_step(store: Arc<dyn Store>) {
+    let (t, u, ch, _) = login_fixture(&store).await;
+    store.record_login_failure(&t.id, &u.id, &[]).await.unwrap();
+    assert!(
+        store
+            .complete_login(&completion(&u, &ch, 0, None))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .get_login_ticket(&[5; 32])
+            .await
+            .unwrap()
+            .unwrap()
+            .used_at
+            .is_some()
+    );
+    assert_eq!(stored(&store, &ch).await.status, ChallengeStatus::Approved);
+    assert!(
+        store
+            .get_session(&[6; 32])
+            .await
+            .unwrap()
+            .unwrap()
+            .is_active(t0())
+    );
+    assert_eq!(
+        store
+            .get_user(&t.id, &u.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .failed_logins,
+        0
+    );
+    // The same ticket cannot be spent twice.
+    let mut again = completion(&u, &ch, 0, None);
+    again.session.hash = [7; 32];
+    assert!(!store.complete_login(&again).await.unwrap());
+    assert!(store.get_session(&[7; 32]).await.unwrap().is_none());
+}
+
+fn factor(u: &User, confirmed: bool) -> TotpFactor {
+    TotpFactor {
+        id: FactorId::generate().unwrap(),
+        tenant_id: u.tenant_id.clone(),
+        user_id: u.id.clone(),
+        secret_sealed: vec![1, 2, 3],
+        params: TotpParams::default(),
+        confirmed_at: confirmed.then(t0),
+        last_step: None,
+        created_at: t0(),
+    }
+}
+
+pub async fn totp_steps_only_move_forward(store: Arc<dyn Store>) {
+    let t = tenant(&store, "totp").await;
+    let u = user(&t, "ali");
+    store.insert_user(&u, &[]).await.unwrap();
+    let f = factor(&u, false);
+    store.insert_totp_factor(&f, &[]).await.unwrap();
+    assert!(store.accept_totp_step(&f.id, 100, t0(), &[]).await.unwrap());
+    assert!(!store.accept_totp_step(&f.id, 100, t0(), &[]).await.unwrap());
+    assert!(!store.accept_totp_step(&f.id, 99, t0(), &[]).await.unwrap());
+    assert!(store.accept_totp_step(&f.id, 101, t0(), &[]).await.unwrap());
+    let listed = store.list_totp_factors(&t.id, &u.id).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].last_step, Some(101));
+    assert!(
+        listed[0].confirmed_at.is_some(),
+        "the first accepted step confirms the factor"
+    );
+    assert_eq!(listed[0].secret_sealed, vec![1, 2, 3]);
+}
+
+pub async fn sessions_are_revoked_once(store: Arc<dyn Store>) {
+    let (_, u, ch, _) = login_fixture(&store).await;
+    assert!(
+        store
+            .complete_login(&completion(&u, &ch, 0, None))
+            .await
+            .unwrap()
+    );
+    assert!(store.revoke_session(&[6; 32], t0(), &[]).await.unwrap());
+    assert!(!store.revoke_session(&[6; 32], t0(), &[]).await.unwrap());
+    assert!(
+        !store
+            .get_session(&[6; 32])
+            .await
+            .unwrap()
+            .unwrap()
+            .is_active(t0())
+    );
+}
+
+pub async fn outbox_claims_are_leases_and_delivery_erases_the_code(store: Arc<dyn Store>) {
+    let t = tenant(&store, "outbox").await;
+    let ch = challenge(&t, "+989121234567");
+    let m = message(&ch, t0());
+    store.insert_challenge(&ch, Some(&m), &[]).await.unwrap();
+    let lease = t0() + Duration::from_secs(60);
+    let claimed = store.claim_outbox(t0(), lease, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].attempts, 1);
+    assert_eq!(claimed[0].code.as_deref(), Some("123456"));
+    // Held by the lease: nobody else gets it meanwhile, and it comes back when the lease lapses.
+    assert!(
+        store
+            .claim_outbox(t0(), lease, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let relapsed = store
+        .claim_outbox(lease, lease + Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(relapsed.len(), 1);
+    assert_eq!(relapsed[0].attempts, 2);
+    store
+        .mark_message_sent(
+            &m.id,
+            Some("prov-1"),
+            &[event(&t, AuditKind::MessageSent, "m")],
+        )
+        .await
+        .unwrap();
+    let latest = store.latest_message_for(&ch.id).await.unwrap().unwrap();
+    assert_eq!(latest.status, DeliveryStatus::Sent);
+    assert_eq!(latest.provider_message_id.as_deref(), Some("prov-1"));
+    assert!(
+        latest.body.is_none() && latest.code.is_none(),
+        "code left in the outbox"
+    );
+    assert!(
+        store
+            .claim_outbox(lease + Duration::from_secs(3600), lease, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn sends_are_counted_per_destination(store: Arc<dyn Store>) {
+    let t = tenant(&store, "sends").await;
+    for _ in 0..3 {
+        let ch = challenge(&t, "+989121234567");
+        store
+            .insert_challenge(&ch, Some(&message(&ch, t0())), &[])
+            .await
+            .unwrap();
+    }
+    let other = challenge(&t, "+989120000000");
+    store
+        .insert_challenge(&other, Some(&message(&other, t0())), &[])
+        .await
+        .unwrap();
+    let since = t0() - Duration::from_secs(1);
+    assert_eq!(
+        store
+            .count_sends_since(&t.id, "+989121234567", since)
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        store
+            .count_sends_since(&t.id, "+989121234567", t0())
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+pub async fn login_failures_count_up_and_locks_never_shorten(store: Arc<dyn Store>) {
+    let t = tenant(&store, "lock").await;
+    let u = user(&t, "ali");
+    store.insert_user(&u, &[]).await.unwrap();
+    assert_eq!(
+        store.record_login_failure(&t.id, &u.id, &[]).await.unwrap(),
+        1
+    );
+    assert_eq!(
+        store.record_login_failure(&t.id, &u.id, &[]).await.unwrap(),
+        2
+    );
+    let long = t0() + Duration::from_secs(600);
+    store.lock_user(&t.id, &u.id, long).await.unwrap();
+    store
+        .lock_user(&t.id, &u.id, t0() + Duration::from_secs(60))
+        .await
+        .unwrap();
+    let found = store.get_user(&t.id, &u.id).await.unwrap().unwrap();
+    assert_eq!(found.locked_until, Some(long));
+    assert_eq!(found.failed_logins, 2);
+}
+
+pub async fn audit_events_are_listed_newest_first(store: Arc<dyn Store>) {
+    let t = tenant(&store, "audit").await;
+    store
+        .insert_audit(&[event(&t, AuditKind::LoginFailed, "first")])
+        .await
+        .unwrap();
+    store
+        .insert_audit(&[event(&t, AuditKind::OtpSent, "second")])
+        .await
+        .unwrap();
+    let events = store.list_audit(&t.id, None, 10).await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].kind, AuditKind::OtpSent);
+    assert_eq!(events[1].detail, "first");
+    assert_eq!(events[1].context.ip.as_deref(), Some("127.0.0.1"));
+}
+
+// ---------------------------------------------------------------- service over the store
+
+/// The core service over `store`, with a fake clock.
+pub fn service(store: Arc<dyn Store>) -> (Arc<Otpgate>, Arc<FakeClock>) {
+    let clock = FakeClock::new();
+    let core = Otpgate::new(
+        store,
+        clock.clone(),
+        MasterKey::from_bytes([42; 32]),
+        Policy::default(),
+        PasswordHasher::owasp().unwrap(),
+    );
+    (Arc::new(core), clock)
+}
+
+/// The code most recently queued for `destination`, read from the outbox by a claim.
+async fn queued_code(store: &Arc<dyn Store>, clock: &FakeClock) -> String {
+    let now = clock.now();
+    let claimed = store
+        .claim_outbox(now, now + Duration::from_secs(1), 100)
+        .await
+        .unwrap();
+    claimed
+        .last()
+        .and_then(|m| m.code.clone())
+        .expect("a queued code")
+}
+
+async fn started(core: &Otpgate, tenant: &TenantId) -> Challenge {
+    core.start_verification(
+        tenant,
+        StartVerification {
+            to: "+98 912 123 4567".into(),
+            channel: Channel::Sms,
+            locale: None,
+        },
+        &ctx(),
+    )
+    .await
+    .unwrap()
+}
+
+pub async fn service_fifty_concurrent_right_codes_approve_once(store: Arc<dyn Store>) {
+    // Arrange
+    let (core, clock) = service(Arc::clone(&store));
+    let tenant = core.default_tenant().await.unwrap();
+    let ch = started(&core, &tenant.id).await;
+    let code = queued_code(&store, &clock).await;
+    // Act
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (core, tenant, id, code) = (
+                Arc::clone(&core),
+                tenant.id.clone(),
+                ch.id.to_string(),
+                code.clone(),
+            );
+            tokio::spawn(async move { core.check_verification(&tenant, &id, &code, &ctx()).await })
+        })
+        .collect();
+    let mut approved = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(outcome) => {
+                assert_eq!(outcome.status, ChallengeStatus::Approved);
+                approved += 1;
+            }
+            Err(e) => assert_eq!(e.code(), "conflict", "{e}"),
+        }
+    }
+    // Assert
+    assert_eq!(approved, 1);
+}
+
+pub async fn service_wrong_codes_kill_the_verification_after_five(store: Arc<dyn Store>) {
+    let (core, clock) = service(Arc::clone(&store));
+    let tenant = core.default_tenant().await.unwrap();
+    let ch = started(&core, &tenant.id).await;
+    let right = queued_code(&store, &clock).await;
+    let wrong = if right == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
+    for left in (1..5).rev() {
+        let outcome = core
+            .check_verification(&tenant.id, ch.id.as_str(), wrong, &ctx())
+            .await
+            .unwrap();
+        assert_eq!(
+            (outcome.status, outcome.attempts_left),
+            (ChallengeStatus::Pending, left)
+        );
+    }
+    let last = core
+        .check_verification(&tenant.id, ch.id.as_str(), wrong, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(last.status, ChallengeStatus::MaxAttemptsReached);
+    let after = core
+        .check_verification(&tenant.id, ch.id.as_str(), &right, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(
+        after.status,
+        ChallengeStatus::MaxAttemptsReached,
+        "a dead challenge approved"
+    );
+}
+
+pub async fn service_malformed_codes_touch_no_counter(store: Arc<dyn Store>) {
+    let (core, _) = service(Arc::clone(&store));
+    let tenant = core.default_tenant().await.unwrap();
+    let ch = started(&core, &tenant.id).await;
+    for bad in ["12a456", "12345", "1234567", " ", "12 3456"] {
+        let err = core
+            .check_verification(&tenant.id, ch.id.as_str(), bad, &ctx())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "invalid_input", "{bad:?}");
+    }
+    assert_eq!(stored(&store, &ch).await.attempts, 0);
+    // Persian digits are the same code as ASCII ones: this wrong one counts.
+    let outcome = core
+        .check_verification(&tenant.id, ch.id.as_str(), "۰۰۰۰۰۰", &ctx())
+        .await;
+    if let Ok(o) = outcome {
+        assert_eq!(o.attempts_left, 4);
+    }
+}
+
+pub async fn service_two_step_login_issues_one_session(store: Arc<dyn Store>) {
+    let (core, clock) = service(Arc::clone(&store));
+    let tenant = core.default_tenant().await.unwrap();
+    core.create_user(
+        &tenant.id,
+        NewUser {
+            username: "ali".into(),
+            password: SecretString::from("correct horse battery"),
+            email: None,
+            phone: Some("+989121234567".into()),
+            role: Role::User,
+        },
+        &ctx(),
+    )
+    .await
+    .unwrap();
+    let wrong = core
+        .login(&tenant.id, "ali", SecretString::from("nope"), &ctx())
+        .await;
+    assert_eq!(wrong.err().map(|e| e.code()), Some("invalid_credentials"));
+    let unknown = core
+        .login(&tenant.id, "reza", SecretString::from("nope"), &ctx())
+        .await;
+    assert_eq!(unknown.err().map(|e| e.code()), Some("invalid_credentials"));
+    let started = core
+        .login(
+            &tenant.id,
+            "ali",
+            SecretString::from("correct horse battery"),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(started.channel, Channel::Sms);
+    let code = queued_code(&store, &clock).await;
+    let issued = core
+        .confirm_login(&started.ticket, &code, &ctx())
+        .await
+        .unwrap();
+    let (session, user) = core.authenticate_session(&issued.token).await.unwrap();
+    assert_eq!(user.username.as_str(), "ali");
+    assert_eq!(
+        session.expires_at - session.created_at,
+        time::Duration::hours(10)
+    );
+    // The ticket is spent.
+    let again = core.confirm_login(&started.ticket, &code, &ctx()).await;
+    assert_eq!(again.err().map(|e| e.code()), Some("unauthorized"));
+    core.revoke_session(&issued.token, &ctx()).await.unwrap();
+    assert!(core.authenticate_session(&issued.token).await.is_err());
+}
+
+pub async fn service_totp_codes_work_once(store: Arc<dyn Store>) {
+    let (core, clock) = service(Arc::clone(&store));
+    let tenant = core.default_tenant().await.unwrap();
+    let user = core
+        .create_user(
+            &tenant.id,
+            NewUser {
+                username: "sara".into(),
+                password: SecretString::from("pw-sara-1234"),
+                email: Some("sara@example.com".into()),
+                phone: None,
+                role: Role::Admin,
+            },
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    let enrolment = core
+        .enroll_totp(&tenant.id, &user.id, true, &ctx())
+        .await
+        .unwrap();
+    let secret = data_encoding_decode(&enrolment.secret_base32);
+    let code = TotpParams::default()
+        .code_at(&secret, clock.now().unix_timestamp())
+        .unwrap();
+    let first = core
+        .login(
+            &tenant.id,
+            "sara",
+            SecretString::from("pw-sara-1234"),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.channel, Channel::Totp);
+    core.confirm_login(&first.ticket, &code, &ctx())
+        .await
+        .unwrap();
+    // Same code, new ticket, same time step: refused (RFC 6238 §5.2).
+    let second = core
+        .login(
+            &tenant.id,
+            "sara",
+            SecretString::from("pw-sara-1234"),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    let replay = core.confirm_login(&second.ticket, &code, &ctx()).await;
+    assert_eq!(replay.err().map(|e| e.code()), Some("code_rejected"));
+    clock.advance(Duration::from_secs(30));
+    let next = TotpParams::default()
+        .code_at(&secret, clock.now().unix_timestamp())
+        .unwrap();
+    core.confirm_login(&second.ticket, &next, &ctx())
+        .await
+        .unwrap();
+}
+
+fn data_encoding_decode(secret: &SecretString) -> Vec<u8> {
+    use secrecy::ExposeSecret;
+    otpgate_core::otp::secret_from_base32(secret.expose_secret()).unwrap()
+}
