@@ -1,1 +1,41 @@
+//! otpgate's HTTP surface: shared state, layers, the operations endpoints and one module per
+//! dialect. Each dialect has its own DTOs and error envelope over the same core calls; handlers
+//! extract, call one core operation, and render.
 
+pub mod api;
+pub mod context;
+pub mod ops;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use otpgate_core::Otpgate;
+use tower_http::trace::TraceLayer;
+
+/// Largest request body accepted by any endpoint.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The core service.
+    pub core: Arc<Otpgate>,
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(ops::router())
+        .merge(api::v1::router())
+        .fallback(api::v1::not_found)
+        .method_not_allowed_fallback(api::v1::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(
+            // Spans name method and path only: query strings and bodies may carry secrets.
+            TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
+                tracing::info_span!("http", method = %req.method(), path = %req.uri().path())
+            }),
+        )
+        .with_state(state)
+}

@@ -1,0 +1,3 @@
+//! The API dialects, one module each.
+
+pub mod v1;

@@ -1,0 +1,507 @@
+//! The native API, v1: verifications (send, check, cancel, read), authenticated by per-tenant
+//! API keys (`Authorization: Bearer ogk_…`). Errors are `{"code", "message"}` with a stable
+//! machine-readable `code`, plus `field` or `retry_after` where they apply.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use otpgate_core::CoreError;
+use otpgate_core::model::{Challenge, ChallengeStatus, Channel, TenantId};
+use otpgate_core::service::{DeliveryState, StartVerification};
+use secrecy::SecretString;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use time::format_description::well_known::Rfc3339;
+
+use crate::AppState;
+use crate::context::Ctx;
+
+/// The v1 routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/verifications", post(start_verification))
+        .route("/v1/verifications/{id}", get(get_verification))
+        .route("/v1/verifications/{id}/check", post(check_verification))
+        .route("/v1/verifications/{id}/cancel", post(cancel_verification))
+}
+
+// ------------------------------------------------------------------ errors
+
+/// The v1 error envelope.
+#[derive(Debug)]
+pub struct V1Error {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    field: Option<&'static str>,
+    retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
+}
+
+impl V1Error {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        V1Error {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+            retry_after: None,
+        }
+    }
+
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The machine-readable code.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+}
+
+/// The one place where core errors become v1 statuses and codes.
+impl From<CoreError> for V1Error {
+    fn from(e: CoreError) -> Self {
+        let code = e.code();
+        let (status, message) = match &e {
+            CoreError::InvalidInput { field, reason } => {
+                let mut err =
+                    V1Error::new(StatusCode::BAD_REQUEST, code, format!("{field} {reason}"));
+                err.field = Some(field);
+                return err;
+            }
+            CoreError::InvalidCredentials => {
+                (StatusCode::UNAUTHORIZED, "invalid credentials".into())
+            }
+            CoreError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "missing or invalid credentials".into(),
+            ),
+            CoreError::CodeRejected { .. } => {
+                (StatusCode::BAD_REQUEST, "the code was not accepted".into())
+            }
+            CoreError::RateLimited { retry_after } => {
+                let secs = retry_after.as_secs().max(1);
+                let mut err = V1Error::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    code,
+                    format!("too many requests; retry after {secs} s"),
+                );
+                err.retry_after = Some(secs);
+                return err;
+            }
+            CoreError::NotFound => (StatusCode::NOT_FOUND, "not found".into()),
+            CoreError::Conflict(why) => (StatusCode::CONFLICT, why.clone()),
+            CoreError::Storage(otpgate_core::StoreError::Conflict(what)) => {
+                (StatusCode::CONFLICT, format!("{what} already exists"))
+            }
+            CoreError::Storage(otpgate_core::StoreError::Unavailable(_)) => {
+                tracing::error!(error = %e, "store unavailable");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service temporarily unavailable".into(),
+                )
+            }
+            CoreError::Delivery(_) | CoreError::Storage(_) | CoreError::Internal(_) => {
+                // Opaque to the client; the detail goes to the log only.
+                tracing::error!(error = %e, "request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+            }
+        };
+        V1Error::new(status, code, message)
+    }
+}
+
+impl IntoResponse for V1Error {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            code: self.code,
+            message: &self.message,
+            field: self.field,
+            retry_after: self.retry_after,
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// Describes a JSON rejection without echoing values (they may be codes).
+fn describe_rejection(rejection: &JsonRejection) -> (StatusCode, &'static str, String) {
+    match rejection {
+        JsonRejection::MissingJsonContentType(_) => (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected a body with Content-Type: application/json".into(),
+        ),
+        JsonRejection::JsonSyntaxError(_) => (
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            "the body is not valid JSON".into(),
+        ),
+        JsonRejection::JsonDataError(e) => {
+            let text = e.body_text();
+            let detail = text
+                .split_once("target type: ")
+                .map_or(text.as_str(), |(_, rest)| rest);
+            let message = if let Some(field) = between_backticks(detail, "missing field `") {
+                format!("{field} is required")
+            } else if let Some((path, _)) = detail.split_once(": ") {
+                format!("{path} has the wrong type or value")
+            } else if let Some(field) = between_backticks(detail, "unknown field `") {
+                format!("{field} is not a known field")
+            } else {
+                "the body has the wrong shape".into()
+            };
+            (StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
+        }
+        JsonRejection::BytesRejection(_) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body exceeds {} bytes", crate::MAX_BODY_BYTES),
+            )
+        }
+        _ => (
+            rejection.status(),
+            "bad_request",
+            "the body could not be read".into(),
+        ),
+    }
+}
+
+fn between_backticks<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    let start = text.find(prefix)? + prefix.len();
+    let rest = text.get(start..)?;
+    rest.split('`').next()
+}
+
+impl From<JsonRejection> for V1Error {
+    fn from(rejection: JsonRejection) -> Self {
+        let (status, code, message) = describe_rejection(&rejection);
+        V1Error::new(status, code, message)
+    }
+}
+
+/// JSON body extractor whose rejections use the v1 envelope.
+pub struct V1Json<T>(pub T);
+
+impl<S, T> FromRequest<S> for V1Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = V1Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let Json(value) = Json::<T>::from_request(req, state).await?;
+        Ok(V1Json(value))
+    }
+}
+
+/// The tenant of a valid API key (`Authorization: Bearer …`).
+pub struct ApiTenant(pub TenantId);
+
+impl FromRequestParts<AppState> for ApiTenant {
+    type Rejection = V1Error;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                V1Error::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing Authorization: Bearer <api key>",
+                )
+            })?;
+        let key = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .unwrap_or(header);
+        let tenant = state
+            .core
+            .authenticate_api_key(&SecretString::from(key.trim().to_owned()))
+            .await
+            .map_err(|e| match e {
+                CoreError::Unauthorized => {
+                    V1Error::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API key")
+                }
+                other => V1Error::from(other),
+            })?;
+        Ok(ApiTenant(tenant))
+    }
+}
+
+/// Unknown paths.
+pub async fn not_found() -> V1Error {
+    V1Error::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// Known paths with the wrong method.
+pub async fn method_not_allowed() -> V1Error {
+    V1Error::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+// ------------------------------------------------------------------ DTOs
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartRequest {
+    to: String,
+    channel: String,
+    #[serde(default)]
+    locale: Option<String>,
+}
+
+impl TryFrom<StartRequest> for StartVerification {
+    type Error = CoreError;
+
+    fn try_from(req: StartRequest) -> Result<Self, Self::Error> {
+        let channel = match Channel::parse(req.channel.trim())? {
+            Channel::Totp => return Err(CoreError::invalid("channel", "must be sms or email")),
+            c => c,
+        };
+        Ok(StartVerification {
+            to: req.to,
+            channel,
+            locale: req.locale,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckRequest {
+    code: String,
+}
+
+#[derive(Serialize)]
+struct DeliveryView {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    provider_message_id: Option<String>,
+}
+
+#[derive(Serialize)]
+struct VerificationView {
+    id: String,
+    status: &'static str,
+    channel: &'static str,
+    to: String,
+    attempts_left: u32,
+    send_count: u32,
+    created_at: String,
+    expires_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delivery: Option<DeliveryView>,
+}
+
+fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+fn view(
+    c: &Challenge,
+    now: time::OffsetDateTime,
+    delivery: Option<DeliveryState>,
+) -> VerificationView {
+    let status = c.status_at(now);
+    VerificationView {
+        id: c.id.to_string(),
+        status: status.as_str(),
+        channel: c.channel.as_str(),
+        to: c.destination.clone(),
+        attempts_left: if status == ChallengeStatus::Pending {
+            c.attempts_left()
+        } else {
+            0
+        },
+        send_count: c.send_count,
+        created_at: rfc3339(c.created_at),
+        expires_at: rfc3339(c.expires_at),
+        delivery: delivery.map(|d| DeliveryView {
+            status: d.status.as_str(),
+            provider_message_id: d.provider_message_id,
+        }),
+    }
+}
+
+#[derive(Serialize)]
+struct CheckView {
+    id: String,
+    status: &'static str,
+    attempts_left: u32,
+}
+
+// ------------------------------------------------------------------ handlers
+
+async fn start_verification(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Ctx(ctx): Ctx,
+    V1Json(body): V1Json<StartRequest>,
+) -> Result<(StatusCode, Json<VerificationView>), V1Error> {
+    let request = StartVerification::try_from(body)?;
+    let challenge = state
+        .core
+        .start_verification(&tenant, request, &ctx)
+        .await?;
+    let delivery = state.core.delivery_state(&challenge.id).await?;
+    let now = state.core.clock().now();
+    Ok((StatusCode::CREATED, Json(view(&challenge, now, delivery))))
+}
+
+async fn get_verification(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Path(id): Path<String>,
+) -> Result<Json<VerificationView>, V1Error> {
+    let challenge = state.core.get_verification(&tenant, &id).await?;
+    let delivery = state.core.delivery_state(&challenge.id).await?;
+    Ok(Json(view(&challenge, state.core.clock().now(), delivery)))
+}
+
+async fn check_verification(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+    V1Json(body): V1Json<CheckRequest>,
+) -> Result<Json<CheckView>, V1Error> {
+    let outcome = state
+        .core
+        .check_verification(&tenant, &id, &body.code, &ctx)
+        .await?;
+    Ok(Json(CheckView {
+        id,
+        status: outcome.status.as_str(),
+        attempts_left: outcome.attempts_left,
+    }))
+}
+
+async fn cancel_verification(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<Json<VerificationView>, V1Error> {
+    let challenge = state.core.cancel_verification(&tenant, &id, &ctx).await?;
+    let delivery = state.core.delivery_state(&challenge.id).await?;
+    Ok(Json(view(&challenge, state.core.clock().now(), delivery)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn core_errors_map_to_stable_statuses_and_codes() {
+        let cases: Vec<(CoreError, StatusCode, &str)> = vec![
+            (
+                CoreError::invalid("to", "bad"),
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+            ),
+            (
+                CoreError::InvalidCredentials,
+                StatusCode::UNAUTHORIZED,
+                "invalid_credentials",
+            ),
+            (
+                CoreError::Unauthorized,
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+            ),
+            (
+                CoreError::CodeRejected {
+                    attempts_left: Some(1),
+                },
+                StatusCode::BAD_REQUEST,
+                "code_rejected",
+            ),
+            (
+                CoreError::RateLimited {
+                    retry_after: Duration::from_secs(30),
+                },
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+            ),
+            (CoreError::NotFound, StatusCode::NOT_FOUND, "not_found"),
+            (
+                CoreError::Conflict("x".into()),
+                StatusCode::CONFLICT,
+                "conflict",
+            ),
+            (
+                CoreError::Storage(otpgate_core::StoreError::Conflict("user")),
+                StatusCode::CONFLICT,
+                "conflict",
+            ),
+            (
+                CoreError::Storage(otpgate_core::StoreError::Unavailable("down".into())),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+            ),
+            (
+                CoreError::Storage(otpgate_core::StoreError::Other("sql".into())),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage_error",
+            ),
+            (
+                CoreError::Internal("bug".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+            ),
+            (
+                CoreError::Delivery("smtp".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "delivery_failed",
+            ),
+        ];
+        for (error, status, code) in cases {
+            let mapped = V1Error::from(error);
+            assert_eq!((mapped.status(), mapped.code()), (status, code));
+        }
+    }
+
+    #[test]
+    fn server_errors_leak_no_detail() {
+        let mapped = V1Error::from(CoreError::Internal("secret detail".into()));
+        assert_eq!(mapped.message, "internal error");
+    }
+}
