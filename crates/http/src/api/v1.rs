@@ -330,8 +330,12 @@ struct VerificationView {
     delivery: Option<DeliveryView>,
 }
 
+/// RFC 3339 at millisecond precision, the precision the stores keep.
 fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
+    t.replace_nanosecond(u32::from(t.millisecond()) * 1_000_000)
+        .unwrap_or(t)
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
 fn view(

@@ -1,0 +1,165 @@
+//! `spawn_app()`: the same `Application` as `main`, on port 0, with a fresh SQLite database, a
+//! fake clock and a recording sender; and one typed helper per endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use otpgate::app::{Application, Overrides};
+use otpgate::config::Settings;
+use otpgate_core::Otpgate;
+use otpgate_core::model::TenantId;
+use otpgate_store_testkit::{FakeClock, RecordingSender};
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub core: Arc<Otpgate>,
+    pub clock: Arc<FakeClock>,
+    pub sender: Arc<RecordingSender>,
+    pub tenant: TenantId,
+    pub api_key: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    _data_dir: tempfile::TempDir,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.shutdown.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::default();
+    settings.data_dir = data_dir.path().to_path_buf();
+    settings.listen = "127.0.0.1:0".parse().unwrap();
+    settings.delivery.poll_interval_ms = 20;
+    let clock = FakeClock::new();
+    let sender = RecordingSender::new();
+    let app = Application::build(
+        &settings,
+        Overrides {
+            clock: Some(clock.clone()),
+            sender: Some(sender.clone()),
+        },
+    )
+    .await
+    .unwrap();
+    let addr = app.local_addr().unwrap();
+    let core = app.core();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    let tenant = core.default_tenant().await.unwrap().id;
+    let (_, key) = core.create_api_key(&tenant, "tests").await.unwrap();
+    TestApp {
+        addr,
+        client: reqwest::Client::new(),
+        core,
+        clock,
+        sender,
+        tenant,
+        api_key: key.expose_secret().to_owned(),
+        shutdown: Some(stop),
+        _data_dir: data_dir,
+    }
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn send(&self, request: reqwest::RequestBuilder) -> Answer {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let text = response.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Answer {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.post(self.url(path)).bearer_auth(&self.api_key)
+    }
+
+    pub async fn start_verification(&self, body: Value) -> Answer {
+        self.send(self.post("/v1/verifications").json(&body)).await
+    }
+
+    pub async fn start_sms(&self, to: &str) -> Answer {
+        self.start_verification(serde_json::json!({"to": to, "channel": "sms"}))
+            .await
+    }
+
+    pub async fn check(&self, id: &str, code: &str) -> Answer {
+        self.send(
+            self.post(&format!("/v1/verifications/{id}/check"))
+                .json(&serde_json::json!({ "code": code })),
+        )
+        .await
+    }
+
+    pub async fn cancel(&self, id: &str) -> Answer {
+        self.send(self.post(&format!("/v1/verifications/{id}/cancel")))
+            .await
+    }
+
+    pub async fn get_verification(&self, id: &str) -> Answer {
+        self.send(
+            self.client
+                .get(self.url(&format!("/v1/verifications/{id}")))
+                .bearer_auth(&self.api_key),
+        )
+        .await
+    }
+
+    /// The code of the `nth` message (1-based) delivered to `to`.
+    pub async fn delivered_code(&self, to: &str, nth: usize) -> String {
+        self.sender
+            .wait_for_code(to, nth)
+            .await
+            .expect("the code was delivered")
+    }
+
+    /// Messages queued for `to` in the last hour (delivered or not).
+    pub async fn sends_to(&self, to: &str) -> u32 {
+        let since = self.clock_now() - Duration::from_secs(3600);
+        self.core
+            .store()
+            .count_sends_since(&self.tenant, to, since)
+            .await
+            .unwrap()
+    }
+
+    pub fn clock_now(&self) -> time::OffsetDateTime {
+        use otpgate_core::clock::Clock;
+        self.clock.now()
+    }
+}
+
+/// A code that is certainly not `right`.
+pub fn wrong_code(right: &str) -> String {
+    if right == "000000" {
+        "111111".into()
+    } else {
+        "000000".into()
+    }
+}

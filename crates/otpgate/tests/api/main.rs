@@ -1,0 +1,13 @@
+//! API tests: the real application on a random port, driven over HTTP.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod helpers;
+mod lifecycle;
+mod v1_bad_input;
+mod v1_verifications;
