@@ -27,7 +27,7 @@ use crate::model::{
 use crate::otp::{TotpParams, otpauth_uri, secret_to_base32};
 use crate::password::PasswordHasher;
 use crate::policy::Policy;
-use crate::store::{LoginCompletion, Store};
+use crate::store::{CodeReplacement, LoginCompletion, Store};
 use crate::token::{hash_token, mint_api_key, mint_hex_token};
 
 /// Result of core operations.
@@ -536,11 +536,13 @@ impl Otpgate {
         let won = self
             .store
             .resend_challenge(
-                &challenge.id,
-                challenge.send_count,
-                &hash,
-                now,
-                expires_at,
+                &CodeReplacement {
+                    id: challenge.id.clone(),
+                    expected_sends: challenge.send_count,
+                    code_hash: hash.to_vec(),
+                    sent_at: now,
+                    expires_at,
+                },
                 &message,
                 &audit,
             )

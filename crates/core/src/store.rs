@@ -15,6 +15,21 @@ use crate::model::{
 /// Result of store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// A new code for a pending challenge (a resend).
+#[derive(Debug, Clone)]
+pub struct CodeReplacement {
+    /// The challenge.
+    pub id: ChallengeId,
+    /// The send count seen when the resend was decided.
+    pub expected_sends: u32,
+    /// Keyed hash of the new code.
+    pub code_hash: Vec<u8>,
+    /// When the new code is queued.
+    pub sent_at: OffsetDateTime,
+    /// The new code's expiry.
+    pub expires_at: OffsetDateTime,
+}
+
 /// Everything that a successful step 2 changes, in one transaction.
 #[derive(Debug, Clone)]
 pub struct LoginCompletion {
@@ -102,15 +117,11 @@ pub trait Store: Send + Sync + 'static {
         destination: &str,
         now: OffsetDateTime,
     ) -> StoreResult<Option<Challenge>>;
-    /// Replaces the code of a pending challenge if its send count is still `expected_sends`,
+    /// Replaces the code of a pending challenge if its send count is still as expected,
     /// queueing `message` in the same transaction. False when another request won the race.
     async fn resend_challenge(
         &self,
-        id: &ChallengeId,
-        expected_sends: u32,
-        code_hash: &[u8],
-        now: OffsetDateTime,
-        expires_at: OffsetDateTime,
+        replacement: &CodeReplacement,
         message: &OutboxMessage,
         audit: &[AuditEvent],
     ) -> StoreResult<bool>;

@@ -6,7 +6,7 @@ use otpgate_core::model::{
     ApiKey, AuditEvent, Challenge, ChallengeId, FactorId, LoginTicket, MessageId, OutboxMessage,
     Session, Tenant, TenantId, TotpFactor, User, UserId,
 };
-use otpgate_core::store::{LoginCompletion, Store, StoreResult};
+use otpgate_core::store::{CodeReplacement, LoginCompletion, Store, StoreResult};
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
@@ -355,26 +355,23 @@ impl Store for SqliteStore {
 
     async fn resend_challenge(
         &self,
-        id: &ChallengeId,
-        expected_sends: u32,
-        code_hash: &[u8],
-        now: OffsetDateTime,
-        expires_at: OffsetDateTime,
+        replacement: &CodeReplacement,
         message: &OutboxMessage,
         audit: &[AuditEvent],
     ) -> StoreResult<bool> {
-        let (id, hash, msg, audit) = (
-            id.clone(),
-            code_hash.to_vec(),
-            message.clone(),
-            audit.to_vec(),
-        );
+        let (r, msg, audit) = (replacement.clone(), message.clone(), audit.to_vec());
         self.write(move |c| {
             require_one(c.execute(
                 "UPDATE challenges SET code_hash = ?3, last_sent_at = ?4, expires_at = ?5, \
                  send_count = send_count + 1 \
                  WHERE id = ?1 AND send_count = ?2 AND status = 'pending' AND expires_at > ?4",
-                params![id.as_str(), expected_sends, hash, ms(now), ms(expires_at)],
+                params![
+                    r.id.as_str(),
+                    r.expected_sends,
+                    r.code_hash,
+                    ms(r.sent_at),
+                    ms(r.expires_at)
+                ],
             )?)?;
             insert_message(c, &msg)?;
             insert_audit(c, &audit)

@@ -1,5 +1,7 @@
 //! The store contract suite on SQLite, each test on a fresh database file.
 
+#![allow(clippy::expect_used)]
+
 async fn fresh_store() -> (
     std::sync::Arc<dyn otpgate_core::store::Store>,
     tempfile::TempDir,

@@ -23,7 +23,7 @@ use otpgate_core::otp::TotpParams;
 use otpgate_core::password::PasswordHasher;
 use otpgate_core::policy::Policy;
 use otpgate_core::service::{NewUser, StartVerification};
-use otpgate_core::store::{LoginCompletion, Store};
+use otpgate_core::store::{CodeReplacement, LoginCompletion, Store};
 use otpgate_core::{Otpgate, StoreError};
 use secrecy::SecretString;
 use time::OffsetDateTime;
@@ -369,34 +369,21 @@ pub async fn a_resend_wins_only_against_the_send_count_it_saw(store: Arc<dyn Sto
         .unwrap();
     let later = t0() + Duration::from_secs(40);
     let expiry = later + Duration::from_secs(300);
-    assert!(
-        store
-            .resend_challenge(
-                &ch.id,
-                1,
-                &[2; 32],
-                later,
-                expiry,
-                &message(&ch, later),
-                &[]
-            )
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .resend_challenge(
-                &ch.id,
-                1,
-                &[3; 32],
-                later,
-                expiry,
-                &message(&ch, later),
-                &[]
-            )
-            .await
-            .unwrap()
-    );
+    let replace = |hash: u8| CodeReplacement {
+        id: ch.id.clone(),
+        expected_sends: 1,
+        code_hash: vec![hash; 32],
+        sent_at: later,
+        expires_at: expiry,
+    };
+    let won = store
+        .resend_challenge(&replace(2), &message(&ch, later), &[])
+        .await;
+    assert!(won.unwrap());
+    let lost = store
+        .resend_challenge(&replace(3), &message(&ch, later), &[])
+        .await;
+    assert!(!lost.unwrap());
     let s = stored(&store, &ch).await;
     assert_eq!(s.send_count, 2);
     assert_eq!(s.code_hash, vec![2; 32]);

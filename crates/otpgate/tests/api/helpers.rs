@@ -36,9 +36,11 @@ impl Drop for TestApp {
 
 pub async fn spawn_app() -> TestApp {
     let data_dir = tempfile::tempdir().unwrap();
-    let mut settings = Settings::default();
-    settings.data_dir = data_dir.path().to_path_buf();
-    settings.listen = "127.0.0.1:0".parse().unwrap();
+    let mut settings = Settings {
+        data_dir: data_dir.path().to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Settings::default()
+    };
     settings.delivery.poll_interval_ms = 20;
     let clock = FakeClock::new();
     let sender = RecordingSender::new();
