@@ -241,6 +241,18 @@ pub trait Store: Send + Sync + 'static {
         challenge: &ChallengeId,
     ) -> StoreResult<Option<OutboxMessage>>;
 
+    // --- housekeeping ---
+    /// Deletes up to `batch` rows of each kind that can no longer matter at `now`: used or
+    /// expired login tickets, expired or revoked sessions, delivered or failed outbox rows older
+    /// than `retention`, and resolved or expired challenges older than `retention` that nothing
+    /// refers to. Returns how many rows went.
+    async fn sweep(
+        &self,
+        now: OffsetDateTime,
+        retention: std::time::Duration,
+        batch: u32,
+    ) -> StoreResult<u64>;
+
     // --- audit ---
     /// Records events outside any other write.
     async fn insert_audit(&self, events: &[AuditEvent]) -> StoreResult<()>;

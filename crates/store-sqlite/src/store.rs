@@ -762,6 +762,45 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn sweep(
+        &self,
+        now: OffsetDateTime,
+        retention: std::time::Duration,
+        batch: u32,
+    ) -> StoreResult<u64> {
+        let now_ms = ms(now);
+        let old = ms(now - retention);
+        self.write(move |c| {
+            let mut gone = 0usize;
+            gone += c.execute(
+                "DELETE FROM login_tickets WHERE rowid IN (SELECT rowid FROM login_tickets \
+                 WHERE expires_at <= ?1 OR used_at IS NOT NULL LIMIT ?2)",
+                params![now_ms, batch],
+            )?;
+            gone += c.execute(
+                "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions \
+                 WHERE expires_at <= ?1 OR revoked_at IS NOT NULL LIMIT ?2)",
+                params![now_ms, batch],
+            )?;
+            gone += c.execute(
+                "DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox \
+                 WHERE status <> 'queued' AND created_at < ?1 LIMIT ?2)",
+                params![old, batch],
+            )?;
+            gone += c.execute(
+                "DELETE FROM challenges WHERE rowid IN (SELECT rowid FROM challenges c \
+                 WHERE c.expires_at < ?1 \
+                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.challenge_id = c.id) \
+                 AND NOT EXISTS (SELECT 1 FROM login_tickets t WHERE t.challenge_id = c.id) \
+                 LIMIT ?2)",
+                params![old, batch],
+            )?;
+            Ok(gone as u64)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("sweep refused".into()))
+    }
+
     async fn insert_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
         let events = events.to_vec();
         self.write(move |c| insert_audit(c, &events))

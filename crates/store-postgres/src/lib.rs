@@ -1,0 +1,107 @@
+//! The PostgreSQL store, for several otpgate instances behind one load balancer. Every rule that
+//! must hold across instances (single use, attempt counters, TOTP steps, cool-downs, lock-outs,
+//! revocation) is one conditional statement or one transaction here, never process memory.
+//! Conditional `UPDATE`s at READ COMMITTED re-check their `WHERE` after waiting for a concurrent
+//! writer of the same row, so "consume if attempts are still N" succeeds for one caller only.
+
+mod rows;
+mod schema;
+mod store;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use otpgate_core::StoreError;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct PgSettings {
+    /// `postgres://user:pass@host:port/db?sslmode=…`.
+    pub url: String,
+    /// Most connections this instance opens.
+    pub max_connections: u32,
+    /// How long a request waits for a free connection before failing (503).
+    pub acquire_timeout: Duration,
+    /// Server-side limit per statement.
+    pub statement_timeout: Duration,
+}
+
+impl PgSettings {
+    /// Defaults for a URL: 16 connections, 3 s to acquire, 5 s per statement.
+    pub fn new(url: impl Into<String>) -> Self {
+        PgSettings {
+            url: url.into(),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The PostgreSQL implementation of [`otpgate_core::store::Store`].
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+/// Maps a driver error; unique violations become `Conflict(what)`, lost connections
+/// `Unavailable`.
+pub(crate) fn map_error(e: sqlx::Error, what: &'static str) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("23505") => {
+            StoreError::Conflict(what)
+        }
+        // 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now,
+        // 53300 too many connections, 08xxx connection exceptions.
+        sqlx::Error::Database(db)
+            if db
+                .code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300") =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Other(e.to_string()),
+    }
+}
+
+pub(crate) fn db(e: sqlx::Error) -> StoreError {
+    map_error(e, "row")
+}
+
+impl PgStore {
+    /// Connects, then runs the embedded migrations under an advisory lock (so several instances
+    /// starting at once migrate once).
+    pub async fn connect(settings: &PgSettings) -> Result<Self, StoreError> {
+        let timeout_ms = settings.statement_timeout.as_millis().to_string();
+        let options = PgConnectOptions::from_str(&settings.url)
+            .map_err(|e| StoreError::Other(format!("invalid DATABASE_URL: {e}")))?
+            .application_name("otpgate")
+            .options([("statement_timeout", timeout_ms.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections.max(1))
+            .acquire_timeout(settings.acquire_timeout)
+            // A connection killed by the server (restart, pg_terminate_backend) is found out
+            // before use instead of failing a request.
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await
+            .map_err(db)?;
+        schema::migrate(&pool).await?;
+        Ok(PgStore { pool })
+    }
+
+    /// The pool (for tests and diagnostics).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+#[doc(hidden)]
+pub mod testing;

@@ -1,0 +1,876 @@
+//! The [`Store`] implementation: one method per use case; multi-row writes in one transaction.
+
+use async_trait::async_trait;
+use otpgate_core::StoreError;
+use otpgate_core::model::{
+    ApiKey, AuditEvent, Challenge, ChallengeId, FactorId, LoginTicket, MessageId, OutboxMessage,
+    Session, Tenant, TenantId, TotpFactor, User, UserId,
+};
+use otpgate_core::store::{CodeReplacement, LoginCompletion, Store, StoreResult};
+use sqlx::postgres::PgRow;
+// Dynamic SQL here is built only from the constant column lists in `rows`; every value is bound.
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
+use time::OffsetDateTime;
+
+use crate::rows::{self, ms};
+use crate::{PgStore, db, map_error};
+
+type Tx = Transaction<'static, Postgres>;
+
+async fn insert_audit(conn: &mut PgConnection, events: &[AuditEvent]) -> StoreResult<()> {
+    for e in events {
+        sqlx::query(
+            "INSERT INTO audit_events (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(e.tenant_id.as_str())
+        .bind(e.user_id.as_ref().map(|u| u.as_str()))
+        .bind(e.kind.as_str())
+        .bind(&e.detail)
+        .bind(&e.context.ip)
+        .bind(e.context.latitude)
+        .bind(e.context.longitude)
+        .bind(&e.context.mode)
+        .bind(ms(e.at))
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    Ok(())
+}
+
+async fn insert_challenge(conn: &mut PgConnection, c: &Challenge) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO challenges (id, tenant_id, user_id, purpose, channel, destination, code_hash, \
+         locale, created_at, expires_at, last_sent_at, send_count, attempts, max_attempts, status) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+    )
+    .bind(c.id.as_str())
+    .bind(c.tenant_id.as_str())
+    .bind(c.user_id.as_ref().map(|u| u.as_str()))
+    .bind(c.purpose.as_str())
+    .bind(c.channel.as_str())
+    .bind(&c.destination)
+    .bind(&c.code_hash)
+    .bind(&c.locale)
+    .bind(ms(c.created_at))
+    .bind(ms(c.expires_at))
+    .bind(ms(c.last_sent_at))
+    .bind(i64::from(c.send_count))
+    .bind(i64::from(c.attempts))
+    .bind(i64::from(c.max_attempts))
+    .bind(c.status.as_str())
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| map_error(e, "challenge"))?;
+    Ok(())
+}
+
+async fn insert_message(conn: &mut PgConnection, m: &OutboxMessage) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO outbox (id, tenant_id, challenge_id, channel, destination, purpose, locale, body, \
+         code, status, attempts, next_attempt_at, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(m.id.as_str())
+    .bind(m.tenant_id.as_str())
+    .bind(m.challenge_id.as_ref().map(|c| c.as_str()))
+    .bind(m.channel.as_str())
+    .bind(&m.destination)
+    .bind(m.purpose.as_str())
+    .bind(&m.locale)
+    .bind(&m.body)
+    .bind(&m.code)
+    .bind(m.status.as_str())
+    .bind(i64::from(m.attempts))
+    .bind(ms(m.next_attempt_at))
+    .bind(ms(m.created_at))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// The one statement that consumes a challenge: pending, unexpired, attempts unchanged.
+async fn consume(
+    conn: &mut PgConnection,
+    id: &ChallengeId,
+    expected_attempts: u32,
+    now: OffsetDateTime,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE challenges SET status = 'approved', resolved_at = $3 \
+         WHERE id = $1 AND attempts = $2 AND status = 'pending' AND expires_at > $3",
+    )
+    .bind(id.as_str())
+    .bind(i64::from(expected_attempts))
+    .bind(ms(now))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(done.rows_affected() == 1)
+}
+
+fn decode<T>(mapper: fn(&PgRow) -> sqlx::Result<T>) -> impl Fn(PgRow) -> StoreResult<T> {
+    move |row| mapper(&row).map_err(db)
+}
+
+impl PgStore {
+    async fn begin(&self) -> StoreResult<Tx> {
+        self.pool().begin().await.map_err(db)
+    }
+
+    async fn fetch_optional<T>(
+        &self,
+        query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+        mapper: fn(&PgRow) -> sqlx::Result<T>,
+    ) -> StoreResult<Option<T>> {
+        query
+            .fetch_optional(self.pool())
+            .await
+            .map_err(db)?
+            .map(decode(mapper))
+            .transpose()
+    }
+
+    async fn fetch_all<T>(
+        &self,
+        query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+        mapper: fn(&PgRow) -> sqlx::Result<T>,
+    ) -> StoreResult<Vec<T>> {
+        query
+            .fetch_all(self.pool())
+            .await
+            .map_err(db)?
+            .into_iter()
+            .map(decode(mapper))
+            .collect()
+    }
+
+    /// Runs one conditional statement plus its audit events; true when exactly one row changed.
+    async fn conditional(
+        &self,
+        query: sqlx::query::Query<'_, Postgres, sqlx::postgres::PgArguments>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let changed = query.execute(&mut *tx).await.map_err(db)?.rows_affected();
+        if changed != 1 {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(self.pool())
+            .await
+            .map(|_| ())
+            .map_err(db)
+    }
+
+    async fn insert_tenant(&self, t: &Tenant) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO tenants (id, name, is_default, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(t.id.as_str())
+        .bind(&t.name)
+        .bind(i64::from(t.is_default))
+        .bind(ms(t.created_at))
+        .execute(self.pool())
+        .await
+        .map_err(|e| map_error(e, "tenant"))?;
+        Ok(())
+    }
+
+    async fn ensure_default_tenant(&self, t: &Tenant) -> StoreResult<Tenant> {
+        sqlx::query(
+            "INSERT INTO tenants (id, name, is_default, created_at) VALUES ($1, $2, 1, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(t.id.as_str())
+        .bind(&t.name)
+        .bind(ms(t.created_at))
+        .execute(self.pool())
+        .await
+        .map_err(|e| map_error(e, "tenant"))?;
+        let sql = format!(
+            "SELECT {} FROM tenants WHERE is_default = 1",
+            rows::TENANT_COLUMNS
+        );
+        self.fetch_optional(sqlx::query(AssertSqlSafe(sql)), rows::tenant)
+            .await?
+            .ok_or_else(|| StoreError::Other("default tenant missing".into()))
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> StoreResult<Option<Tenant>> {
+        let sql = format!("SELECT {} FROM tenants WHERE id = $1", rows::TENANT_COLUMNS);
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql)).bind(id.as_str()),
+            rows::tenant,
+        )
+        .await
+    }
+
+    async fn insert_user(&self, u: &User, audit: &[AuditEvent]) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO users (id, tenant_id, username, email, phone, role, password_hash, \
+             mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(u.id.as_str())
+        .bind(u.tenant_id.as_str())
+        .bind(u.username.as_str())
+        .bind(u.email.as_ref().map(|e| e.as_str()))
+        .bind(u.phone.as_ref().map(|p| p.as_str()))
+        .bind(u.role.as_str())
+        .bind(&u.password_hash)
+        .bind(u.mobile_verified_at.map(ms))
+        .bind(u.email_verified_at.map(ms))
+        .bind(i64::from(u.failed_logins))
+        .bind(u.locked_until.map(ms))
+        .bind(ms(u.created_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| map_error(e, "username"))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn find_user_by_username(
+        &self,
+        tenant: &TenantId,
+        username: &str,
+    ) -> StoreResult<Option<User>> {
+        let sql = format!(
+            "SELECT {} FROM users WHERE tenant_id = $1 AND username = $2",
+            rows::USER_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(tenant.as_str())
+                .bind(username),
+            rows::user,
+        )
+        .await
+    }
+
+    async fn get_user(&self, tenant: &TenantId, id: &UserId) -> StoreResult<Option<User>> {
+        let sql = format!(
+            "SELECT {} FROM users WHERE tenant_id = $1 AND id = $2",
+            rows::USER_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(tenant.as_str())
+                .bind(id.as_str()),
+            rows::user,
+        )
+        .await
+    }
+
+    async fn record_login_failure(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &[AuditEvent],
+    ) -> StoreResult<u32> {
+        let mut tx = self.begin().await?;
+        let failures: i64 = sqlx::query_scalar(
+            "UPDATE users SET failed_logins = failed_logins + 1 \
+             WHERE tenant_id = $1 AND id = $2 RETURNING failed_logins",
+        )
+        .bind(tenant.as_str())
+        .bind(user.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(u32::try_from(failures).unwrap_or(u32::MAX))
+    }
+
+    async fn lock_user(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        until: OffsetDateTime,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE users SET locked_until = GREATEST(COALESCE(locked_until, 0), $3) \
+             WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(user.as_str())
+        .bind(ms(until))
+        .execute(self.pool())
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn insert_api_key(&self, k: &ApiKey, audit: &[AuditEvent]) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant_id, name, key_hash, created_at, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(k.id.as_str())
+        .bind(k.tenant_id.as_str())
+        .bind(&k.name)
+        .bind(k.hash.as_slice())
+        .bind(ms(k.created_at))
+        .bind(k.revoked_at.map(ms))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| map_error(e, "api key"))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn find_api_key(&self, hash: &[u8; 32]) -> StoreResult<Option<ApiKey>> {
+        let sql = format!(
+            "SELECT {} FROM api_keys WHERE key_hash = $1",
+            rows::API_KEY_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql)).bind(hash.as_slice()),
+            rows::api_key,
+        )
+        .await
+    }
+
+    async fn insert_challenge(
+        &self,
+        challenge: &Challenge,
+        message: Option<&OutboxMessage>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        insert_challenge(&mut tx, challenge).await?;
+        if let Some(m) = message {
+            insert_message(&mut tx, m).await?;
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn get_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+    ) -> StoreResult<Option<Challenge>> {
+        let sql = format!(
+            "SELECT {} FROM challenges WHERE tenant_id = $1 AND id = $2",
+            rows::CHALLENGE_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(tenant.as_str())
+                .bind(id.as_str()),
+            rows::challenge,
+        )
+        .await
+    }
+
+    async fn find_pending_challenge(
+        &self,
+        tenant: &TenantId,
+        purpose: &str,
+        destination: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Option<Challenge>> {
+        let sql = format!(
+            "SELECT {} FROM challenges WHERE tenant_id = $1 AND destination = $2 AND purpose = $3 \
+             AND status = 'pending' AND expires_at > $4 ORDER BY created_at DESC, id DESC LIMIT 1",
+            rows::CHALLENGE_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(tenant.as_str())
+                .bind(destination)
+                .bind(purpose)
+                .bind(ms(now)),
+            rows::challenge,
+        )
+        .await
+    }
+
+    async fn resend_challenge(
+        &self,
+        r: &CodeReplacement,
+        message: &OutboxMessage,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let changed = sqlx::query(
+            "UPDATE challenges SET code_hash = $3, last_sent_at = $4, expires_at = $5, \
+             send_count = send_count + 1 \
+             WHERE id = $1 AND send_count = $2 AND status = 'pending' AND expires_at > $4",
+        )
+        .bind(r.id.as_str())
+        .bind(i64::from(r.expected_sends))
+        .bind(&r.code_hash)
+        .bind(ms(r.sent_at))
+        .bind(ms(r.expires_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?
+        .rows_affected();
+        if changed != 1 {
+            return Ok(false);
+        }
+        insert_message(&mut tx, message).await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn record_failed_check(
+        &self,
+        id: &ChallengeId,
+        expected_attempts: u32,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        self.conditional(
+            sqlx::query(
+                "UPDATE challenges SET attempts = attempts + 1, \
+                 status = CASE WHEN attempts + 1 >= max_attempts THEN 'max_attempts_reached' ELSE status END, \
+                 resolved_at = CASE WHEN attempts + 1 >= max_attempts THEN $3 ELSE resolved_at END \
+                 WHERE id = $1 AND attempts = $2 AND status = 'pending' AND expires_at > $3",
+            )
+            .bind(id.as_str())
+            .bind(i64::from(expected_attempts))
+            .bind(ms(now)),
+            audit,
+        )
+        .await
+    }
+
+    async fn consume_challenge(
+        &self,
+        id: &ChallengeId,
+        expected_attempts: u32,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        if !consume(&mut tx, id, expected_attempts, now).await? {
+            return Ok(false);
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn cancel_challenge(
+        &self,
+        id: &ChallengeId,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        self.conditional(
+            sqlx::query(
+                "UPDATE challenges SET status = 'canceled', resolved_at = $2 \
+                 WHERE id = $1 AND status = 'pending' AND expires_at > $2",
+            )
+            .bind(id.as_str())
+            .bind(ms(now)),
+            audit,
+        )
+        .await
+    }
+
+    async fn count_sends_since(
+        &self,
+        tenant: &TenantId,
+        destination: &str,
+        since: OffsetDateTime,
+    ) -> StoreResult<u32> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM outbox WHERE tenant_id = $1 AND destination = $2 AND created_at > $3",
+        )
+        .bind(tenant.as_str())
+        .bind(destination)
+        .bind(ms(since))
+        .fetch_one(self.pool())
+        .await
+        .map_err(db)?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn insert_login_ticket(
+        &self,
+        t: &LoginTicket,
+        challenge: &Challenge,
+        message: Option<&OutboxMessage>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        insert_challenge(&mut tx, challenge).await?;
+        if let Some(m) = message {
+            insert_message(&mut tx, m).await?;
+        }
+        sqlx::query(
+            "INSERT INTO login_tickets (hash, tenant_id, user_id, challenge_id, channel, \
+             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(t.hash.as_slice())
+        .bind(t.tenant_id.as_str())
+        .bind(t.user_id.as_str())
+        .bind(t.challenge_id.as_str())
+        .bind(t.channel.as_str())
+        .bind(ms(t.created_at))
+        .bind(ms(t.expires_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| map_error(e, "login ticket"))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn get_login_ticket(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginTicket>> {
+        let sql = format!(
+            "SELECT {} FROM login_tickets WHERE hash = $1",
+            rows::TICKET_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql)).bind(hash.as_slice()),
+            rows::ticket,
+        )
+        .await
+    }
+
+    async fn complete_login(&self, done: &LoginCompletion) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        let now = ms(done.now);
+        let ticket = sqlx::query(
+            "UPDATE login_tickets SET used_at = $2 \
+             WHERE hash = $1 AND used_at IS NULL AND expires_at > $2",
+        )
+        .bind(done.ticket_hash.as_slice())
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if ticket.rows_affected() != 1
+            || !consume(
+                &mut tx,
+                &done.challenge_id,
+                done.expected_attempts,
+                done.now,
+            )
+            .await?
+        {
+            return Ok(false);
+        }
+        if let Some((factor, step)) = &done.totp_step {
+            let advanced = sqlx::query(
+                "UPDATE totp_factors SET last_step = $2 \
+                 WHERE id = $1 AND confirmed_at IS NOT NULL \
+                 AND (last_step IS NULL OR last_step < $2)",
+            )
+            .bind(factor.as_str())
+            .bind(step)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            if advanced.rows_affected() != 1 {
+                return Ok(false);
+            }
+        }
+        let s = &done.session;
+        sqlx::query(
+            "UPDATE users SET failed_logins = 0, locked_until = NULL WHERE tenant_id = $1 AND id = $2",
+        )
+        .bind(s.tenant_id.as_str())
+        .bind(s.user_id.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(s.hash.as_slice())
+        .bind(s.tenant_id.as_str())
+        .bind(s.user_id.as_str())
+        .bind(ms(s.created_at))
+        .bind(ms(s.expires_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        insert_audit(&mut tx, &done.audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn get_session(&self, hash: &[u8; 32]) -> StoreResult<Option<Session>> {
+        let sql = format!(
+            "SELECT {} FROM sessions WHERE hash = $1",
+            rows::SESSION_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql)).bind(hash.as_slice()),
+            rows::session,
+        )
+        .await
+    }
+
+    async fn revoke_session(
+        &self,
+        hash: &[u8; 32],
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        self.conditional(
+            sqlx::query(
+                "UPDATE sessions SET revoked_at = $2 \
+                 WHERE hash = $1 AND revoked_at IS NULL AND expires_at > $2",
+            )
+            .bind(hash.as_slice())
+            .bind(ms(now)),
+            audit,
+        )
+        .await
+    }
+
+    async fn insert_totp_factor(&self, f: &TotpFactor, audit: &[AuditEvent]) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO totp_factors (id, tenant_id, user_id, secret_sealed, algorithm, digits, \
+             period, confirmed_at, last_step, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(f.id.as_str())
+        .bind(f.tenant_id.as_str())
+        .bind(f.user_id.as_str())
+        .bind(&f.secret_sealed)
+        .bind(f.params.algorithm.as_str())
+        .bind(i64::from(f.params.digits))
+        .bind(i64::from(f.params.period))
+        .bind(f.confirmed_at.map(ms))
+        .bind(f.last_step)
+        .bind(ms(f.created_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| map_error(e, "factor"))?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn list_totp_factors(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> StoreResult<Vec<TotpFactor>> {
+        let sql = format!(
+            "SELECT {} FROM totp_factors WHERE tenant_id = $1 AND user_id = $2 \
+             ORDER BY created_at DESC, id DESC",
+            rows::FACTOR_COLUMNS
+        );
+        self.fetch_all(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(tenant.as_str())
+                .bind(user.as_str()),
+            rows::factor,
+        )
+        .await
+    }
+
+    async fn accept_totp_step(
+        &self,
+        factor: &FactorId,
+        step: i64,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        self.conditional(
+            sqlx::query(
+                "UPDATE totp_factors SET last_step = $2, confirmed_at = COALESCE(confirmed_at, $3) \
+                 WHERE id = $1 AND (last_step IS NULL OR last_step < $2)",
+            )
+            .bind(factor.as_str())
+            .bind(step)
+            .bind(ms(now)),
+            audit,
+        )
+        .await
+    }
+
+    async fn claim_outbox(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: u32,
+    ) -> StoreResult<Vec<OutboxMessage>> {
+        // SKIP LOCKED: workers of several instances each take different rows, none waits.
+        let sql = format!(
+            "UPDATE outbox SET next_attempt_at = $2, attempts = attempts + 1 \
+             WHERE id IN (SELECT id FROM outbox WHERE status = 'queued' AND next_attempt_at <= $1 \
+                          ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) \
+             RETURNING {}",
+            rows::MESSAGE_COLUMNS
+        );
+        self.fetch_all(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(ms(now))
+                .bind(ms(lease_until))
+                .bind(i64::from(limit)),
+            rows::message,
+        )
+        .await
+    }
+
+    async fn mark_message_sent(
+        &self,
+        id: &MessageId,
+        provider_message_id: Option<&str>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE outbox SET status = 'sent', body = NULL, code = NULL, \
+             provider_message_id = $2, sent_at = $3, last_error = NULL WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .bind(provider_message_id)
+        .bind(audit.first().map(|e| ms(e.at)))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn mark_message_retry(
+        &self,
+        id: &MessageId,
+        next_attempt_at: OffsetDateTime,
+        error: &str,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE outbox SET next_attempt_at = $2, last_error = $3 WHERE id = $1 AND status = 'queued'",
+        )
+        .bind(id.as_str())
+        .bind(ms(next_attempt_at))
+        .bind(error)
+        .execute(self.pool())
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn mark_message_failed(
+        &self,
+        id: &MessageId,
+        error: &str,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "UPDATE outbox SET status = 'failed', body = NULL, code = NULL, last_error = $2 WHERE id = $1",
+        )
+        .bind(id.as_str())
+        .bind(error)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn latest_message_for(
+        &self,
+        challenge: &ChallengeId,
+    ) -> StoreResult<Option<OutboxMessage>> {
+        let sql = format!(
+            "SELECT {} FROM outbox WHERE challenge_id = $1 ORDER BY created_at DESC, id DESC LIMIT 1",
+            rows::MESSAGE_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql)).bind(challenge.as_str()),
+            rows::message,
+        )
+        .await
+    }
+
+    async fn sweep(
+        &self,
+        now: OffsetDateTime,
+        retention: std::time::Duration,
+        batch: u32,
+    ) -> StoreResult<u64> {
+        let (now, old, batch) = (ms(now), ms(now - retention), i64::from(batch));
+        let statements: [(&str, i64); 4] = [
+            (
+                "DELETE FROM login_tickets WHERE hash IN (SELECT hash FROM login_tickets \
+                 WHERE expires_at <= $1 OR used_at IS NOT NULL LIMIT $2)",
+                now,
+            ),
+            (
+                "DELETE FROM sessions WHERE hash IN (SELECT hash FROM sessions \
+                 WHERE expires_at <= $1 OR revoked_at IS NOT NULL LIMIT $2)",
+                now,
+            ),
+            (
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
+                 WHERE status <> 'queued' AND created_at < $1 LIMIT $2)",
+                old,
+            ),
+            (
+                "DELETE FROM challenges WHERE id IN (SELECT c.id FROM challenges c \
+                 WHERE c.expires_at < $1 \
+                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.challenge_id = c.id) \
+                 AND NOT EXISTS (SELECT 1 FROM login_tickets t WHERE t.challenge_id = c.id) \
+                 LIMIT $2)",
+                old,
+            ),
+        ];
+        let mut gone = 0;
+        for (sql, cutoff) in statements {
+            gone += sqlx::query(sql)
+                .bind(cutoff)
+                .bind(batch)
+                .execute(self.pool())
+                .await
+                .map_err(db)?
+                .rows_affected();
+        }
+        Ok(gone)
+    }
+
+    async fn insert_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        insert_audit(&mut tx, events).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn list_audit(
+        &self,
+        tenant: &TenantId,
+        user: Option<&UserId>,
+        limit: u32,
+    ) -> StoreResult<Vec<AuditEvent>> {
+        let sql = format!(
+            "SELECT {} FROM audit_events WHERE tenant_id = $1 AND ($2::TEXT IS NULL OR user_id = $2) \
+             ORDER BY id DESC LIMIT $3",
+            rows::AUDIT_COLUMNS
+        );
+        self.fetch_all(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(tenant.as_str())
+                .bind(user.map(|u| u.as_str()))
+                .bind(i64::from(limit)),
+            rows::audit,
+        )
+        .await
+    }
+}
