@@ -16,6 +16,7 @@ pub mod password;
 pub mod policy;
 pub mod service;
 pub mod store;
+pub mod sweeper;
 pub mod token;
 
 pub use error::{CoreError, StoreError};

@@ -11,15 +11,18 @@ use otpgate_core::clock::{Clock, SystemClock};
 use otpgate_core::crypto::MasterKey;
 use otpgate_core::outbox::{DeliveryWorker, MessageSender};
 use otpgate_core::password::PasswordHasher;
+use otpgate_core::store::Store;
+use otpgate_core::sweeper::Sweeper;
 use otpgate_core::{CoreError, Otpgate};
 use otpgate_delivery::LogSender;
 use otpgate_http::AppState;
+use otpgate_store_postgres::PgStore;
 use otpgate_store_sqlite::SqliteStore;
 use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, Settings, StoreChoice};
 
 /// Why the application could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -93,22 +96,33 @@ fn generate_master_key(path: &Path) -> Result<MasterKey, AppError> {
     }
 }
 
+/// Opens the configured store (migrating it), SQLite or PostgreSQL by the URL's scheme.
+pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, AppError> {
+    Ok(match settings.store_choice()? {
+        StoreChoice::Sqlite(path) => Arc::new(
+            tokio::task::spawn_blocking(move || SqliteStore::open(path))
+                .await
+                .map_err(|e| CoreError::Internal(format!("blocking pool: {e}")))?
+                .map_err(CoreError::from)?,
+        ),
+        StoreChoice::Postgres(pg) => {
+            Arc::new(PgStore::connect(&pg).await.map_err(CoreError::from)?)
+        }
+    })
+}
+
 /// Opens the store and builds the core service, as `serve` and every CLI command do.
 pub async fn open_core(
     settings: &Settings,
     clock: Arc<dyn Clock>,
 ) -> Result<Arc<Otpgate>, AppError> {
     let policy = settings.policy()?;
-    let path = settings.sqlite_path()?;
     let master = load_master_key(settings)?;
-    let store = tokio::task::spawn_blocking(move || SqliteStore::open(path))
-        .await
-        .map_err(|e| CoreError::Internal(format!("blocking pool: {e}")))?
-        .map_err(CoreError::from)?;
+    let store = open_store(settings).await?;
     let hasher = tokio::task::spawn_blocking(PasswordHasher::owasp)
         .await
         .map_err(|e| CoreError::Internal(format!("blocking pool: {e}")))??;
-    let core = Otpgate::new(Arc::new(store), clock, master, policy, hasher);
+    let core = Otpgate::new(store, clock, master, policy, hasher);
     core.default_tenant().await?;
     Ok(Arc::new(core))
 }
@@ -118,6 +132,7 @@ pub struct Application {
     listener: TcpListener,
     core: Arc<Otpgate>,
     worker: DeliveryWorker,
+    sweeper: Sweeper,
 }
 
 impl Application {
@@ -125,6 +140,7 @@ impl Application {
     pub async fn build(settings: &Settings, overrides: Overrides) -> Result<Self, AppError> {
         let clock = overrides.clock.unwrap_or_else(|| Arc::new(SystemClock));
         let delivery_policy = settings.delivery_policy()?;
+        let sweep_policy = settings.sweep_policy()?;
         let core = open_core(settings, clock).await?;
         let sender: Arc<dyn MessageSender> = match overrides.sender {
             Some(sender) => sender,
@@ -143,11 +159,13 @@ impl Application {
             delivery_policy,
             core.outbox_wake(),
         );
+        let sweeper = Sweeper::new(core.store(), core.clock(), sweep_policy);
         let listener = TcpListener::bind(settings.listen).await?;
         Ok(Application {
             listener,
             core,
             worker,
+            sweeper,
         })
     }
 
@@ -168,7 +186,8 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
         let (stop_worker, worker_stop) = watch::channel(false);
-        let worker = tokio::spawn(self.worker.run(worker_stop));
+        let worker = tokio::spawn(self.worker.run(worker_stop.clone()));
+        let sweeper = tokio::spawn(self.sweeper.run(worker_stop));
         let router = otpgate_http::router(AppState {
             core: Arc::clone(&self.core),
         });
@@ -182,6 +201,9 @@ impl Application {
         let _ = stop_worker.send(true);
         if let Err(e) = worker.await {
             tracing::error!(error = %e, "outbox worker ended abnormally");
+        }
+        if let Err(e) = sweeper.await {
+            tracing::error!(error = %e, "sweeper ended abnormally");
         }
         tracing::info!("otpgate stopped");
         Ok(served?)

@@ -10,6 +10,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use otpgate_core::outbox::DeliveryPolicy;
 use otpgate_core::policy::Policy;
+use otpgate_core::sweeper::SweepPolicy;
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
 
@@ -21,9 +22,13 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Where the SQLite database and the master key live.
     pub data_dir: PathBuf,
-    /// A `sqlite:` URL (PostgreSQL arrives with its own store). Empty means `data_dir`.
+    /// `postgres://…` for PostgreSQL, `sqlite:PATH` for SQLite elsewhere than `data_dir`.
     #[serde(default)]
     pub database_url: Option<String>,
+    /// PostgreSQL connection pool.
+    pub postgres: PostgresSettings,
+    /// The sweeper of expired rows.
+    pub sweeper: SweeperSettings,
     /// The master key as 64 hex digits; by default read from (or generated into)
     /// `data_dir/master.key`.
     #[serde(default, skip_serializing)]
@@ -80,6 +85,61 @@ impl Default for PolicySettings {
     }
 }
 
+/// PostgreSQL pool settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresSettings {
+    /// Most connections per instance.
+    pub max_connections: u32,
+    /// How long a request waits for a connection, milliseconds (then 503).
+    pub acquire_timeout_ms: u64,
+    /// Server-side limit per statement, milliseconds.
+    pub statement_timeout_ms: u64,
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        let d = otpgate_store_postgres::PgSettings::new("");
+        PostgresSettings {
+            max_connections: d.max_connections,
+            acquire_timeout_ms: d.acquire_timeout.as_millis() as u64,
+            statement_timeout_ms: d.statement_timeout.as_millis() as u64,
+        }
+    }
+}
+
+/// Sweeper settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SweeperSettings {
+    /// Seconds between rounds.
+    pub interval_secs: u64,
+    /// Hours resolved rows are kept.
+    pub retention_hours: u64,
+    /// Rows per delete statement.
+    pub batch: u32,
+}
+
+impl Default for SweeperSettings {
+    fn default() -> Self {
+        let d = SweepPolicy::default();
+        SweeperSettings {
+            interval_secs: d.interval.as_secs(),
+            retention_hours: d.retention.as_secs() / 3600,
+            batch: d.batch,
+        }
+    }
+}
+
+/// Which database to use.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server.
+    Postgres(otpgate_store_postgres::PgSettings),
+}
+
 /// Delivery as configured.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -112,6 +172,8 @@ impl Default for Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./otpgate-data"),
             database_url: None,
+            postgres: PostgresSettings::default(),
+            sweeper: SweeperSettings::default(),
             master_key: None,
             log: "info".into(),
             policy: PolicySettings::default(),
@@ -143,7 +205,7 @@ impl Settings {
         // OTPGATE_TEST_* variables belong to the test suite, not to the server.
         let env = Env::prefixed("OTPGATE_")
             .split("__")
-            .filter(|key| !key.as_str().starts_with("test_"));
+            .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"));
         figment
             .merge(env)
             .extract()
@@ -209,35 +271,63 @@ impl Settings {
         })
     }
 
-    /// The SQLite file to open: from a `sqlite:` URL, or `data_dir/otpgate.db`.
-    pub fn sqlite_path(&self) -> Result<PathBuf, ConfigError> {
+    /// The sweeper's policy, validated.
+    pub fn sweep_policy(&self) -> Result<SweepPolicy, ConfigError> {
+        let w = &self.sweeper;
+        if w.interval_secs == 0 || w.batch == 0 || w.retention_hours == 0 {
+            return Err(ConfigError(
+                "sweeper.interval_secs, sweeper.retention_hours and sweeper.batch must be positive"
+                    .into(),
+            ));
+        }
+        Ok(SweepPolicy {
+            interval: Duration::from_secs(w.interval_secs),
+            retention: Duration::from_secs(w.retention_hours.saturating_mul(3600)),
+            batch: w.batch,
+            ..SweepPolicy::default()
+        })
+    }
+
+    /// The database: PostgreSQL for a `postgres://` URL, else a SQLite file (from a `sqlite:`
+    /// URL, or `data_dir/otpgate.db`).
+    pub fn store_choice(&self) -> Result<StoreChoice, ConfigError> {
         match self
             .database_url
             .as_deref()
             .map(str::trim)
             .filter(|u| !u.is_empty())
         {
-            None => Ok(self.data_dir.join("otpgate.db")),
+            None => Ok(StoreChoice::Sqlite(self.data_dir.join("otpgate.db"))),
             Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-                Err(ConfigError(
-                    "PostgreSQL is not supported by this build yet; use a sqlite: URL or none"
-                        .into(),
-                ))
+                let p = &self.postgres;
+                if p.max_connections == 0
+                    || p.acquire_timeout_ms == 0
+                    || p.statement_timeout_ms == 0
+                {
+                    return Err(ConfigError("postgres.* settings must be positive".into()));
+                }
+                Ok(StoreChoice::Postgres(otpgate_store_postgres::PgSettings {
+                    url: url.to_owned(),
+                    max_connections: p.max_connections,
+                    acquire_timeout: Duration::from_millis(p.acquire_timeout_ms),
+                    statement_timeout: Duration::from_millis(p.statement_timeout_ms),
+                }))
             }
             Some(url) => {
                 let path = url
                     .strip_prefix("sqlite://")
                     .or_else(|| url.strip_prefix("sqlite:"))
                     .ok_or_else(|| {
-                        ConfigError(format!(
-                            "DATABASE_URL must start with sqlite: (got {url:?})"
-                        ))
+                        ConfigError(
+                            "DATABASE_URL must start with postgres://, postgresql:// or sqlite:"
+                                .into(),
+                        )
                     })?;
                 let path = path.split('?').next().unwrap_or(path);
                 if path.is_empty() {
                     return Err(ConfigError("DATABASE_URL names no file".into()));
                 }
-                Ok(PathBuf::from(path))
+                Ok(StoreChoice::Sqlite(PathBuf::from(path)))
             }
         }
     }
@@ -254,28 +344,33 @@ mod tests {
         let p = s.policy().unwrap_or_default();
         assert_eq!(p.code_length, 6);
         assert_eq!(p.session_ttl, Duration::from_secs(36_000));
-        assert_eq!(
-            s.sqlite_path().ok(),
-            Some(PathBuf::from("./otpgate-data/otpgate.db"))
-        );
+        assert!(matches!(
+            s.store_choice(),
+            Ok(StoreChoice::Sqlite(p)) if p == Path::new("./otpgate-data/otpgate.db")
+        ));
     }
 
     #[test]
-    fn database_urls_are_parsed_or_refused() {
+    fn database_urls_choose_the_store() {
         let with = |url: &str| Settings {
             database_url: Some(url.into()),
             ..Settings::default()
         };
+        let sqlite = |url: &str| match with(url).store_choice() {
+            Ok(StoreChoice::Sqlite(p)) => Some(p),
+            _ => None,
+        };
         assert_eq!(
-            with("sqlite:///tmp/x.db").sqlite_path().ok(),
+            sqlite("sqlite:///tmp/x.db"),
             Some(PathBuf::from("/tmp/x.db"))
         );
-        assert_eq!(
-            with("sqlite:x.db?mode=rwc").sqlite_path().ok(),
-            Some(PathBuf::from("x.db"))
-        );
-        assert!(with("postgres://localhost/test").sqlite_path().is_err());
-        assert!(with("mysql://x").sqlite_path().is_err());
+        assert_eq!(sqlite("sqlite:x.db?mode=rwc"), Some(PathBuf::from("x.db")));
+        assert!(matches!(
+            with("postgres://u@localhost/test").store_choice(),
+            Ok(StoreChoice::Postgres(p)) if p.url == "postgres://u@localhost/test" && p.max_connections == 16
+        ));
+        assert!(with("mysql://x").store_choice().is_err());
+        assert!(with("sqlite:").store_choice().is_err());
     }
 
     #[test]

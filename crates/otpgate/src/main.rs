@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use otpgate::app::{AppError, Application, Overrides, open_core, shutdown_signal};
-use otpgate::config::Settings;
+use otpgate::config::{Settings, StoreChoice};
 use otpgate_core::clock::SystemClock;
 use otpgate_core::model::{RequestContext, Role, TenantId};
 use otpgate_core::service::NewUser;
@@ -27,7 +27,7 @@ struct Cli {
     /// Where the SQLite database and the master key live.
     #[arg(long, global = true, env = "OTPGATE_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Database URL (`sqlite:PATH`); by default a SQLite file in the data directory.
+    /// Database URL: `postgres://…` or `sqlite:PATH`; by default a SQLite file in the data directory.
     #[arg(long, global = true, env = "DATABASE_URL")]
     database_url: Option<String>,
     /// Configuration file (default: ./otpgate.toml when present).
@@ -200,11 +200,14 @@ async fn run(cli: Cli) -> Result<(), AppError> {
         }
         Command::Migrate => {
             open_core(&settings, clock).await?;
-            let path = settings.sqlite_path()?;
+            let database = match settings.store_choice()? {
+                StoreChoice::Sqlite(path) => path.display().to_string(),
+                StoreChoice::Postgres(_) => "PostgreSQL".to_owned(),
+            };
             print(
                 cli.json,
-                json!({"database": path, "migrated": true}),
-                format!("database {} is up to date", path.display()),
+                json!({"database": database, "migrated": true}),
+                format!("database {database} is up to date"),
             );
             Ok(())
         }

@@ -9,6 +9,7 @@ use otpgate::app::{Application, Overrides};
 use otpgate::config::Settings;
 use otpgate_core::Otpgate;
 use otpgate_core::model::TenantId;
+use otpgate_store_postgres::testing::{TestDatabase, test_server_url};
 use otpgate_store_testkit::{FakeClock, RecordingSender};
 use secrecy::ExposeSecret;
 use serde_json::Value;
@@ -35,10 +36,24 @@ impl Drop for TestApp {
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn_app_on(None).await
+}
+
+/// The app on PostgreSQL, in a database of its own; `None` when no test server is configured
+/// (outside CI).
+pub async fn spawn_app_on_postgres() -> Option<(TestApp, TestDatabase)> {
+    let server = test_server_url().unwrap()?;
+    let database = TestDatabase::create(&server).await.unwrap();
+    let app = spawn_app_on(Some(database.url.clone())).await;
+    Some((app, database))
+}
+
+pub async fn spawn_app_on(database_url: Option<String>) -> TestApp {
     let data_dir = tempfile::tempdir().unwrap();
     let mut settings = Settings {
         data_dir: data_dir.path().to_path_buf(),
         listen: "127.0.0.1:0".parse().unwrap(),
+        database_url,
         ..Settings::default()
     };
     settings.delivery.poll_interval_ms = 20;

@@ -9,5 +9,6 @@
 
 mod helpers;
 mod lifecycle;
+mod scale_out;
 mod v1_bad_input;
 mod v1_verifications;
