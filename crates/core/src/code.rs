@@ -83,6 +83,71 @@ impl OtpCode {
     }
 }
 
+/// Letters and digits of recovery codes: no 0/o, 1/l/i, so they survive being copied by hand.
+const RECOVERY_ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyz23456789";
+
+/// Characters in a recovery code (about 50 bits).
+pub const RECOVERY_CODE_LEN: usize = 10;
+
+/// A single-use recovery code, `xxxxx-xxxxx`; compared lowercased without the dash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RecoveryCode(String);
+
+impl std::fmt::Debug for RecoveryCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RecoveryCode(..)")
+    }
+}
+
+impl RecoveryCode {
+    /// A fresh random code.
+    pub fn generate() -> Result<Self, CoreError> {
+        let mut code = String::with_capacity(RECOVERY_CODE_LEN);
+        let mut buf = [0u8; 1];
+        let n = RECOVERY_ALPHABET.len();
+        // Rejection sampling: only bytes below the largest multiple of n, so every character is
+        // equally likely.
+        let limit = 256 - 256 % n;
+        while code.len() < RECOVERY_CODE_LEN {
+            fill_random(&mut buf)?;
+            let byte = usize::from(buf[0]);
+            if byte < limit
+                && let Some(c) = RECOVERY_ALPHABET.get(byte % n)
+            {
+                code.push(char::from(*c));
+            }
+        }
+        Ok(RecoveryCode(code))
+    }
+
+    /// Parses what a person typed: case, spaces and dashes do not matter.
+    pub fn parse(input: &str) -> Option<Self> {
+        let cleaned: String = input
+            .chars()
+            .filter(|c| !c.is_whitespace() && *c != '-')
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        let valid = cleaned.len() == RECOVERY_CODE_LEN
+            && cleaned.bytes().all(|b| RECOVERY_ALPHABET.contains(&b))
+            && cleaned.bytes().any(|b| b.is_ascii_alphabetic());
+        valid.then_some(RecoveryCode(cleaned))
+    }
+
+    /// The code as shown once to the user: `xxxxx-xxxxx`.
+    pub fn display(&self) -> String {
+        let (a, b) = self.0.split_at(RECOVERY_CODE_LEN / 2);
+        format!("{a}-{b}")
+    }
+
+    /// The keyed hash stored for this code, bound to its user.
+    pub fn keyed_hash(&self, key: &[u8; 32], user_id: &str) -> [u8; 32] {
+        hmac_sha256(
+            key,
+            &[b"recovery:", user_id.as_bytes(), b":", self.0.as_bytes()],
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,6 +190,21 @@ mod tests {
             assert_eq!(code.expose().len(), usize::from(len));
             assert!(code.expose().bytes().all(|b| b.is_ascii_digit()));
         }
+    }
+
+    #[test]
+    fn recovery_codes_parse_loosely_and_hash_per_user() {
+        let code = RecoveryCode::generate().unwrap();
+        let shown = code.display();
+        assert_eq!(shown.len(), RECOVERY_CODE_LEN + 1);
+        let typed = RecoveryCode::parse(&format!(" {} ", shown.to_uppercase())).unwrap();
+        assert_eq!(typed, code);
+        assert_ne!(
+            code.keyed_hash(&[1; 32], "u1"),
+            code.keyed_hash(&[1; 32], "u2")
+        );
+        assert!(RecoveryCode::parse("123456").is_none());
+        assert!(RecoveryCode::parse("abcde-fgh0").is_none());
     }
 
     #[test]

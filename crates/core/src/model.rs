@@ -489,6 +489,10 @@ pub enum AuditKind {
     TotpEnrolled,
     /// A TOTP factor was confirmed by its first code.
     TotpConfirmed,
+    /// A TOTP factor was removed.
+    TotpRemoved,
+    /// Recovery codes were (re)issued.
+    RecoveryCodesIssued,
     /// A message was delivered to its provider.
     MessageSent,
     /// A message could not be delivered.
@@ -501,7 +505,7 @@ pub enum AuditKind {
 
 impl AuditKind {
     /// Every kind, for parsing stored names.
-    pub const ALL: [AuditKind; 15] = [
+    pub const ALL: [AuditKind; 17] = [
         AuditKind::LoginPasswordOk,
         AuditKind::LoginFailed,
         AuditKind::LockedOut,
@@ -513,6 +517,8 @@ impl AuditKind {
         AuditKind::TokenRevoked,
         AuditKind::TotpEnrolled,
         AuditKind::TotpConfirmed,
+        AuditKind::TotpRemoved,
+        AuditKind::RecoveryCodesIssued,
         AuditKind::MessageSent,
         AuditKind::MessageFailed,
         AuditKind::ApiKeyCreated,
@@ -541,6 +547,8 @@ impl AuditKind {
             AuditKind::TokenRevoked => "token_revoked",
             AuditKind::TotpEnrolled => "totp_enrolled",
             AuditKind::TotpConfirmed => "totp_confirmed",
+            AuditKind::TotpRemoved => "totp_removed",
+            AuditKind::RecoveryCodesIssued => "recovery_codes_issued",
             AuditKind::MessageSent => "message_sent",
             AuditKind::MessageFailed => "message_failed",
             AuditKind::ApiKeyCreated => "api_key_created",

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use tokio::sync::Notify;
 
 use crate::clock::Clock;
-use crate::code::OtpCode;
+use crate::code::{OtpCode, RecoveryCode};
 use crate::crypto::{MasterKey, random_bytes};
 use crate::error::CoreError;
 use crate::identity::{E164Phone, Email, Username};
@@ -118,7 +118,20 @@ pub struct TotpEnrolment {
     pub uri: SecretString,
     /// Whether it is active already (operator enrolment) or waits for a first code.
     pub active: bool,
+    /// Ten single-use recovery codes (shown once; stored only hashed).
+    pub recovery_codes: Vec<SecretString>,
 }
+
+/// What the user offered at step 2 of a login.
+enum Proof {
+    /// A code from SMS, e-mail or the authenticator app.
+    Code(OtpCode),
+    /// The keyed hash of a recovery code.
+    Recovery([u8; 32]),
+}
+
+/// Recovery codes issued per user.
+pub const RECOVERY_CODES_PER_USER: usize = 10;
 
 /// A verification's delivery as the native API shows it.
 #[derive(Debug, Clone)]
@@ -954,7 +967,13 @@ impl Otpgate {
         let code_len = factor
             .as_ref()
             .map_or(self.policy.code_length, |f| f.params.digits);
-        let code = OtpCode::parse(raw_code, Some(usize::from(code_len)))?;
+        // A recovery code stands in for any method's code; anything else must be a code.
+        let proof = match RecoveryCode::parse(raw_code) {
+            Some(recovery) => {
+                Proof::Recovery(recovery.keyed_hash(&self.code_key, user.id.as_str()))
+            }
+            None => Proof::Code(OtpCode::parse(raw_code, Some(usize::from(code_len)))?),
+        };
         for _ in 0..MAX_RACE_RETRIES {
             let challenge = self
                 .store
@@ -967,15 +986,23 @@ impl Otpgate {
                     attempts_left: None,
                 });
             }
-            let totp_step = match &factor {
-                Some(f) => self
-                    .totp_step_for(f, &code, now)?
-                    .map(|s| (f.id.clone(), s)),
-                None => None,
-            };
-            let matched = match &factor {
-                Some(_) => totp_step.is_some(),
-                None => code.matches(&self.code_key, challenge.id.as_str(), &challenge.code_hash),
+            let (matched, totp_step, recovery_code) = match (&proof, &factor) {
+                (Proof::Recovery(hash), _) => {
+                    let known = self
+                        .store
+                        .has_unused_recovery_code(&user.tenant_id, &user.id, hash)
+                        .await?;
+                    (known, None, Some(*hash))
+                }
+                (Proof::Code(code), Some(f)) => {
+                    let step = self.totp_step_for(f, code, now)?.map(|s| (f.id.clone(), s));
+                    (step.is_some(), step, None)
+                }
+                (Proof::Code(code), None) => {
+                    let hit =
+                        code.matches(&self.code_key, challenge.id.as_str(), &challenge.code_hash);
+                    (hit, None, None)
+                }
             };
             if matched && !Self::is_locked(&user, now) {
                 let minted = mint_hex_token()?;
@@ -992,6 +1019,7 @@ impl Otpgate {
                     challenge_id: challenge.id.clone(),
                     expected_attempts: challenge.attempts,
                     totp_step,
+                    recovery_code,
                     session: session.clone(),
                     now,
                     audit: vec![
@@ -1174,6 +1202,7 @@ impl Otpgate {
             now,
         )];
         self.store.insert_totp_factor(&factor, &audit).await?;
+        let recovery_codes = self.replace_recovery_codes(&user, ctx, now).await?;
         let uri = otpauth_uri(
             &secret,
             &params,
@@ -1185,6 +1214,144 @@ impl Otpgate {
             secret_base32: SecretString::from(secret_to_base32(&secret)),
             uri: SecretString::from(uri),
             active: activate,
+            recovery_codes,
+        })
+    }
+
+    async fn replace_recovery_codes(
+        &self,
+        user: &User,
+        ctx: &RequestContext,
+        now: OffsetDateTime,
+    ) -> CoreResult<Vec<SecretString>> {
+        let mut shown = Vec::with_capacity(RECOVERY_CODES_PER_USER);
+        let mut hashes = Vec::with_capacity(RECOVERY_CODES_PER_USER);
+        while hashes.len() < RECOVERY_CODES_PER_USER {
+            let code = RecoveryCode::generate()?;
+            let hash = code.keyed_hash(&self.code_key, user.id.as_str());
+            if !hashes.contains(&hash) {
+                hashes.push(hash);
+                shown.push(SecretString::from(code.display()));
+            }
+        }
+        let audit = [self.event(
+            &user.tenant_id,
+            Some(&user.id),
+            AuditKind::RecoveryCodesIssued,
+            "",
+            ctx,
+            now,
+        )];
+        self.store
+            .replace_recovery_codes(&user.tenant_id, &user.id, &hashes, now, &audit)
+            .await?;
+        Ok(shown)
+    }
+
+    /// Replaces a user's recovery codes with ten new ones (shown once).
+    pub async fn regenerate_recovery_codes(
+        &self,
+        tenant: &TenantId,
+        user_id: &UserId,
+        ctx: &RequestContext,
+    ) -> CoreResult<Vec<SecretString>> {
+        let user = self
+            .store
+            .get_user(tenant, user_id)
+            .await?
+            .ok_or(CoreError::NotFound)?;
+        self.replace_recovery_codes(&user, ctx, self.clock.now())
+            .await
+    }
+
+    /// Whether the user has an active authenticator factor, and how many recovery codes are left.
+    pub async fn totp_status(
+        &self,
+        tenant: &TenantId,
+        user_id: &UserId,
+    ) -> CoreResult<(bool, u32)> {
+        let active = self.active_totp_factor(tenant, user_id).await?.is_some();
+        let left = self
+            .store
+            .count_unused_recovery_codes(tenant, user_id)
+            .await?;
+        Ok((active, left))
+    }
+
+    /// Removes the user's authenticator, after a current code from it proves possession (the
+    /// code is spent). Recovery codes go with it.
+    pub async fn remove_totp(
+        &self,
+        tenant: &TenantId,
+        user_id: &UserId,
+        raw_code: &str,
+        ctx: &RequestContext,
+    ) -> CoreResult<()> {
+        let factor = self
+            .active_totp_factor(tenant, user_id)
+            .await?
+            .ok_or(CoreError::NotFound)?;
+        let code = OtpCode::parse(raw_code, Some(usize::from(factor.params.digits)))?;
+        let now = self.clock.now();
+        let Some(step) = self.totp_step_for(&factor, &code, now)? else {
+            return Err(CoreError::CodeRejected {
+                attempts_left: None,
+            });
+        };
+        if !self
+            .store
+            .accept_totp_step(&factor.id, step, now, &[])
+            .await?
+        {
+            return Err(CoreError::CodeRejected {
+                attempts_left: None,
+            });
+        }
+        let audit = [self.event(
+            tenant,
+            Some(user_id),
+            AuditKind::TotpRemoved,
+            format!("factor {}", factor.id),
+            ctx,
+            now,
+        )];
+        self.store
+            .delete_totp_factors(tenant, user_id, &audit)
+            .await?;
+        Ok(())
+    }
+
+    /// Opens a panel session for the holder of a valid API session token: a new token of its
+    /// own, so the one that travelled in a URL never becomes the cookie.
+    pub async fn open_panel_session(
+        &self,
+        api_token: &SecretString,
+        ctx: &RequestContext,
+    ) -> CoreResult<SessionIssued> {
+        let (_, user) = self.authenticate_session(api_token).await?;
+        let now = self.clock.now();
+        let minted = mint_hex_token()?;
+        let session = Session {
+            hash: minted.hash,
+            tenant_id: user.tenant_id.clone(),
+            user_id: user.id.clone(),
+            created_at: now,
+            expires_at: now + self.policy.session_ttl,
+            revoked_at: None,
+        };
+        let audit = [self.event(
+            &user.tenant_id,
+            Some(&user.id),
+            AuditKind::TokenIssued,
+            "panel session from external login",
+            ctx,
+            now,
+        )];
+        self.store.insert_session(&session, &audit).await?;
+        Ok(SessionIssued {
+            token: minted.secret,
+            expires_at: session.expires_at,
+            user,
         })
     }
 

@@ -41,6 +41,8 @@ pub struct LoginCompletion {
     pub expected_attempts: u32,
     /// For an authenticator code: the factor whose last step must advance to this step.
     pub totp_step: Option<(FactorId, i64)>,
+    /// For a recovery code: its keyed hash, which must be the user's and unused.
+    pub recovery_code: Option<[u8; 32]>,
     /// The session to create.
     pub session: Session,
     /// The moment of the check.
@@ -172,6 +174,8 @@ pub trait Store: Send + Sync + 'static {
     /// Spends the ticket, applies the proof, resets the user's failures and creates the session,
     /// all or nothing. False when any condition no longer held.
     async fn complete_login(&self, completion: &LoginCompletion) -> StoreResult<bool>;
+    /// Inserts a session outside a login (a panel session opened from an API token).
+    async fn insert_session(&self, session: &Session, audit: &[AuditEvent]) -> StoreResult<()>;
     /// A session by token hash.
     async fn get_session(&self, hash: &[u8; 32]) -> StoreResult<Option<Session>>;
     /// Revokes an active session; false if it was not active.
@@ -204,6 +208,36 @@ pub trait Store: Send + Sync + 'static {
         now: OffsetDateTime,
         audit: &[AuditEvent],
     ) -> StoreResult<bool>;
+
+    /// Removes every TOTP factor and recovery code of the user.
+    async fn delete_totp_factors(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()>;
+    /// Replaces the user's recovery codes with `hashes`, all unused.
+    async fn replace_recovery_codes(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        hashes: &[[u8; 32]],
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()>;
+    /// Whether `hash` is one of the user's unused recovery codes.
+    async fn has_unused_recovery_code(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        hash: &[u8; 32],
+    ) -> StoreResult<bool>;
+    /// How many unused recovery codes the user has.
+    async fn count_unused_recovery_codes(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> StoreResult<u32>;
 
     // --- outbox ---
     /// Claims up to `limit` due queued messages: their next try moves to `lease_until`, so no

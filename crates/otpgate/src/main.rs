@@ -282,12 +282,20 @@ async fn run(cli: Cli) -> Result<(), AppError> {
                     "uri": uri,
                     "secret": enrolment.secret_base32.expose_secret(),
                     "active": enrolment.active,
+                    "recovery_codes": enrolment.recovery_codes.iter().map(|c| c.expose_secret()).collect::<Vec<_>>(),
                 }),
                 format!(
-                    "{}\n{uri}\n\nsecret (for manual entry): {}\nfactor {} is active.",
+                    "{}\n{uri}\n\nsecret (for manual entry): {}\nfactor {} is active.\n\
+                     recovery codes (each works once; shown only now):\n{}",
                     qr_for_terminal(uri),
                     enrolment.secret_base32.expose_secret(),
-                    enrolment.factor_id
+                    enrolment.factor_id,
+                    enrolment
+                        .recovery_codes
+                        .iter()
+                        .map(|c| format!("  {}", c.expose_secret()))
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 ),
             );
             Ok(())

@@ -8,7 +8,10 @@ use sqlx::PgPool;
 use crate::db;
 
 /// Every migration, in order. Index + 1 is the version it produces.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_recovery_codes.sql"),
+];
 
 /// An arbitrary constant naming otpgate's migration lock.
 const MIGRATION_LOCK: i64 = 0x6f74_7067_6174_6531; // "otpgate1"

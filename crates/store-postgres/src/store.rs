@@ -91,6 +91,22 @@ async fn insert_message(conn: &mut PgConnection, m: &OutboxMessage) -> StoreResu
     Ok(())
 }
 
+async fn insert_session(conn: &mut PgConnection, s: &Session) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(s.hash.as_slice())
+    .bind(s.tenant_id.as_str())
+    .bind(s.user_id.as_str())
+    .bind(ms(s.created_at))
+    .bind(ms(s.expires_at))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
 /// The one statement that consumes a challenge: pending, unexpired, attempts unchanged.
 async fn consume(
     conn: &mut PgConnection,
@@ -571,6 +587,22 @@ impl Store for PgStore {
         {
             return Ok(false);
         }
+        if let Some(hash) = &done.recovery_code {
+            let spent = sqlx::query(
+                "UPDATE recovery_codes SET used_at = $4 \
+                 WHERE tenant_id = $1 AND user_id = $2 AND code_hash = $3 AND used_at IS NULL",
+            )
+            .bind(done.session.tenant_id.as_str())
+            .bind(done.session.user_id.as_str())
+            .bind(hash.as_slice())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            if spent.rows_affected() != 1 {
+                return Ok(false);
+            }
+        }
         if let Some((factor, step)) = &done.totp_step {
             let advanced = sqlx::query(
                 "UPDATE totp_factors SET last_step = $2 \
@@ -595,21 +627,17 @@ impl Store for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        sqlx::query(
-            "INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(s.hash.as_slice())
-        .bind(s.tenant_id.as_str())
-        .bind(s.user_id.as_str())
-        .bind(ms(s.created_at))
-        .bind(ms(s.expires_at))
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        insert_session(&mut tx, s).await?;
         insert_audit(&mut tx, &done.audit).await?;
         tx.commit().await.map_err(db)?;
         Ok(true)
+    }
+
+    async fn insert_session(&self, session: &Session, audit: &[AuditEvent]) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        insert_session(&mut tx, session).await?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
     }
 
     async fn get_session(&self, hash: &[u8; 32]) -> StoreResult<Option<Session>> {
@@ -703,6 +731,94 @@ impl Store for PgStore {
             audit,
         )
         .await
+    }
+
+    async fn delete_totp_factors(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        for sql in [
+            "DELETE FROM totp_factors WHERE tenant_id = $1 AND user_id = $2",
+            "DELETE FROM recovery_codes WHERE tenant_id = $1 AND user_id = $2",
+        ] {
+            sqlx::query(sql)
+                .bind(tenant.as_str())
+                .bind(user.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn replace_recovery_codes(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        hashes: &[[u8; 32]],
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("DELETE FROM recovery_codes WHERE tenant_id = $1 AND user_id = $2")
+            .bind(tenant.as_str())
+            .bind(user.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        for hash in hashes {
+            sqlx::query(
+                "INSERT INTO recovery_codes (tenant_id, user_id, code_hash, created_at) \
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(tenant.as_str())
+            .bind(user.as_str())
+            .bind(hash.as_slice())
+            .bind(ms(now))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn has_unused_recovery_code(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        hash: &[u8; 32],
+    ) -> StoreResult<bool> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM recovery_codes WHERE tenant_id = $1 AND user_id = $2 \
+             AND code_hash = $3 AND used_at IS NULL)",
+        )
+        .bind(tenant.as_str())
+        .bind(user.as_str())
+        .bind(hash.as_slice())
+        .fetch_one(self.pool())
+        .await
+        .map_err(db)
+    }
+
+    async fn count_unused_recovery_codes(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> StoreResult<u32> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM recovery_codes WHERE tenant_id = $1 AND user_id = $2 AND used_at IS NULL",
+        )
+        .bind(tenant.as_str())
+        .bind(user.as_str())
+        .fetch_one(self.pool())
+        .await
+        .map_err(db)?;
+        Ok(u32::try_from(n).unwrap_or(0))
     }
 
     async fn claim_outbox(

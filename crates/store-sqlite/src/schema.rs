@@ -7,7 +7,10 @@ use rusqlite::Connection;
 use crate::map_error;
 
 /// Every migration, in order. Index + 1 is the schema version it produces.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_recovery_codes.sql"),
+];
 
 /// The schema version this build expects.
 pub const SCHEMA_VERSION: usize = MIGRATIONS.len();

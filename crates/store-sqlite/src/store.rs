@@ -88,6 +88,21 @@ fn insert_message(conn: &Connection, m: &OutboxMessage) -> Result<(), JobError> 
     Ok(())
 }
 
+fn insert_session(conn: &Connection, s: &Session) -> Result<(), JobError> {
+    conn.prepare_cached(
+        "INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![
+        s.hash.as_slice(),
+        s.tenant_id.as_str(),
+        s.user_id.as_str(),
+        ms(s.created_at),
+        ms(s.expires_at),
+    ])?;
+    Ok(())
+}
+
 /// Fails the job (rolling its savepoint back) unless exactly one row changed.
 fn require_one(changed: usize) -> Result<(), JobError> {
     if changed == 1 {
@@ -525,6 +540,18 @@ impl Store for SqliteStore {
                 done.expected_attempts,
                 done.now,
             )?)?;
+            if let Some(hash) = &done.recovery_code {
+                require_one(c.execute(
+                    "UPDATE recovery_codes SET used_at = ?4 \
+                     WHERE tenant_id = ?1 AND user_id = ?2 AND code_hash = ?3 AND used_at IS NULL",
+                    params![
+                        done.session.tenant_id.as_str(),
+                        done.session.user_id.as_str(),
+                        hash.as_slice(),
+                        now
+                    ],
+                )?)?;
+            }
             if let Some((factor, step)) = &done.totp_step {
                 require_one(c.execute(
                     "UPDATE totp_factors SET last_step = ?2 \
@@ -539,21 +566,21 @@ impl Store for SqliteStore {
                  WHERE tenant_id = ?1 AND id = ?2",
                 params![s.tenant_id.as_str(), s.user_id.as_str()],
             )?;
-            c.prepare_cached(
-                "INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![
-                s.hash.as_slice(),
-                s.tenant_id.as_str(),
-                s.user_id.as_str(),
-                ms(s.created_at),
-                ms(s.expires_at),
-            ])?;
+            insert_session(c, s)?;
             insert_audit(c, &done.audit)
         })
         .await
         .map(flag)
+    }
+
+    async fn insert_session(&self, session: &Session, audit: &[AuditEvent]) -> StoreResult<()> {
+        let (s, audit) = (session.clone(), audit.to_vec());
+        self.write(move |c| {
+            insert_session(c, &s)?;
+            insert_audit(c, &audit)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("session insert refused".into()))
     }
 
     async fn get_session(&self, hash: &[u8; 32]) -> StoreResult<Option<Session>> {
@@ -657,6 +684,101 @@ impl Store for SqliteStore {
         })
         .await
         .map(flag)
+    }
+
+    async fn delete_totp_factors(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let (tenant, user, audit) = (tenant.clone(), user.clone(), audit.to_vec());
+        self.write(move |c| {
+            for sql in [
+                "DELETE FROM totp_factors WHERE tenant_id = ?1 AND user_id = ?2",
+                "DELETE FROM recovery_codes WHERE tenant_id = ?1 AND user_id = ?2",
+            ] {
+                c.execute(sql, params![tenant.as_str(), user.as_str()])?;
+            }
+            insert_audit(c, &audit)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("delete factors refused".into()))
+    }
+
+    async fn replace_recovery_codes(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        hashes: &[[u8; 32]],
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let (tenant, user, hashes, audit) = (
+            tenant.clone(),
+            user.clone(),
+            hashes.to_vec(),
+            audit.to_vec(),
+        );
+        self.write(move |c| {
+            c.execute(
+                "DELETE FROM recovery_codes WHERE tenant_id = ?1 AND user_id = ?2",
+                params![tenant.as_str(), user.as_str()],
+            )?;
+            let mut stmt = c.prepare_cached(
+                "INSERT INTO recovery_codes (tenant_id, user_id, code_hash, created_at) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for hash in &hashes {
+                stmt.execute(params![
+                    tenant.as_str(),
+                    user.as_str(),
+                    hash.as_slice(),
+                    ms(now)
+                ])?;
+            }
+            insert_audit(c, &audit)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("recovery codes refused".into()))
+    }
+
+    async fn has_unused_recovery_code(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        hash: &[u8; 32],
+    ) -> StoreResult<bool> {
+        let (tenant, user, hash) = (tenant.clone(), user.clone(), *hash);
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM recovery_codes WHERE tenant_id = ?1 AND user_id = ?2 \
+                 AND code_hash = ?3 AND used_at IS NULL)",
+            )?
+            .query_row(
+                params![tenant.as_str(), user.as_str(), hash.as_slice()],
+                |r| r.get::<_, bool>(0),
+            )
+        })
+        .await
+    }
+
+    async fn count_unused_recovery_codes(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> StoreResult<u32> {
+        let (tenant, user) = (tenant.clone(), user.clone());
+        self.read(move |c| {
+            let n: i64 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM recovery_codes WHERE tenant_id = ?1 AND user_id = ?2 \
+                     AND used_at IS NULL",
+                )?
+                .query_row(params![tenant.as_str(), user.as_str()], |r| r.get(0))?;
+            Ok(u32::try_from(n).unwrap_or(0))
+        })
+        .await
     }
 
     async fn claim_outbox(

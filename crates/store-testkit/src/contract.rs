@@ -59,6 +59,9 @@ macro_rules! store_contract_tests {
             login_failures_count_up_and_locks_never_shorten,
             audit_events_are_listed_newest_first,
             the_sweeper_deletes_only_what_can_no_longer_matter,
+            recovery_codes_are_replaced_counted_and_spent_once,
+            removing_totp_takes_factors_and_recovery_codes,
+            service_recovery_codes_log_in_once,
             service_fifty_concurrent_right_codes_approve_once,
             service_wrong_codes_kill_the_verification_after_five,
             service_malformed_codes_touch_no_counter,
@@ -481,6 +484,7 @@ fn completion(
         challenge_id: ch.id.clone(),
         expected_attempts: attempts,
         totp_step: totp,
+        recovery_code: None,
         session: Session {
             hash: [6; 32],
             tenant_id: u.tenant_id.clone(),
@@ -791,6 +795,109 @@ pub async fn the_sweeper_deletes_only_what_can_no_longer_matter(store: Arc<dyn S
     assert!(total >= 3, "{total}");
 }
 
+pub async fn recovery_codes_are_replaced_counted_and_spent_once(store: Arc<dyn Store>) {
+    let (t, u, ch, _) = login_fixture(&store).await;
+    store
+        .replace_recovery_codes(&t.id, &u.id, &[[1; 32], [2; 32]], t0(), &[])
+        .await
+        .unwrap();
+    store
+        .replace_recovery_codes(&t.id, &u.id, &[[3; 32], [4; 32], [5; 32]], t0(), &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .count_unused_recovery_codes(&t.id, &u.id)
+            .await
+            .unwrap(),
+        3
+    );
+    assert!(
+        !store
+            .has_unused_recovery_code(&t.id, &u.id, &[1; 32])
+            .await
+            .unwrap(),
+        "old codes survive a replacement"
+    );
+    assert!(
+        store
+            .has_unused_recovery_code(&t.id, &u.id, &[3; 32])
+            .await
+            .unwrap()
+    );
+    let mut with_code = completion(&u, &ch, 0, None);
+    with_code.recovery_code = Some([9; 32]);
+    assert!(
+        !store.complete_login(&with_code).await.unwrap(),
+        "an unknown recovery code logged in"
+    );
+    with_code.recovery_code = Some([3; 32]);
+    assert!(store.complete_login(&with_code).await.unwrap());
+    assert!(
+        !store
+            .has_unused_recovery_code(&t.id, &u.id, &[3; 32])
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .count_unused_recovery_codes(&t.id, &u.id)
+            .await
+            .unwrap(),
+        2
+    );
+}
+
+pub async fn removing_totp_takes_factors_and_recovery_codes(store: Arc<dyn Store>) {
+    let t = tenant(&store, "totp-rm").await;
+    let u = user(&t, "ali");
+    store.insert_user(&u, &[]).await.unwrap();
+    store
+        .insert_totp_factor(&factor(&u, true), &[])
+        .await
+        .unwrap();
+    store
+        .replace_recovery_codes(&t.id, &u.id, &[[1; 32]], t0(), &[])
+        .await
+        .unwrap();
+    store
+        .delete_totp_factors(&t.id, &u.id, &[event(&t, AuditKind::TotpRemoved, "x")])
+        .await
+        .unwrap();
+    assert!(
+        store
+            .list_totp_factors(&t.id, &u.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .count_unused_recovery_codes(&t.id, &u.id)
+            .await
+            .unwrap(),
+        0
+    );
+    // A panel session can be inserted on its own.
+    let session = Session {
+        hash: [8; 32],
+        tenant_id: t.id.clone(),
+        user_id: u.id.clone(),
+        created_at: t0(),
+        expires_at: t0() + Duration::from_secs(60),
+        revoked_at: None,
+    };
+    store.insert_session(&session, &[]).await.unwrap();
+    assert!(
+        store
+            .get_session(&[8; 32])
+            .await
+            .unwrap()
+            .unwrap()
+            .is_active(t0())
+    );
+}
+
 // ---------------------------------------------------------------- service over the store
 
 /// The core service over `store`, with a fake clock.
@@ -1031,6 +1138,60 @@ pub async fn service_totp_codes_work_once(store: Arc<dyn Store>) {
     core.confirm_login(&second.ticket, &next, &ctx())
         .await
         .unwrap();
+}
+
+pub async fn service_recovery_codes_log_in_once(store: Arc<dyn Store>) {
+    let (core, clock) = service(Arc::clone(&store));
+    let tenant = core.default_tenant().await.unwrap();
+    let user = core
+        .create_user(
+            &tenant.id,
+            NewUser {
+                username: "reza".into(),
+                password: SecretString::from("pw-reza-1234"),
+                email: None,
+                phone: Some("+989121234000".into()),
+                role: Role::User,
+            },
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    let enrolment = core
+        .enroll_totp(&tenant.id, &user.id, true, &ctx())
+        .await
+        .unwrap();
+    assert_eq!(enrolment.recovery_codes.len(), 10);
+    use secrecy::ExposeSecret;
+    let recovery = enrolment.recovery_codes[0].expose_secret().to_uppercase();
+    let ticket = core
+        .login(
+            &tenant.id,
+            "reza",
+            SecretString::from("pw-reza-1234"),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    core.confirm_login(&ticket.ticket, &recovery, &ctx())
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(60));
+    let again = core
+        .login(
+            &tenant.id,
+            "reza",
+            SecretString::from("pw-reza-1234"),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    let reused = core.confirm_login(&again.ticket, &recovery, &ctx()).await;
+    assert_eq!(reused.err().map(|e| e.code()), Some("code_rejected"));
+    assert_eq!(
+        core.totp_status(&tenant.id, &user.id).await.unwrap(),
+        (true, 9)
+    );
 }
 
 fn data_encoding_decode(secret: &SecretString) -> Vec<u8> {
