@@ -5,6 +5,8 @@
 pub mod api;
 pub mod context;
 pub mod ops;
+pub mod panel;
+pub mod qr;
 
 use std::sync::Arc;
 
@@ -28,6 +30,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(ops::router())
         .merge(api::v1::router())
+        .nest("/api/acl", api::acl::router())
+        .merge(panel::router())
         .fallback(api::v1::not_found)
         .method_not_allowed_fallback(api::v1::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -1,3 +1,4 @@
 //! The API dialects, one module each.
 
+pub mod acl;
 pub mod v1;

@@ -172,6 +172,113 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Creates a user in the default tenant.
+    pub async fn create_user(
+        &self,
+        username: &str,
+        password: &str,
+        email: Option<&str>,
+        phone: Option<&str>,
+    ) -> otpgate_core::model::User {
+        self.core
+            .create_user(
+                &self.tenant,
+                otpgate_core::service::NewUser {
+                    username: username.into(),
+                    password: secrecy::SecretString::from(password.to_owned()),
+                    email: email.map(Into::into),
+                    phone: phone.map(Into::into),
+                    role: otpgate_core::model::Role::User,
+                },
+                &Default::default(),
+            )
+            .await
+            .unwrap()
+    }
+
+    pub async fn acl(&self, path: &str, body: Value) -> Answer {
+        self.send(
+            self.client
+                .post(self.url(&format!("/api/acl/auth/{path}")))
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn acl_login(&self, username: &str, password: &str) -> Answer {
+        self.acl(
+            "login",
+            serde_json::json!({"username": username, "password": password}),
+        )
+        .await
+    }
+
+    pub async fn acl_confirm(&self, ticket: &str, otp: &str) -> Answer {
+        self.acl(
+            "confirm_otp",
+            serde_json::json!({"token": ticket, "otp": otp}),
+        )
+        .await
+    }
+
+    pub async fn acl_get(&self, path: &str, authorization: Option<&str>) -> Answer {
+        let mut request = self.client.get(self.url(&format!("/api/acl/auth/{path}")));
+        if let Some(value) = authorization {
+            request = request.header("authorization", value);
+        }
+        self.send(request).await
+    }
+
+    pub async fn acl_authed(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> Answer {
+        let mut request = self
+            .client
+            .request(method, self.url(&format!("/api/acl/auth/{path}")))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        self.send(request).await
+    }
+
+    /// Logs in through both acl steps with the SMS code; returns the final token.
+    pub async fn acl_full_login(
+        &self,
+        username: &str,
+        password: &str,
+        phone: &str,
+        nth: usize,
+    ) -> String {
+        let step1 = self.acl_login(username, password).await;
+        assert_eq!(step1.status, 200, "{:?}", step1.body);
+        let ticket = step1.body["data"]["token"].as_str().unwrap().to_owned();
+        let code = self.delivered_code(phone, nth).await;
+        let step2 = self.acl_confirm(&ticket, &code).await;
+        assert_eq!(step2.status, 200, "{:?}", step2.body);
+        step2.body["data"]["token"].as_str().unwrap().to_owned()
+    }
+}
+
+/// `body` with the values at the given JSON pointers replaced by `"<masked>"`, after checking
+/// they are strings.
+pub fn masked(mut body: Value, pointers: &[&str]) -> Value {
+    for pointer in pointers {
+        let shown = body.to_string();
+        let slot = body
+            .pointer_mut(pointer)
+            .unwrap_or_else(|| panic!("{pointer} missing in {shown}"));
+        assert!(slot.is_string(), "{pointer} is not a string");
+        *slot = Value::String("<masked>".into());
+    }
+    body
+}
+
 /// A code that is certainly not `right`.
 pub fn wrong_code(right: &str) -> String {
     if right == "000000" {

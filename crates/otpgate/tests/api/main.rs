@@ -7,6 +7,7 @@
     clippy::indexing_slicing
 )]
 
+mod acl;
 mod helpers;
 mod lifecycle;
 mod scale_out;

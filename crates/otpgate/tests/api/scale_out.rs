@@ -80,19 +80,28 @@ async fn logged_code(instances: &[&Instance], to: &str, nth: usize) -> String {
         for instance in instances {
             let log = std::fs::read_to_string(&instance.log).unwrap_or_default();
             for line in log.lines().filter(|l| l.contains(&format!("to={to}"))) {
-                if let Some(rest) = line.split("code is ").nth(1) {
-                    codes.push(
-                        rest.chars()
-                            .take_while(char::is_ascii_digit)
-                            .collect::<String>(),
-                    );
+                // The first run of six digits in the message text, whatever its language.
+                let text = line.split("text=").nth(1).unwrap_or("");
+                if let Some(code) = text
+                    .split(|c: char| !c.is_ascii_digit())
+                    .find(|run| run.len() == 6)
+                {
+                    codes.push(code.to_owned());
                 }
             }
         }
         if codes.len() >= nth {
             return codes.swap_remove(nth - 1);
         }
-        assert!(Instant::now() < deadline, "no code logged for {to}");
+        assert!(
+            Instant::now() < deadline,
+            "no code logged for {to}: {}",
+            instances
+                .iter()
+                .map(|i| std::fs::read_to_string(&i.log).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n---\n")
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -334,4 +343,66 @@ async fn killed_database_connections_cost_503s_never_a_wrong_success_and_heal() 
         counted >= attempts,
         "a 503 answer counted an attempt: {counted} < {attempts}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_token_revoked_through_one_instance_is_refused_by_the_other_at_once() {
+    let Some(c) = cluster().await else { return };
+    // Arrange: a user, logged in through A.
+    let mut create = otpgate(c._dir.path(), &c._database.url)
+        .args([
+            "user",
+            "create",
+            "--username",
+            "ali",
+            "--password-stdin",
+            "--phone",
+            "+989121230009",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(create.stdin.as_mut().unwrap(), b"correct horse battery\n").unwrap();
+    assert!(create.wait().unwrap().success());
+    let (status, step1) = c
+        .post(
+            &c.a,
+            "/api/acl/auth/login",
+            json!({"username": "ali", "password": "correct horse battery"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{step1}");
+    let code = logged_code(&[&c.a, &c.b], "+989121230009", 1).await;
+    let (status, step2) = c
+        .post(
+            &c.a,
+            "/api/acl/auth/confirm_otp",
+            json!({"token": step1["data"]["token"], "otp": code}),
+        )
+        .await;
+    assert_eq!(status, 200, "{step2}");
+    let token = step2["data"]["token"].as_str().unwrap().to_owned();
+    let me = |instance: &Instance| {
+        c.client
+            .get(format!("{}/api/acl/auth/me", instance.base))
+            .bearer_auth(&token)
+            .send()
+    };
+    assert_eq!(
+        me(&c.b).await.unwrap().status(),
+        200,
+        "B does not know A's token"
+    );
+    // Act: log out through A.
+    let out = c
+        .client
+        .post(format!("{}/api/acl/auth/logout", c.a.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status(), 200);
+    // Assert: B refuses it at once.
+    assert_eq!(me(&c.b).await.unwrap().status(), 401);
 }
