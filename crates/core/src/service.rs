@@ -280,6 +280,15 @@ impl Otpgate {
         Ok(user)
     }
 
+    /// A user by id within a tenant (another tenant's user is `NotFound`).
+    pub async fn user(&self, tenant: &TenantId, id: &str) -> CoreResult<User> {
+        let id = UserId::parse(id)?;
+        self.store
+            .get_user(tenant, &id)
+            .await?
+            .ok_or(CoreError::NotFound)
+    }
+
     /// A user by username.
     pub async fn user_by_username(&self, tenant: &TenantId, username: &str) -> CoreResult<User> {
         let username = Username::parse(username)?;

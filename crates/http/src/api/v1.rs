@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use otpgate_core::CoreError;
-use otpgate_core::model::{Challenge, ChallengeStatus, Channel, TenantId};
-use otpgate_core::service::{DeliveryState, StartVerification};
-use secrecy::SecretString;
+use otpgate_core::model::{Challenge, ChallengeStatus, Channel, Role, TenantId, User};
+use otpgate_core::service::{DeliveryState, NewUser, StartVerification};
+use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::format_description::well_known::Rfc3339;
@@ -28,6 +28,14 @@ pub fn router() -> Router<AppState> {
         .route("/v1/verifications/{id}", get(get_verification))
         .route("/v1/verifications/{id}/check", post(check_verification))
         .route("/v1/verifications/{id}/cancel", post(cancel_verification))
+        .route("/v1/users", post(create_user))
+        .route("/v1/users/{id}", get(get_user))
+        .route("/v1/users/{id}/totp", post(enroll_totp).delete(remove_totp))
+        .route("/v1/users/{id}/totp/confirm", post(confirm_totp))
+        .route(
+            "/v1/users/{id}/recovery_codes",
+            post(regenerate_recovery_codes),
+        )
 }
 
 // ------------------------------------------------------------------ errors
@@ -220,6 +228,25 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let Json(value) = Json::<T>::from_request(req, state).await?;
         Ok(V1Json(value))
+    }
+}
+
+/// An optional body: absent when the request carries no `Content-Type`; otherwise it must be
+/// valid JSON of the right shape.
+impl<S, T> axum::extract::OptionalFromRequest<S> for V1Json<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = V1Error;
+
+    async fn from_request(req: Request, state: &S) -> Result<Option<Self>, Self::Rejection> {
+        if !req.headers().contains_key(axum::http::header::CONTENT_TYPE) {
+            return Ok(None);
+        }
+        <Self as FromRequest<S>>::from_request(req, state)
+            .await
+            .map(Some)
     }
 }
 
@@ -426,6 +453,190 @@ async fn cancel_verification(
     let challenge = state.core.cancel_verification(&tenant, &id, &ctx).await?;
     let delivery = state.core.delivery_state(&challenge.id).await?;
     Ok(Json(view(&challenge, state.core.clock().now(), delivery)))
+}
+
+// ------------------------------------------------------------------ users and their factors
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateUserRequest {
+    username: String,
+    password: String,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    phone: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
+}
+
+impl TryFrom<CreateUserRequest> for NewUser {
+    type Error = CoreError;
+
+    fn try_from(req: CreateUserRequest) -> Result<Self, Self::Error> {
+        Ok(NewUser {
+            username: req.username,
+            password: SecretString::from(req.password),
+            email: req.email.filter(|e| !e.trim().is_empty()),
+            phone: req.phone.filter(|p| !p.trim().is_empty()),
+            role: Role::parse(req.role.as_deref().unwrap_or("user"))?,
+        })
+    }
+}
+
+#[derive(Serialize)]
+struct UserView {
+    id: String,
+    username: String,
+    email: Option<String>,
+    phone: Option<String>,
+    role: &'static str,
+    mobile_verified_at: Option<String>,
+    email_verified_at: Option<String>,
+    totp_enabled: bool,
+    recovery_codes_left: u32,
+    created_at: String,
+}
+
+async fn user_view(state: &AppState, user: &User) -> Result<UserView, V1Error> {
+    let (totp_enabled, recovery_codes_left) =
+        state.core.totp_status(&user.tenant_id, &user.id).await?;
+    Ok(UserView {
+        id: user.id.to_string(),
+        username: user.username.as_str().to_owned(),
+        email: user.email.as_ref().map(|e| e.as_str().to_owned()),
+        phone: user.phone.as_ref().map(|p| p.as_str().to_owned()),
+        role: user.role.as_str(),
+        mobile_verified_at: user.mobile_verified_at.map(rfc3339),
+        email_verified_at: user.email_verified_at.map(rfc3339),
+        totp_enabled,
+        recovery_codes_left,
+        created_at: rfc3339(user.created_at),
+    })
+}
+
+async fn create_user(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Ctx(ctx): Ctx,
+    V1Json(body): V1Json<CreateUserRequest>,
+) -> Result<(StatusCode, Json<UserView>), V1Error> {
+    let user = state
+        .core
+        .create_user(&tenant, NewUser::try_from(body)?, &ctx)
+        .await?;
+    Ok((StatusCode::CREATED, Json(user_view(&state, &user).await?)))
+}
+
+async fn get_user(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Path(id): Path<String>,
+) -> Result<Json<UserView>, V1Error> {
+    let user = state.core.user(&tenant, &id).await?;
+    Ok(Json(user_view(&state, &user).await?))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EnrollRequest {
+    #[serde(default)]
+    activate: bool,
+}
+
+#[derive(Serialize)]
+struct EnrolmentView {
+    factor_id: String,
+    secret: String,
+    otpauth_uri: String,
+    qr_png: Option<String>,
+    qr_svg: Option<String>,
+    recovery_codes: Vec<String>,
+    active: bool,
+}
+
+fn expose_all(codes: &[SecretString]) -> Vec<String> {
+    codes.iter().map(|c| c.expose_secret().to_owned()).collect()
+}
+
+async fn enroll_totp(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+    body: Option<V1Json<EnrollRequest>>,
+) -> Result<(StatusCode, Json<EnrolmentView>), V1Error> {
+    let activate = body.map(|V1Json(b)| b.activate).unwrap_or_default();
+    let user = state.core.user(&tenant, &id).await?;
+    let e = state
+        .core
+        .enroll_totp(&tenant, &user.id, activate, &ctx)
+        .await?;
+    let uri = e.uri.expose_secret();
+    Ok((
+        StatusCode::CREATED,
+        Json(EnrolmentView {
+            factor_id: e.factor_id.to_string(),
+            secret: e.secret_base32.expose_secret().to_owned(),
+            otpauth_uri: uri.to_owned(),
+            qr_png: crate::qr::png(uri)
+                .map(|b| format!("data:image/png;base64,{}", data_encoding::BASE64.encode(&b))),
+            qr_svg: crate::qr::svg(uri),
+            recovery_codes: expose_all(&e.recovery_codes),
+            active: e.active,
+        }),
+    ))
+}
+
+async fn confirm_totp(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+    V1Json(body): V1Json<CheckRequest>,
+) -> Result<Json<UserView>, V1Error> {
+    let user = state.core.user(&tenant, &id).await?;
+    state
+        .core
+        .confirm_totp(&tenant, &user.id, &body.code, &ctx)
+        .await?;
+    Ok(Json(user_view(&state, &user).await?))
+}
+
+async fn remove_totp(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+    V1Json(body): V1Json<CheckRequest>,
+) -> Result<Json<UserView>, V1Error> {
+    let user = state.core.user(&tenant, &id).await?;
+    state
+        .core
+        .remove_totp(&tenant, &user.id, &body.code, &ctx)
+        .await?;
+    Ok(Json(user_view(&state, &user).await?))
+}
+
+#[derive(Serialize)]
+struct RecoveryCodesView {
+    recovery_codes: Vec<String>,
+}
+
+async fn regenerate_recovery_codes(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<Json<RecoveryCodesView>, V1Error> {
+    let user = state.core.user(&tenant, &id).await?;
+    let codes = state
+        .core
+        .regenerate_recovery_codes(&tenant, &user.id, &ctx)
+        .await?;
+    Ok(Json(RecoveryCodesView {
+        recovery_codes: expose_all(&codes),
+    }))
 }
 
 #[cfg(test)]

@@ -12,4 +12,5 @@ mod helpers;
 mod lifecycle;
 mod scale_out;
 mod v1_bad_input;
+mod v1_users;
 mod v1_verifications;
