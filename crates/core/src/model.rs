@@ -501,11 +501,13 @@ pub enum AuditKind {
     ApiKeyCreated,
     /// A user was created.
     UserCreated,
+    /// A request was refused before it reached an account (bad input).
+    RequestRejected,
 }
 
 impl AuditKind {
     /// Every kind, for parsing stored names.
-    pub const ALL: [AuditKind; 17] = [
+    pub const ALL: [AuditKind; 18] = [
         AuditKind::LoginPasswordOk,
         AuditKind::LoginFailed,
         AuditKind::LockedOut,
@@ -523,6 +525,7 @@ impl AuditKind {
         AuditKind::MessageFailed,
         AuditKind::ApiKeyCreated,
         AuditKind::UserCreated,
+        AuditKind::RequestRejected,
     ];
 
     /// Parses a stored name.
@@ -553,6 +556,7 @@ impl AuditKind {
             AuditKind::MessageFailed => "message_failed",
             AuditKind::ApiKeyCreated => "api_key_created",
             AuditKind::UserCreated => "user_created",
+            AuditKind::RequestRejected => "request_rejected",
         }
     }
 }

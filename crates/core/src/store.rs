@@ -30,12 +30,27 @@ pub struct CodeReplacement {
     pub expires_at: OffsetDateTime,
 }
 
-/// Everything that a successful step 2 changes, in one transaction.
+/// A contact whose verification a right code completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contact {
+    /// The user's phone (`mobile_verified_at`).
+    Phone,
+    /// The user's e-mail address (`email_verified_at`).
+    Email,
+}
+
+/// Everything a right code changes, in one transaction: the challenge consumed, and as the case
+/// may be a login ticket spent, a TOTP step or recovery code used, a contact marked verified,
+/// the user's failures reset and a session created.
 #[derive(Debug, Clone)]
 pub struct LoginCompletion {
-    /// The ticket to spend (must be unused and unexpired at `now`).
-    pub ticket_hash: [u8; 32],
-    /// The ticket's challenge, consumed if pending, unexpired and still at `expected_attempts`.
+    /// The user's tenant.
+    pub tenant_id: TenantId,
+    /// The user.
+    pub user_id: UserId,
+    /// A login ticket to spend (must be unused and unexpired at `now`).
+    pub ticket_hash: Option<[u8; 32]>,
+    /// The challenge, consumed if pending, unexpired and still at `expected_attempts`.
     pub challenge_id: ChallengeId,
     /// Attempts seen when the code was compared.
     pub expected_attempts: u32,
@@ -43,8 +58,10 @@ pub struct LoginCompletion {
     pub totp_step: Option<(FactorId, i64)>,
     /// For a recovery code: its keyed hash, which must be the user's and unused.
     pub recovery_code: Option<[u8; 32]>,
-    /// The session to create.
-    pub session: Session,
+    /// A contact to mark verified.
+    pub verified: Option<Contact>,
+    /// The session to create, if the login is complete.
+    pub session: Option<Session>,
     /// The moment of the check.
     pub now: OffsetDateTime,
     /// Events to record with it.
@@ -74,6 +91,8 @@ pub trait Store: Send + Sync + 'static {
         tenant: &TenantId,
         username: &str,
     ) -> StoreResult<Option<User>>;
+    /// A user by phone number (E.164).
+    async fn find_user_by_phone(&self, tenant: &TenantId, phone: &str) -> StoreResult<Option<User>>;
     /// A user by id.
     async fn get_user(&self, tenant: &TenantId, id: &UserId) -> StoreResult<Option<User>>;
     /// Adds one to the user's consecutive failures and returns the new count.
@@ -171,8 +190,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// A login ticket by hash.
     async fn get_login_ticket(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginTicket>>;
-    /// Spends the ticket, applies the proof, resets the user's failures and creates the session,
-    /// all or nothing. False when any condition no longer held.
+    /// Applies a right code: everything in [`LoginCompletion`], all or nothing. False when any
+    /// condition no longer held.
     async fn complete_login(&self, completion: &LoginCompletion) -> StoreResult<bool>;
     /// Inserts a session outside a login (a panel session opened from an API token).
     async fn insert_session(&self, session: &Session, audit: &[AuditEvent]) -> StoreResult<()>;

@@ -25,12 +25,21 @@ pub struct AppState {
     pub core: Arc<Otpgate>,
 }
 
+/// RFC 3339 at millisecond precision, the precision the stores keep.
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.replace_nanosecond(u32::from(t.millisecond()) * 1_000_000)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(ops::router())
         .merge(api::v1::router())
         .nest("/api/acl", api::acl::router())
+        .merge(api::verify_login::router())
         .merge(panel::router())
         .fallback(api::v1::not_found)
         .method_not_allowed_fallback(api::v1::method_not_allowed)

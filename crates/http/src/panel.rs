@@ -64,14 +64,8 @@ async fn external_login(
         .await
     {
         Ok(issued) => {
-            let max_age = (issued.expires_at - state.core.clock().now())
-                .whole_seconds()
-                .max(0);
-            let secure = if over_tls(&headers) { "; Secure" } else { "" };
-            let cookie = format!(
-                "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}",
-                issued.token.expose_secret()
-            );
+            let max_age = (issued.expires_at - state.core.clock().now()).whole_seconds();
+            let cookie = session_cookie(&issued.token, max_age, &headers);
             let mut response = redirect("/");
             if let Ok(value) = HeaderValue::from_str(&cookie) {
                 response.headers_mut().insert(SET_COOKIE, value);
@@ -84,6 +78,16 @@ async fn external_login(
             redirect("/login?error=unavailable")
         }
     }
+}
+
+/// The `Set-Cookie` value of a panel session: HttpOnly, SameSite=Lax, Secure over TLS.
+pub fn session_cookie(token: &SecretString, max_age: i64, headers: &HeaderMap) -> String {
+    let secure = if over_tls(headers) { "; Secure" } else { "" };
+    format!(
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        token.expose_secret(),
+        max_age.max(0)
+    )
 }
 
 fn cookie_token(headers: &HeaderMap) -> Option<SecretString> {

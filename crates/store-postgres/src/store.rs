@@ -6,7 +6,7 @@ use otpgate_core::model::{
     ApiKey, AuditEvent, Challenge, ChallengeId, FactorId, LoginTicket, MessageId, OutboxMessage,
     Session, Tenant, TenantId, TotpFactor, User, UserId,
 };
-use otpgate_core::store::{CodeReplacement, LoginCompletion, Store, StoreResult};
+use otpgate_core::store::{CodeReplacement, Contact, LoginCompletion, Store, StoreResult};
 use sqlx::postgres::PgRow;
 // Dynamic SQL here is built only from the constant column lists in `rows`; every value is bound.
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
@@ -272,6 +272,22 @@ impl Store for PgStore {
             sqlx::query(AssertSqlSafe(sql))
                 .bind(tenant.as_str())
                 .bind(username),
+            rows::user,
+        )
+        .await
+    }
+
+    async fn find_user_by_phone(
+        &self,
+        tenant: &TenantId,
+        phone: &str,
+    ) -> StoreResult<Option<User>> {
+        let sql = format!(
+            "SELECT {} FROM users WHERE tenant_id = $1 AND phone = $2 ORDER BY created_at LIMIT 1",
+            rows::USER_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql)).bind(tenant.as_str()).bind(phone),
             rows::user,
         )
         .await
@@ -567,17 +583,21 @@ impl Store for PgStore {
     async fn complete_login(&self, done: &LoginCompletion) -> StoreResult<bool> {
         let mut tx = self.begin().await?;
         let now = ms(done.now);
-        let ticket = sqlx::query(
-            "UPDATE login_tickets SET used_at = $2 \
-             WHERE hash = $1 AND used_at IS NULL AND expires_at > $2",
-        )
-        .bind(done.ticket_hash.as_slice())
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        if ticket.rows_affected() != 1
-            || !consume(
+        if let Some(ticket) = &done.ticket_hash {
+            let spent = sqlx::query(
+                "UPDATE login_tickets SET used_at = $2 \
+                 WHERE hash = $1 AND used_at IS NULL AND expires_at > $2",
+            )
+            .bind(ticket.as_slice())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            if spent.rows_affected() != 1 {
+                return Ok(false);
+            }
+        }
+        if !consume(
                 &mut tx,
                 &done.challenge_id,
                 done.expected_attempts,
@@ -592,8 +612,8 @@ impl Store for PgStore {
                 "UPDATE recovery_codes SET used_at = $4 \
                  WHERE tenant_id = $1 AND user_id = $2 AND code_hash = $3 AND used_at IS NULL",
             )
-            .bind(done.session.tenant_id.as_str())
-            .bind(done.session.user_id.as_str())
+            .bind(done.tenant_id.as_str())
+            .bind(done.user_id.as_str())
             .bind(hash.as_slice())
             .bind(now)
             .execute(&mut *tx)
@@ -618,16 +638,35 @@ impl Store for PgStore {
                 return Ok(false);
             }
         }
-        let s = &done.session;
+        if let Some(contact) = done.verified {
+            sqlx::query(match contact {
+                Contact::Phone => {
+                    "UPDATE users SET mobile_verified_at = COALESCE(mobile_verified_at, $3) \
+                     WHERE tenant_id = $1 AND id = $2"
+                }
+                Contact::Email => {
+                    "UPDATE users SET email_verified_at = COALESCE(email_verified_at, $3) \
+                     WHERE tenant_id = $1 AND id = $2"
+                }
+            })
+            .bind(done.tenant_id.as_str())
+            .bind(done.user_id.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
         sqlx::query(
             "UPDATE users SET failed_logins = 0, locked_until = NULL WHERE tenant_id = $1 AND id = $2",
         )
-        .bind(s.tenant_id.as_str())
-        .bind(s.user_id.as_str())
+        .bind(done.tenant_id.as_str())
+        .bind(done.user_id.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        insert_session(&mut tx, s).await?;
+        if let Some(s) = &done.session {
+            insert_session(&mut tx, s).await?;
+        }
         insert_audit(&mut tx, &done.audit).await?;
         tx.commit().await.map_err(db)?;
         Ok(true)

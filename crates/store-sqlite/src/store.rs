@@ -6,7 +6,7 @@ use otpgate_core::model::{
     ApiKey, AuditEvent, Challenge, ChallengeId, FactorId, LoginTicket, MessageId, OutboxMessage,
     Session, Tenant, TenantId, TotpFactor, User, UserId,
 };
-use otpgate_core::store::{CodeReplacement, LoginCompletion, Store, StoreResult};
+use otpgate_core::store::{CodeReplacement, Contact, LoginCompletion, Store, StoreResult};
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
@@ -212,6 +212,24 @@ impl Store for SqliteStore {
         self.read(move |c| {
             c.prepare_cached(&sql)?
                 .query_row(params![tenant.as_str(), username], rows::user)
+                .optional()
+        })
+        .await
+    }
+
+    async fn find_user_by_phone(
+        &self,
+        tenant: &TenantId,
+        phone: &str,
+    ) -> StoreResult<Option<User>> {
+        let (tenant, phone) = (tenant.clone(), phone.to_owned());
+        let sql = format!(
+            "SELECT {} FROM users WHERE tenant_id = ?1 AND phone = ?2 ORDER BY created_at LIMIT 1",
+            rows::USER_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_row(params![tenant.as_str(), phone], rows::user)
                 .optional()
         })
         .await
@@ -529,11 +547,13 @@ impl Store for SqliteStore {
         let done = completion.clone();
         self.write(move |c| {
             let now = ms(done.now);
-            require_one(c.execute(
-                "UPDATE login_tickets SET used_at = ?2 \
-                 WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2",
-                params![done.ticket_hash.as_slice(), now],
-            )?)?;
+            if let Some(ticket) = &done.ticket_hash {
+                require_one(c.execute(
+                    "UPDATE login_tickets SET used_at = ?2 \
+                     WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2",
+                    params![ticket.as_slice(), now],
+                )?)?;
+            }
             require_one(consume(
                 c,
                 &done.challenge_id,
@@ -545,8 +565,8 @@ impl Store for SqliteStore {
                     "UPDATE recovery_codes SET used_at = ?4 \
                      WHERE tenant_id = ?1 AND user_id = ?2 AND code_hash = ?3 AND used_at IS NULL",
                     params![
-                        done.session.tenant_id.as_str(),
-                        done.session.user_id.as_str(),
+                        done.tenant_id.as_str(),
+                        done.user_id.as_str(),
                         hash.as_slice(),
                         now
                     ],
@@ -560,13 +580,30 @@ impl Store for SqliteStore {
                     params![factor.as_str(), step],
                 )?)?;
             }
-            let s = &done.session;
+            let user = params![done.tenant_id.as_str(), done.user_id.as_str()];
+            if let Some(contact) = done.verified {
+                c.execute(
+                    match contact {
+                        Contact::Phone => {
+                            "UPDATE users SET mobile_verified_at = COALESCE(mobile_verified_at, ?3) \
+                             WHERE tenant_id = ?1 AND id = ?2"
+                        }
+                        Contact::Email => {
+                            "UPDATE users SET email_verified_at = COALESCE(email_verified_at, ?3) \
+                             WHERE tenant_id = ?1 AND id = ?2"
+                        }
+                    },
+                    params![done.tenant_id.as_str(), done.user_id.as_str(), now],
+                )?;
+            }
             c.execute(
                 "UPDATE users SET failed_logins = 0, locked_until = NULL \
                  WHERE tenant_id = ?1 AND id = ?2",
-                params![s.tenant_id.as_str(), s.user_id.as_str()],
+                user,
             )?;
-            insert_session(c, s)?;
+            if let Some(s) = &done.session {
+                insert_session(c, s)?;
+            }
             insert_audit(c, &done.audit)
         })
         .await

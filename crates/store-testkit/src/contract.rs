@@ -480,19 +480,22 @@ fn completion(
     totp: Option<(FactorId, i64)>,
 ) -> LoginCompletion {
     LoginCompletion {
-        ticket_hash: [5; 32],
+        tenant_id: u.tenant_id.clone(),
+        user_id: u.id.clone(),
+        ticket_hash: Some([5; 32]),
+        verified: None,
         challenge_id: ch.id.clone(),
         expected_attempts: attempts,
         totp_step: totp,
         recovery_code: None,
-        session: Session {
+        session: Some(Session {
             hash: [6; 32],
             tenant_id: u.tenant_id.clone(),
             user_id: u.id.clone(),
             created_at: t0(),
             expires_at: t0() + Duration::from_secs(36_000),
             revoked_at: None,
-        },
+        }),
         now: t0() + Duration::from_secs(5),
         audit: vec![],
     }
@@ -554,7 +557,9 @@ pub async fn a_login_completion_spends_ticket_challenge_and_step(store: Arc<dyn 
     );
     // The same ticket cannot be spent twice.
     let mut again = completion(&u, &ch, 0, None);
-    again.session.hash = [7; 32];
+    if let Some(session) = again.session.as_mut() {
+        session.hash = [7; 32];
+    }
     assert!(!store.complete_login(&again).await.unwrap());
     assert!(store.get_session(&[7; 32]).await.unwrap().is_none());
 }

@@ -2,3 +2,4 @@
 
 pub mod acl;
 pub mod v1;
+pub mod verify_login;

@@ -16,9 +16,8 @@ use otpgate_core::service::{DeliveryState, NewUser, StartVerification};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use time::format_description::well_known::Rfc3339;
 
-use crate::AppState;
+use crate::{AppState, rfc3339};
 use crate::context::Ctx;
 
 /// The v1 routes.
@@ -357,13 +356,6 @@ struct VerificationView {
     delivery: Option<DeliveryView>,
 }
 
-/// RFC 3339 at millisecond precision, the precision the stores keep.
-fn rfc3339(t: time::OffsetDateTime) -> String {
-    t.replace_nanosecond(u32::from(t.millisecond()) * 1_000_000)
-        .unwrap_or(t)
-        .format(&Rfc3339)
-        .unwrap_or_default()
-}
 
 fn view(
     c: &Challenge,

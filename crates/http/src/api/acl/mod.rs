@@ -18,11 +18,9 @@ use otpgate_core::model::{RequestContext, User};
 use otpgate_core::{CoreError, StoreError};
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value, json};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
 use self::messages::{AclMessage, Lang};
-use crate::AppState;
+use crate::{AppState, rfc3339};
 use crate::context::Ctx;
 
 /// The acl routes, nested under `/api/acl`.
@@ -147,12 +145,6 @@ fn done(data: Value, lang: Lang) -> Response {
     .into_response()
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.replace_nanosecond(u32::from(t.millisecond()) * 1_000_000)
-        .unwrap_or(t)
-        .format(&Rfc3339)
-        .unwrap_or_default()
-}
 
 /// The request's language and context.
 pub struct AclCtx {

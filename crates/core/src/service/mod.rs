@@ -30,6 +30,10 @@ use crate::policy::Policy;
 use crate::store::{CodeReplacement, LoginCompletion, Store};
 use crate::token::{hash_token, mint_api_key, mint_hex_token};
 
+mod verification;
+
+pub use verification::{VerifyLogin, VerifyLoginOutcome, VerifyType};
+
 /// Result of core operations.
 pub type CoreResult<T> = Result<T, CoreError>;
 
@@ -120,6 +124,12 @@ pub struct TotpEnrolment {
     pub active: bool,
     /// Ten single-use recovery codes (shown once; stored only hashed).
     pub recovery_codes: Vec<SecretString>,
+}
+
+/// The destination recorded on authenticator challenges: nothing is sent, but the challenge is
+/// the user's own, so its attempts count per user.
+pub(crate) fn totp_destination(user: &UserId) -> String {
+    format!("totp:{user}")
 }
 
 /// What the user offered at step 2 of a login.
@@ -278,6 +288,28 @@ impl Otpgate {
         let audit = [self.event(tenant, Some(&user.id), AuditKind::UserCreated, "", ctx, now)];
         self.store.insert_user(&user, &audit).await?;
         Ok(user)
+    }
+
+    /// Records a request refused for bad input (no account is touched), so every call of a
+    /// dialect leaves an audit event with where it came from.
+    pub async fn record_rejected_request(
+        &self,
+        tenant: &TenantId,
+        reason: &str,
+        ctx: &RequestContext,
+    ) -> CoreResult<()> {
+        let event = self.event(tenant, None, AuditKind::RequestRejected, reason, ctx, self.clock.now());
+        Ok(self.store.insert_audit(&[event]).await?)
+    }
+
+    /// The newest audit events of a user (login history), newest first.
+    pub async fn user_events(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        limit: u32,
+    ) -> CoreResult<Vec<AuditEvent>> {
+        Ok(self.store.list_audit(tenant, Some(user), limit.min(500)).await?)
     }
 
     /// A user by id within a tenant (another tenant's user is `NotFound`).
@@ -789,7 +821,23 @@ impl Otpgate {
         password: SecretString,
         ctx: &RequestContext,
     ) -> CoreResult<LoginStarted> {
-        let user = match Username::parse(username) {
+        let user = self.authenticate_password(tenant, username, password, ctx).await?;
+        self.issue_ticket(&user, Purpose::Login, None, ctx, self.clock.now())
+            .await
+    }
+
+    /// Checks a password (the user named by username, or by phone number when no username
+    /// matches). Unknown user, wrong password and locked account all answer
+    /// `InvalidCredentials`, after one argon2 verification each; a wrong password counts
+    /// towards the lock-out.
+    pub async fn authenticate_password(
+        &self,
+        tenant: &TenantId,
+        username: &str,
+        password: SecretString,
+        ctx: &RequestContext,
+    ) -> CoreResult<User> {
+        let mut user = match Username::parse(username) {
             Ok(name) => {
                 self.store
                     .find_user_by_username(tenant, name.as_str())
@@ -797,6 +845,11 @@ impl Otpgate {
             }
             Err(_) => None,
         };
+        if user.is_none()
+            && let Ok(phone) = E164Phone::parse(username)
+        {
+            user = self.store.find_user_by_phone(tenant, phone.as_str()).await?;
+        }
         let stored_hash = user.as_ref().map(|u| u.password_hash.clone());
         let password_ok = self.hasher.verify(password, stored_hash).await?;
         let now = self.clock.now();
@@ -827,12 +880,10 @@ impl Otpgate {
             return Err(CoreError::InvalidCredentials);
         }
         if !password_ok {
-            self.count_failure(&user, "wrong password", ctx, now)
-                .await?;
+            self.count_failure(&user, "wrong password", ctx, now).await?;
             return Err(CoreError::InvalidCredentials);
         }
-        self.issue_ticket(&user, Purpose::Login, None, ctx, now)
-            .await
+        Ok(user)
     }
 
     /// Issues a login ticket for a user whose first factor was proven, with its challenge.
@@ -865,7 +916,7 @@ impl Otpgate {
         let destination = match channel {
             Channel::Sms => user.phone.as_ref().map(|p| p.as_str().to_owned()),
             Channel::Email => user.email.as_ref().map(|e| e.as_str().to_owned()),
-            Channel::Totp => Some(String::new()),
+            Channel::Totp => Some(totp_destination(&user.id)),
         }
         .ok_or_else(|| CoreError::Conflict(format!("the user has no {}", channel.as_str())))?;
         if channel != Channel::Totp {
@@ -1024,12 +1075,15 @@ impl Otpgate {
                     revoked_at: None,
                 };
                 let completion = LoginCompletion {
-                    ticket_hash: ticket.hash,
+                    tenant_id: user.tenant_id.clone(),
+                    user_id: user.id.clone(),
+                    ticket_hash: Some(ticket.hash),
+                    verified: None,
                     challenge_id: challenge.id.clone(),
                     expected_attempts: challenge.attempts,
                     totp_step,
                     recovery_code,
-                    session: session.clone(),
+                    session: Some(session.clone()),
                     now,
                     audit: vec![
                         self.event(
