@@ -92,7 +92,8 @@ pub trait Store: Send + Sync + 'static {
         username: &str,
     ) -> StoreResult<Option<User>>;
     /// A user by phone number (E.164).
-    async fn find_user_by_phone(&self, tenant: &TenantId, phone: &str) -> StoreResult<Option<User>>;
+    async fn find_user_by_phone(&self, tenant: &TenantId, phone: &str)
+    -> StoreResult<Option<User>>;
     /// A user by id.
     async fn get_user(&self, tenant: &TenantId, id: &UserId) -> StoreResult<Option<User>>;
     /// Adds one to the user's consecutive failures and returns the new count.

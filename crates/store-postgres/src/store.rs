@@ -287,7 +287,9 @@ impl Store for PgStore {
             rows::USER_COLUMNS
         );
         self.fetch_optional(
-            sqlx::query(AssertSqlSafe(sql)).bind(tenant.as_str()).bind(phone),
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(tenant.as_str())
+                .bind(phone),
             rows::user,
         )
         .await
@@ -598,12 +600,12 @@ impl Store for PgStore {
             }
         }
         if !consume(
-                &mut tx,
-                &done.challenge_id,
-                done.expected_attempts,
-                done.now,
-            )
-            .await?
+            &mut tx,
+            &done.challenge_id,
+            done.expected_attempts,
+            done.now,
+        )
+        .await?
         {
             return Ok(false);
         }

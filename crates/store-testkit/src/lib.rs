@@ -71,7 +71,7 @@ impl RecordingSender {
     }
 
     /// Waits (up to 10 s) until at least `count` messages reached `destination`, and returns
-    /// the code of the newest.
+    /// the code of the `count`-th (1-based, in delivery order).
     pub async fn wait_for_code(&self, destination: &str, count: usize) -> Option<String> {
         for _ in 0..1000 {
             let to_dest: Vec<OutboxMessage> = self
@@ -80,7 +80,9 @@ impl RecordingSender {
                 .filter(|m| m.destination == destination)
                 .collect();
             if to_dest.len() >= count {
-                return to_dest.last().and_then(|m| m.code.clone());
+                return to_dest
+                    .get(count.saturating_sub(1))
+                    .and_then(|m| m.code.clone());
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -298,7 +298,14 @@ impl Otpgate {
         reason: &str,
         ctx: &RequestContext,
     ) -> CoreResult<()> {
-        let event = self.event(tenant, None, AuditKind::RequestRejected, reason, ctx, self.clock.now());
+        let event = self.event(
+            tenant,
+            None,
+            AuditKind::RequestRejected,
+            reason,
+            ctx,
+            self.clock.now(),
+        );
         Ok(self.store.insert_audit(&[event]).await?)
     }
 
@@ -309,7 +316,10 @@ impl Otpgate {
         user: &UserId,
         limit: u32,
     ) -> CoreResult<Vec<AuditEvent>> {
-        Ok(self.store.list_audit(tenant, Some(user), limit.min(500)).await?)
+        Ok(self
+            .store
+            .list_audit(tenant, Some(user), limit.min(500))
+            .await?)
     }
 
     /// A user by id within a tenant (another tenant's user is `NotFound`).
@@ -821,7 +831,9 @@ impl Otpgate {
         password: SecretString,
         ctx: &RequestContext,
     ) -> CoreResult<LoginStarted> {
-        let user = self.authenticate_password(tenant, username, password, ctx).await?;
+        let user = self
+            .authenticate_password(tenant, username, password, ctx)
+            .await?;
         self.issue_ticket(&user, Purpose::Login, None, ctx, self.clock.now())
             .await
     }
@@ -848,7 +860,10 @@ impl Otpgate {
         if user.is_none()
             && let Ok(phone) = E164Phone::parse(username)
         {
-            user = self.store.find_user_by_phone(tenant, phone.as_str()).await?;
+            user = self
+                .store
+                .find_user_by_phone(tenant, phone.as_str())
+                .await?;
         }
         let stored_hash = user.as_ref().map(|u| u.password_hash.clone());
         let password_ok = self.hasher.verify(password, stored_hash).await?;
@@ -880,7 +895,8 @@ impl Otpgate {
             return Err(CoreError::InvalidCredentials);
         }
         if !password_ok {
-            self.count_failure(&user, "wrong password", ctx, now).await?;
+            self.count_failure(&user, "wrong password", ctx, now)
+                .await?;
             return Err(CoreError::InvalidCredentials);
         }
         Ok(user)

@@ -16,7 +16,10 @@ use super::{CoreResult, MAX_RACE_RETRIES, Otpgate, SessionIssued, totp_destinati
 use crate::code::OtpCode;
 use crate::error::CoreError;
 use crate::message::normalize_locale;
-use crate::model::{AuditKind, Challenge, ChallengeStatus, Channel, Purpose, RequestContext, Session, TenantId, User};
+use crate::model::{
+    AuditKind, Challenge, ChallengeStatus, Channel, Purpose, RequestContext, Session, TenantId,
+    User,
+};
 use crate::store::{Contact, LoginCompletion};
 use crate::token::mint_hex_token;
 
@@ -75,7 +78,7 @@ pub enum VerifyLoginOutcome {
     /// The e-mail address is verified (or needs none); the phone is next, its code sent.
     MobileNext,
     /// Logged in.
-    LoggedIn(SessionIssued),
+    LoggedIn(Box<SessionIssued>),
 }
 
 fn phone_pending(user: &User) -> bool {
@@ -96,7 +99,10 @@ impl Otpgate {
     ) -> CoreResult<VerifyLoginOutcome> {
         // A malformed code is refused before the password is even checked: no counter moves.
         let code = match request.code.as_deref() {
-            Some(raw) => Some(OtpCode::parse(raw, Some(usize::from(self.policy.code_length)))?),
+            Some(raw) => Some(OtpCode::parse(
+                raw,
+                Some(usize::from(self.policy.code_length)),
+            )?),
             None => None,
         };
         let user = self
@@ -107,16 +113,30 @@ impl Otpgate {
                 let phone = user.phone.as_ref().ok_or_else(|| {
                     CoreError::Conflict("the account has no mobile number".into())
                 })?;
-                self.send_purpose_code(&user, Purpose::MobileVerify, Channel::Sms, phone.as_str(), true, ctx)
-                    .await?;
+                self.send_purpose_code(
+                    &user,
+                    Purpose::MobileVerify,
+                    Channel::Sms,
+                    phone.as_str(),
+                    true,
+                    ctx,
+                )
+                .await?;
                 Ok(VerifyLoginOutcome::CodeRequired)
             }
             (VerifyType::Email, None) => {
                 let email = user.email.as_ref().ok_or_else(|| {
                     CoreError::Conflict("the account has no e-mail address".into())
                 })?;
-                self.send_purpose_code(&user, Purpose::EmailVerify, Channel::Email, email.as_str(), true, ctx)
-                    .await?;
+                self.send_purpose_code(
+                    &user,
+                    Purpose::EmailVerify,
+                    Channel::Email,
+                    email.as_str(),
+                    true,
+                    ctx,
+                )
+                .await?;
                 Ok(VerifyLoginOutcome::CodeRequired)
             }
             (VerifyType::Login, None) => {
@@ -142,7 +162,7 @@ impl Otpgate {
                     .check_purpose_code(&user, verify_type, &code, contact, completes_login, ctx)
                     .await?;
                 if let Some(issued) = issued {
-                    return Ok(VerifyLoginOutcome::LoggedIn(issued));
+                    return Ok(VerifyLoginOutcome::LoggedIn(Box::new(issued)));
                 }
                 // The contact is verified now; re-read the user and name what comes next.
                 let user = self
@@ -152,7 +172,9 @@ impl Otpgate {
                     .ok_or(CoreError::InvalidCredentials)?;
                 match self.next_verification(&user, ctx).await? {
                     Some(next) => Ok(next),
-                    None => Err(CoreError::Internal("no verification left but no login".into())),
+                    None => Err(CoreError::Internal(
+                        "no verification left but no login".into(),
+                    )),
                 }
             }
         }
@@ -165,13 +187,27 @@ impl Otpgate {
         ctx: &RequestContext,
     ) -> CoreResult<Option<VerifyLoginOutcome>> {
         if let (true, Some(phone)) = (phone_pending(user), &user.phone) {
-            self.send_purpose_code(user, Purpose::MobileVerify, Channel::Sms, phone.as_str(), false, ctx)
-                .await?;
+            self.send_purpose_code(
+                user,
+                Purpose::MobileVerify,
+                Channel::Sms,
+                phone.as_str(),
+                false,
+                ctx,
+            )
+            .await?;
             return Ok(Some(VerifyLoginOutcome::MobileNext));
         }
         if let (true, Some(email)) = (email_pending(user), &user.email) {
-            self.send_purpose_code(user, Purpose::EmailVerify, Channel::Email, email.as_str(), false, ctx)
-                .await?;
+            self.send_purpose_code(
+                user,
+                Purpose::EmailVerify,
+                Channel::Email,
+                email.as_str(),
+                false,
+                ctx,
+            )
+            .await?;
             return Ok(Some(VerifyLoginOutcome::EmailNext {
                 email: email.as_str().to_owned(),
             }));
@@ -182,14 +218,20 @@ impl Otpgate {
     /// The login code: none for an authenticator user (a challenge still counts the attempts),
     /// else by SMS, else by e-mail.
     async fn send_login_code(&self, user: &User, ctx: &RequestContext) -> CoreResult<()> {
-        let (channel, destination) = if self.active_totp_factor(&user.tenant_id, &user.id).await?.is_some() {
+        let (channel, destination) = if self
+            .active_totp_factor(&user.tenant_id, &user.id)
+            .await?
+            .is_some()
+        {
             (Channel::Totp, totp_destination(&user.id))
         } else if let Some(phone) = &user.phone {
             (Channel::Sms, phone.as_str().to_owned())
         } else if let Some(email) = &user.email {
             (Channel::Email, email.as_str().to_owned())
         } else {
-            return Err(CoreError::Conflict("the account has no phone, e-mail or authenticator".into()));
+            return Err(CoreError::Conflict(
+                "the account has no phone, e-mail or authenticator".into(),
+            ));
         };
         self.send_purpose_code(user, Purpose::Login, channel, &destination, true, ctx)
             .await
@@ -214,7 +256,8 @@ impl Otpgate {
             return Ok(());
         }
         if channel != Channel::Totp {
-            self.check_send_budget(&user.tenant_id, destination, now).await?;
+            self.check_send_budget(&user.tenant_id, destination, now)
+                .await?;
         }
         let locale = normalize_locale(ctx.locale.as_deref());
         let (challenge, message) = self.new_challenge(
@@ -230,7 +273,12 @@ impl Otpgate {
             &user.tenant_id,
             Some(&user.id),
             AuditKind::OtpSent,
-            format!("{} code {} by {}", purpose.as_str(), challenge.id, channel.as_str()),
+            format!(
+                "{} code {} by {}",
+                purpose.as_str(),
+                challenge.id,
+                channel.as_str()
+            ),
             ctx,
             now,
         )];
@@ -284,7 +332,9 @@ impl Otpgate {
                 .map(|p| p.as_str().to_owned())
                 .or_else(|| user.email.as_ref().map(|e| e.as_str().to_owned())),
         }
-        .ok_or(CoreError::CodeRejected { attempts_left: None })?;
+        .ok_or(CoreError::CodeRejected {
+            attempts_left: None,
+        })?;
         for _ in 0..MAX_RACE_RETRIES {
             let now = self.clock.now();
             let challenge = match self.pending_for(user, purpose, &destination, now).await? {
@@ -295,10 +345,16 @@ impl Otpgate {
                         .await?;
                     continue;
                 }
-                None => return Err(CoreError::CodeRejected { attempts_left: None }),
+                None => {
+                    return Err(CoreError::CodeRejected {
+                        attempts_left: None,
+                    });
+                }
             };
             if challenge.status_at(now) != ChallengeStatus::Pending {
-                return Err(CoreError::CodeRejected { attempts_left: None });
+                return Err(CoreError::CodeRejected {
+                    attempts_left: None,
+                });
             }
             let totp_step = match &factor {
                 Some(f) => self.totp_step_for(f, code, now)?.map(|s| (f.id.clone(), s)),
@@ -327,7 +383,14 @@ impl Otpgate {
                     now,
                 )];
                 if session.is_some() {
-                    audit.push(self.event(&user.tenant_id, Some(&user.id), AuditKind::TokenIssued, "session", ctx, now));
+                    audit.push(self.event(
+                        &user.tenant_id,
+                        Some(&user.id),
+                        AuditKind::TokenIssued,
+                        "session",
+                        ctx,
+                        now,
+                    ));
                 }
                 let completion = LoginCompletion {
                     tenant_id: user.tenant_id.clone(),
@@ -370,6 +433,8 @@ impl Otpgate {
                 });
             }
         }
-        Err(CoreError::CodeRejected { attempts_left: None })
+        Err(CoreError::CodeRejected {
+            attempts_left: None,
+        })
     }
 }

@@ -17,8 +17,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::{AppState, rfc3339};
 use crate::context::Ctx;
+use crate::{AppState, rfc3339};
 
 /// The v1 routes.
 pub fn router() -> Router<AppState> {
@@ -35,6 +35,7 @@ pub fn router() -> Router<AppState> {
             "/v1/users/{id}/recovery_codes",
             post(regenerate_recovery_codes),
         )
+        .route("/v1/users/{id}/events", get(user_events))
 }
 
 // ------------------------------------------------------------------ errors
@@ -356,7 +357,6 @@ struct VerificationView {
     delivery: Option<DeliveryView>,
 }
 
-
 fn view(
     c: &Challenge,
     now: time::OffsetDateTime,
@@ -628,6 +628,46 @@ async fn regenerate_recovery_codes(
         .await?;
     Ok(Json(RecoveryCodesView {
         recovery_codes: expose_all(&codes),
+    }))
+}
+
+#[derive(Serialize)]
+struct EventView {
+    kind: &'static str,
+    detail: String,
+    ip: Option<String>,
+    latitude: Option<f64>,
+    longitude: Option<f64>,
+    mode: Option<String>,
+    at: String,
+}
+
+#[derive(Serialize)]
+struct EventsView {
+    events: Vec<EventView>,
+}
+
+/// The user's login history: logins, codes, tokens, with where each request came from.
+async fn user_events(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Path(id): Path<String>,
+) -> Result<Json<EventsView>, V1Error> {
+    let user = state.core.user(&tenant, &id).await?;
+    let events = state.core.user_events(&tenant, &user.id, 100).await?;
+    Ok(Json(EventsView {
+        events: events
+            .into_iter()
+            .map(|e| EventView {
+                kind: e.kind.as_str(),
+                detail: e.detail,
+                ip: e.context.ip,
+                latitude: e.context.latitude,
+                longitude: e.context.longitude,
+                mode: e.context.mode,
+                at: rfc3339(e.at),
+            })
+            .collect(),
     }))
 }
 

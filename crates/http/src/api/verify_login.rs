@@ -27,11 +27,12 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/api/verify_login_otp", post(verify_login_otp))
 }
 
-/// An answer: HTTP status and body.
+/// An answer: HTTP status, body, and the headers some answers carry.
 struct Answer {
     http: StatusCode,
     body: Value,
-    headers: HeaderMap,
+    retry_after: Option<u64>,
+    cookie: Option<String>,
 }
 
 impl Answer {
@@ -39,7 +40,8 @@ impl Answer {
         Answer {
             http: StatusCode::OK,
             body: json!({"status_code": status_code, "message": message.into()}),
-            headers: HeaderMap::new(),
+            retry_after: None,
+            cookie: None,
         }
     }
 
@@ -67,10 +69,13 @@ impl Answer {
             CoreError::CodeRejected { .. } => Answer::new(0, "Invalid otp entered"),
             CoreError::RateLimited { retry_after } => {
                 let seconds = retry_after.as_secs().max(1);
-                let mut answer = Answer::new(0, format!("Too many requests, try again in {seconds} seconds"))
-                    .with("retry_after", json!(seconds));
+                let mut answer = Answer::new(
+                    0,
+                    format!("Too many requests, try again in {seconds} seconds"),
+                )
+                .with("retry_after", json!(seconds));
                 answer.http = StatusCode::TOO_MANY_REQUESTS;
-                answer.headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+                answer.retry_after = Some(seconds);
                 answer
             }
             CoreError::Conflict(why) => Answer::new(0, capitalise(why)),
@@ -102,7 +107,13 @@ fn capitalise(text: &str) -> String {
 impl IntoResponse for Answer {
     fn into_response(self) -> Response {
         let mut response = (self.http, Json(self.body)).into_response();
-        response.headers_mut().extend(self.headers);
+        let headers = response.headers_mut();
+        if let Some(seconds) = self.retry_after {
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(value) = self.cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            headers.insert(SET_COOKIE, value);
+        }
         response
     }
 }
@@ -132,12 +143,19 @@ impl<S: Send + Sync> FromRequest<S> for Fields {
         if content_type.starts_with("application/json") {
             match serde_json::from_slice::<Value>(&bytes) {
                 Ok(Value::Object(map)) => Ok(Fields(map)),
-                _ => Err(Answer::validation("The request body is not a valid JSON object")),
+                _ => Err(Answer::validation(
+                    "The request body is not a valid JSON object",
+                )),
             }
         } else if content_type.starts_with("application/x-www-form-urlencoded") {
             let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&bytes)
                 .map_err(|_| Answer::validation("The form could not be read"))?;
-            Ok(Fields(pairs.into_iter().map(|(k, v)| (k, Value::String(v))).collect()))
+            Ok(Fields(
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::String(v)))
+                    .collect(),
+            ))
         } else {
             let mut answer = Answer::validation(
                 "Send the request as application/json or application/x-www-form-urlencoded",
@@ -166,33 +184,31 @@ enum ReqMode {
 }
 
 impl Fields {
-    fn text(&self, name: &str) -> Result<String, Answer> {
+    fn text(&self, name: &str) -> Result<String, String> {
         match self.0.get(name) {
             Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
             Some(Value::Number(n)) => Ok(n.to_string()),
-            None | Some(Value::Null) | Some(Value::String(_)) => {
-                Err(Answer::validation(format!("{name} is required")))
-            }
-            Some(_) => Err(Answer::validation(format!("{name} must be a string"))),
+            None | Some(Value::Null) | Some(Value::String(_)) => Err(format!("{name} is required")),
+            Some(_) => Err(format!("{name} must be a string")),
         }
     }
 
-    fn coordinate(&self, name: &str, limit: f64) -> Result<f64, Answer> {
+    fn coordinate(&self, name: &str, limit: f64) -> Result<f64, String> {
         let text = self.text(name)?;
         let value: f64 = text
             .parse()
             .ok()
             .filter(|v: &f64| v.is_finite())
-            .ok_or_else(|| Answer::validation(format!("{name} must be a number")))?;
+            .ok_or_else(|| format!("{name} must be a number"))?;
         if value.abs() > limit {
-            return Err(Answer::validation(format!("{name} must be between -{limit} and {limit}")));
+            return Err(format!("{name} must be between -{limit} and {limit}"));
         }
         Ok(value)
     }
 
     /// One digit, given as a JSON number or a one-character string (any script's digit).
-    fn digit(&self, name: &str) -> Result<char, Answer> {
-        let bad = || Answer::validation(format!("{name} must be a single digit"));
+    fn digit(&self, name: &str) -> Result<char, String> {
+        let bad = || format!("{name} must be a single digit");
         match self.0.get(name) {
             Some(Value::Number(n)) => match n.as_u64() {
                 Some(d @ 0..=9) => char::from_digit(d as u32, 10).ok_or_else(bad),
@@ -205,33 +221,32 @@ impl Fields {
                     _ => Err(bad()),
                 }
             }
-            None | Some(Value::Null) | Some(Value::String(_)) => {
-                Err(Answer::validation(format!("{name} is required")))
-            }
+            None | Some(Value::Null) | Some(Value::String(_)) => Err(format!("{name} is required")),
             Some(_) => Err(bad()),
         }
     }
 
-    fn parse(&self) -> Result<Parsed, Answer> {
+    fn parse(&self) -> Result<Parsed, String> {
         let username = self.text("username")?;
         let password = match self.0.get("password") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            _ => return Err(Answer::validation("password is required")),
+            _ => return Err("password is required".to_owned()),
         };
         let latitude = self.coordinate("latitude", 90.0)?;
         let longitude = self.coordinate("longitude", 180.0)?;
         let req_mode = match self.text("req_mode")?.as_str() {
             "web" => ReqMode::Web,
             "app" => ReqMode::App,
-            _ => return Err(Answer::validation("req_mode must be web or app")),
+            _ => return Err("req_mode must be web or app".to_owned()),
         };
         let verify_type = VerifyType::parse(&self.text("verify_type")?).ok_or_else(|| {
-            Answer::validation("verify_type must be mobile_verify, email_verify or login_verify")
+            "verify_type must be mobile_verify, email_verify or login_verify".to_owned()
         })?;
         const DIGITS: [&str; 6] = ["otp1", "otp2", "otp3", "otp4", "otp5", "otp6"];
-        let any_digit = DIGITS
-            .iter()
-            .any(|d| !matches!(self.0.get(*d), None | Some(Value::Null)) && self.0.get(*d) != Some(&Value::String(String::new())));
+        let any_digit = DIGITS.iter().any(|d| {
+            !matches!(self.0.get(*d), None | Some(Value::Null))
+                && self.0.get(*d) != Some(&Value::String(String::new()))
+        });
         let code = if any_digit {
             let mut code = String::with_capacity(6);
             for name in DIGITS {
@@ -253,17 +268,31 @@ impl Fields {
     }
 }
 
-async fn verify_login_otp(State(state): State<AppState>, Ctx(mut ctx): Ctx, headers: HeaderMap, fields: Result<Fields, Answer>) -> Answer {
+async fn verify_login_otp(
+    State(state): State<AppState>,
+    Ctx(mut ctx): Ctx,
+    headers: HeaderMap,
+    fields: Result<Fields, Answer>,
+) -> Answer {
     ctx.mode = Some("verify_login".into());
     let tenant = match state.core.default_tenant().await {
         Ok(t) => t.id,
         Err(e) => return Answer::from_core(e),
     };
-    let parsed = match fields.and_then(|f| f.parse()) {
+    let parsed = match fields.and_then(|f| f.parse().map_err(Answer::validation)) {
         Ok(p) => p,
         Err(answer) => {
-            let reason = answer.body["message"].as_str().unwrap_or("invalid request").to_owned();
-            if let Err(e) = state.core.record_rejected_request(&tenant, &reason, &ctx).await {
+            let reason = answer
+                .body
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("invalid request")
+                .to_owned();
+            if let Err(e) = state
+                .core
+                .record_rejected_request(&tenant, &reason, &ctx)
+                .await
+            {
                 return Answer::from_core(e);
             }
             return answer;
@@ -284,9 +313,12 @@ async fn verify_login_otp(State(state): State<AppState>, Ctx(mut ctx): Ctx, head
     match state.core.verify_login(&tenant, request, &ctx).await {
         Ok(VerifyLoginOutcome::CodeRequired) => Answer::new(3, "Login Verification Required"),
         Ok(VerifyLoginOutcome::EmailNext { email }) => {
-            Answer::new(4, "Mobile Verified, Email Verification Required").with("email", json!(email))
+            Answer::new(4, "Mobile Verified, Email Verification Required")
+                .with("email", json!(email))
         }
-        Ok(VerifyLoginOutcome::MobileNext) => Answer::new(5, "Email Verified, Mobile Verification Required"),
+        Ok(VerifyLoginOutcome::MobileNext) => {
+            Answer::new(5, "Email Verified, Mobile Verification Required")
+        }
         Ok(VerifyLoginOutcome::LoggedIn(issued)) => {
             let url = match issued.user.role {
                 Role::Admin => "admin-dashboard",
@@ -294,10 +326,11 @@ async fn verify_login_otp(State(state): State<AppState>, Ctx(mut ctx): Ctx, head
             };
             let mut answer = Answer::new(1, "Login Successful").with("url", json!(url));
             let now = state.core.clock().now();
-            let cookie = session_cookie(&issued.token, (issued.expires_at - now).whole_seconds(), &headers);
-            if let Ok(value) = HeaderValue::from_str(&cookie) {
-                answer.headers.insert(SET_COOKIE, value);
-            }
+            answer.cookie = Some(session_cookie(
+                &issued.token,
+                (issued.expires_at - now).whole_seconds(),
+                &headers,
+            ));
             if parsed.req_mode == ReqMode::App {
                 answer = answer
                     .with("token", json!(issued.token.expose_secret()))

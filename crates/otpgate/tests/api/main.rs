@@ -14,3 +14,4 @@ mod scale_out;
 mod v1_bad_input;
 mod v1_users;
 mod v1_verifications;
+mod verify_login;

@@ -20,8 +20,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value, json};
 
 use self::messages::{AclMessage, Lang};
-use crate::{AppState, rfc3339};
 use crate::context::Ctx;
+use crate::{AppState, rfc3339};
 
 /// The acl routes, nested under `/api/acl`.
 pub fn router() -> Router<AppState> {
@@ -144,7 +144,6 @@ fn done(data: Value, lang: Lang) -> Response {
     }))
     .into_response()
 }
-
 
 /// The request's language and context.
 pub struct AclCtx {
