@@ -40,6 +40,9 @@ pub enum CoreError {
         /// Checks left on the challenge, when it is still alive.
         attempts_left: Option<u32>,
     },
+    /// No live code to check: it expired, was used or canceled, or was never sent.
+    #[error("no live code")]
+    CodeExpired,
     /// Too many requests: try again after the given time.
     #[error("rate limited; retry after {} s", retry_after.as_secs())]
     RateLimited {
@@ -71,6 +74,7 @@ impl CoreError {
             CoreError::InvalidCredentials => "invalid_credentials",
             CoreError::Unauthorized => "unauthorized",
             CoreError::CodeRejected { .. } => "code_rejected",
+            CoreError::CodeExpired => "code_expired",
             CoreError::RateLimited { .. } => "rate_limited",
             CoreError::NotFound => "not_found",
             CoreError::Conflict(_) => "conflict",

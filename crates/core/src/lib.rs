@@ -8,6 +8,7 @@ pub mod code;
 pub mod crypto;
 pub mod error;
 pub mod identity;
+pub mod jwt;
 pub mod message;
 pub mod model;
 pub mod otp;

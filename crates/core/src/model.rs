@@ -68,6 +68,10 @@ hex_id!(
     /// An outbox message's id.
     MessageId
 );
+hex_id!(
+    /// A tenant's JWT signing key's id (the `kid` of its tokens).
+    KeyId
+);
 
 /// A company using otpgate.
 #[derive(Debug, Clone)]
@@ -125,6 +129,8 @@ pub struct User {
     pub phone: Option<E164Phone>,
     /// Role.
     pub role: Role,
+    /// The user type of a phone-identified user (digipay: 1 employee, 2 customer, ...).
+    pub user_type: Option<u16>,
     /// argon2id PHC string.
     pub password_hash: String,
     /// When the phone was verified.
@@ -249,6 +255,40 @@ impl ChallengeStatus {
             _ => return Err(CoreError::invalid("status", "unknown")),
         })
     }
+}
+
+/// A tenant's JWT signing key.
+#[derive(Debug, Clone)]
+pub struct JwtKey {
+    /// Its id.
+    pub id: KeyId,
+    /// Its tenant.
+    pub tenant_id: TenantId,
+    /// The HMAC secret, sealed under the master key with the key id as context.
+    pub secret_sealed: Vec<u8>,
+    /// Creation time.
+    pub created_at: OffsetDateTime,
+    /// `None` for the active key; for a rotated-out key, until when it still verifies.
+    pub verify_until: Option<OffsetDateTime>,
+}
+
+/// A device a user signed in from.
+#[derive(Debug, Clone)]
+pub struct Device {
+    /// Its tenant.
+    pub tenant_id: TenantId,
+    /// Its user.
+    pub user_id: UserId,
+    /// The client's unique id of the device (tokens are bound to it).
+    pub device_unique_id: String,
+    /// The client's device id.
+    pub device_id: String,
+    /// `android`, `ios`, `web` or another client-given kind.
+    pub device_type: String,
+    /// First sign-in from it.
+    pub first_seen_at: OffsetDateTime,
+    /// Latest sign-in from it.
+    pub last_seen_at: OffsetDateTime,
 }
 
 /// One code sent or expected.
@@ -493,6 +533,10 @@ pub enum AuditKind {
     TotpRemoved,
     /// Recovery codes were (re)issued.
     RecoveryCodesIssued,
+    /// A tenant's JWT signing key was rotated.
+    KeyRotated,
+    /// An API key was revoked.
+    ApiKeyRevoked,
     /// A message was delivered to its provider.
     MessageSent,
     /// A message could not be delivered.
@@ -507,7 +551,7 @@ pub enum AuditKind {
 
 impl AuditKind {
     /// Every kind, for parsing stored names.
-    pub const ALL: [AuditKind; 18] = [
+    pub const ALL: [AuditKind; 20] = [
         AuditKind::LoginPasswordOk,
         AuditKind::LoginFailed,
         AuditKind::LockedOut,
@@ -521,6 +565,8 @@ impl AuditKind {
         AuditKind::TotpConfirmed,
         AuditKind::TotpRemoved,
         AuditKind::RecoveryCodesIssued,
+        AuditKind::KeyRotated,
+        AuditKind::ApiKeyRevoked,
         AuditKind::MessageSent,
         AuditKind::MessageFailed,
         AuditKind::ApiKeyCreated,
@@ -552,6 +598,8 @@ impl AuditKind {
             AuditKind::TotpConfirmed => "totp_confirmed",
             AuditKind::TotpRemoved => "totp_removed",
             AuditKind::RecoveryCodesIssued => "recovery_codes_issued",
+            AuditKind::KeyRotated => "key_rotated",
+            AuditKind::ApiKeyRevoked => "api_key_revoked",
             AuditKind::MessageSent => "message_sent",
             AuditKind::MessageFailed => "message_failed",
             AuditKind::ApiKeyCreated => "api_key_created",

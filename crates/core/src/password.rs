@@ -11,6 +11,10 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::CoreError;
 
+/// The stored "hash" of accounts that have no password (created by phone verification): not a
+/// PHC string, so no password ever matches it.
+pub const NO_PASSWORD: &str = "!no-password";
+
 /// Longest password accepted (argon2 takes any length; this bounds the work per request).
 pub const MAX_PASSWORD_BYTES: usize = 1024;
 
@@ -89,6 +93,7 @@ impl PasswordHasher {
     ) -> Result<bool, CoreError> {
         let real = stored.is_some();
         let phc = stored.unwrap_or_else(|| self.dummy_hash.as_ref().clone());
+        let dummy = Arc::clone(&self.dummy_hash);
         let acceptable = Self::check_acceptable(&password).is_ok();
         let span = tracing::Span::current();
         let matched = tokio::task::spawn_blocking(move || {
@@ -102,7 +107,14 @@ impl PasswordHasher {
                 Ok(parsed) => argon2(&Params::default())
                     .verify_password(candidate, &parsed)
                     .is_ok(),
-                Err(_) => false,
+                // An account without a password (created by phone verification) costs the
+                // same argon2 run as any other, and never matches.
+                Err(_) => {
+                    if let Ok(parsed) = PasswordHash::new(dummy.as_str()) {
+                        let _ = argon2(&Params::default()).verify_password(candidate, &parsed);
+                    }
+                    false
+                }
             }
         })
         .await
@@ -132,6 +144,18 @@ mod tests {
         assert!(
             !hasher
                 .verify(SecretString::from("wrong"), Some(hash))
+                .await
+                .unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_account_without_a_password_never_verifies() {
+        let hasher = PasswordHasher::owasp().unwrap();
+        let none = Some(NO_PASSWORD.to_owned());
+        assert!(
+            !hasher
+                .verify(SecretString::from("anything"), none)
                 .await
                 .unwrap()
         );

@@ -8,8 +8,8 @@ use time::OffsetDateTime;
 
 use crate::error::StoreError;
 use crate::model::{
-    ApiKey, AuditEvent, Challenge, ChallengeId, FactorId, LoginTicket, MessageId, OutboxMessage,
-    Session, Tenant, TenantId, TotpFactor, User, UserId,
+    ApiKey, ApiKeyId, AuditEvent, Challenge, ChallengeId, Device, FactorId, JwtKey, LoginTicket,
+    MessageId, OutboxMessage, Session, Tenant, TenantId, TotpFactor, User, UserId,
 };
 
 /// Result of store operations.
@@ -62,6 +62,27 @@ pub struct LoginCompletion {
     pub verified: Option<Contact>,
     /// The session to create, if the login is complete.
     pub session: Option<Session>,
+    /// The moment of the check.
+    pub now: OffsetDateTime,
+    /// Events to record with it.
+    pub audit: Vec<AuditEvent>,
+}
+
+/// Everything a right phone code changes, in one transaction: the challenge consumed, the
+/// user found (by tenant, phone and user type) or created from `candidate`, the contact marked
+/// verified (and the e-mail address recorded when the user had none), the device recorded.
+#[derive(Debug, Clone)]
+pub struct PhoneCompletion {
+    /// The challenge.
+    pub challenge_id: ChallengeId,
+    /// Attempts seen when the code was compared.
+    pub expected_attempts: u32,
+    /// The user to create when none exists yet.
+    pub candidate: User,
+    /// What the code verified.
+    pub verified: Contact,
+    /// The device signing in (its user id is set by the store).
+    pub device: Device,
     /// The moment of the check.
     pub now: OffsetDateTime,
     /// Events to record with it.
@@ -294,6 +315,62 @@ pub trait Store: Send + Sync + 'static {
         &self,
         challenge: &ChallengeId,
     ) -> StoreResult<Option<OutboxMessage>>;
+
+    // --- phone-identified users, devices, JWT keys ---
+    /// A user by phone and user type.
+    async fn find_user_by_phone_and_type(
+        &self,
+        tenant: &TenantId,
+        phone: &str,
+        user_type: u16,
+    ) -> StoreResult<Option<User>>;
+    /// The newest challenge of a purpose to a destination, whatever its status.
+    async fn latest_challenge(
+        &self,
+        tenant: &TenantId,
+        purpose: &str,
+        destination: &str,
+    ) -> StoreResult<Option<Challenge>>;
+    /// Applies a right phone code (see [`PhoneCompletion`]); the user, or `None` when a
+    /// condition no longer held.
+    async fn complete_phone_verification(
+        &self,
+        completion: &PhoneCompletion,
+    ) -> StoreResult<Option<User>>;
+    /// Inserts `candidate` as the tenant's active key unless one exists; returns the active key.
+    async fn ensure_jwt_key(&self, candidate: &JwtKey) -> StoreResult<JwtKey>;
+    /// Retires the active key (still verifying until `retire_until`) and makes `next` active.
+    async fn rotate_jwt_key(
+        &self,
+        next: &JwtKey,
+        retire_until: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()>;
+    /// The tenant's keys that verify at `now`: the active one and the retiring ones.
+    async fn verifying_jwt_keys(
+        &self,
+        tenant: &TenantId,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<JwtKey>>;
+    /// Records a JWT as revoked; false when it already was.
+    async fn revoke_jti(
+        &self,
+        tenant: &TenantId,
+        jti: &str,
+        expires_at: OffsetDateTime,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool>;
+    /// Whether a JWT was revoked.
+    async fn is_jti_revoked(&self, jti: &str) -> StoreResult<bool>;
+    /// Revokes an API key of the tenant; false when unknown or already revoked.
+    async fn revoke_api_key(
+        &self,
+        tenant: &TenantId,
+        id: &ApiKeyId,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool>;
 
     // --- housekeeping ---
     /// Deletes up to `batch` rows of each kind that can no longer matter at `now`: used or

@@ -4,8 +4,8 @@
 use otpgate_core::identity::{E164Phone, Email, Username};
 use otpgate_core::model::{
     ApiKey, ApiKeyId, AuditEvent, AuditKind, Challenge, ChallengeId, ChallengeStatus, Channel,
-    DeliveryStatus, FactorId, LoginTicket, MessageId, OutboxMessage, Purpose, RequestContext, Role,
-    Session, Tenant, TenantId, TotpFactor, User, UserId,
+    DeliveryStatus, FactorId, JwtKey, KeyId, LoginTicket, MessageId, OutboxMessage, Purpose,
+    RequestContext, Role, Session, Tenant, TenantId, TotpFactor, User, UserId,
 };
 use otpgate_core::otp::{Algorithm, TotpParams};
 use sqlx::Row;
@@ -79,7 +79,7 @@ pub(crate) fn tenant(row: &PgRow) -> sqlx::Result<Tenant> {
 }
 
 pub(crate) const USER_COLUMNS: &str = "id, tenant_id, username, email, phone, role, password_hash, \
-     mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at";
+     mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type";
 
 pub(crate) fn user(row: &PgRow) -> sqlx::Result<User> {
     Ok(User {
@@ -95,6 +95,22 @@ pub(crate) fn user(row: &PgRow) -> sqlx::Result<User> {
         failed_logins: count(row, "failed_logins")?,
         locked_until: opt_time_at(row, "locked_until")?,
         created_at: time_at(row, "created_at")?,
+        user_type: row
+            .try_get::<Option<i64>, _>("user_type")?
+            .map(|t| u16::try_from(t).map_err(|_| bad("user_type", "user type")))
+            .transpose()?,
+    })
+}
+
+pub(crate) const JWT_KEY_COLUMNS: &str = "id, tenant_id, secret_sealed, created_at, verify_until";
+
+pub(crate) fn jwt_key(row: &PgRow) -> sqlx::Result<JwtKey> {
+    Ok(JwtKey {
+        id: parsed(row, "id", KeyId::parse)?,
+        tenant_id: parsed(row, "tenant_id", TenantId::parse)?,
+        secret_sealed: row.try_get("secret_sealed")?,
+        created_at: time_at(row, "created_at")?,
+        verify_until: opt_time_at(row, "verify_until")?,
     })
 }
 

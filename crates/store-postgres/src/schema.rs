@@ -11,6 +11,7 @@ use crate::db;
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_recovery_codes.sql"),
+    include_str!("../migrations/0003_tenant_keys_devices.sql"),
 ];
 
 /// An arbitrary constant naming otpgate's migration lock.

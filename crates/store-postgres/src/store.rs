@@ -3,10 +3,12 @@
 use async_trait::async_trait;
 use otpgate_core::StoreError;
 use otpgate_core::model::{
-    ApiKey, AuditEvent, Challenge, ChallengeId, FactorId, LoginTicket, MessageId, OutboxMessage,
-    Session, Tenant, TenantId, TotpFactor, User, UserId,
+    ApiKey, ApiKeyId, AuditEvent, Challenge, ChallengeId, FactorId, JwtKey, LoginTicket, MessageId,
+    OutboxMessage, Session, Tenant, TenantId, TotpFactor, User, UserId,
 };
-use otpgate_core::store::{CodeReplacement, Contact, LoginCompletion, Store, StoreResult};
+use otpgate_core::store::{
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, Store, StoreResult,
+};
 use sqlx::postgres::PgRow;
 // Dynamic SQL here is built only from the constant column lists in `rows`; every value is bound.
 use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
@@ -88,6 +90,37 @@ async fn insert_message(conn: &mut PgConnection, m: &OutboxMessage) -> StoreResu
     .execute(&mut *conn)
     .await
     .map_err(db)?;
+    Ok(())
+}
+
+/// Inserts a user; with `or_ignore`, an existing user of the same phone and type (or name) wins.
+async fn insert_user(conn: &mut PgConnection, u: &User, or_ignore: bool) -> StoreResult<()> {
+    let sql = if or_ignore {
+        "INSERT INTO users (id, tenant_id, username, email, phone, role, password_hash, \
+         mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING"
+    } else {
+        "INSERT INTO users (id, tenant_id, username, email, phone, role, password_hash, \
+         mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    };
+    sqlx::query(sql)
+        .bind(u.id.as_str())
+        .bind(u.tenant_id.as_str())
+        .bind(u.username.as_str())
+        .bind(u.email.as_ref().map(|e| e.as_str()))
+        .bind(u.phone.as_ref().map(|p| p.as_str()))
+        .bind(u.role.as_str())
+        .bind(&u.password_hash)
+        .bind(u.mobile_verified_at.map(ms))
+        .bind(u.email_verified_at.map(ms))
+        .bind(i64::from(u.failed_logins))
+        .bind(u.locked_until.map(ms))
+        .bind(ms(u.created_at))
+        .bind(u.user_type.map(i64::from))
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| map_error(e, "username"))?;
     Ok(())
 }
 
@@ -235,26 +268,7 @@ impl Store for PgStore {
 
     async fn insert_user(&self, u: &User, audit: &[AuditEvent]) -> StoreResult<()> {
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO users (id, tenant_id, username, email, phone, role, password_hash, \
-             mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(u.id.as_str())
-        .bind(u.tenant_id.as_str())
-        .bind(u.username.as_str())
-        .bind(u.email.as_ref().map(|e| e.as_str()))
-        .bind(u.phone.as_ref().map(|p| p.as_str()))
-        .bind(u.role.as_str())
-        .bind(&u.password_hash)
-        .bind(u.mobile_verified_at.map(ms))
-        .bind(u.email_verified_at.map(ms))
-        .bind(i64::from(u.failed_logins))
-        .bind(u.locked_until.map(ms))
-        .bind(ms(u.created_at))
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| map_error(e, "username"))?;
+        insert_user(&mut tx, u, false).await?;
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db)
     }
@@ -860,6 +874,252 @@ impl Store for PgStore {
         .await
         .map_err(db)?;
         Ok(u32::try_from(n).unwrap_or(0))
+    }
+
+    async fn find_user_by_phone_and_type(
+        &self,
+        tenant: &TenantId,
+        phone: &str,
+        user_type: u16,
+    ) -> StoreResult<Option<User>> {
+        let sql = format!(
+            "SELECT {} FROM users WHERE tenant_id = $1 AND phone = $2 AND user_type = $3",
+            rows::USER_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(tenant.as_str())
+                .bind(phone)
+                .bind(i64::from(user_type)),
+            rows::user,
+        )
+        .await
+    }
+
+    async fn latest_challenge(
+        &self,
+        tenant: &TenantId,
+        purpose: &str,
+        destination: &str,
+    ) -> StoreResult<Option<Challenge>> {
+        let sql = format!(
+            "SELECT {} FROM challenges WHERE tenant_id = $1 AND destination = $2 AND purpose = $3 \
+             ORDER BY created_at DESC, id DESC LIMIT 1",
+            rows::CHALLENGE_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(tenant.as_str())
+                .bind(destination)
+                .bind(purpose),
+            rows::challenge,
+        )
+        .await
+    }
+
+    async fn complete_phone_verification(
+        &self,
+        done: &PhoneCompletion,
+    ) -> StoreResult<Option<User>> {
+        let mut tx = self.begin().await?;
+        if !consume(
+            &mut tx,
+            &done.challenge_id,
+            done.expected_attempts,
+            done.now,
+        )
+        .await?
+        {
+            return Ok(None);
+        }
+        let candidate = &done.candidate;
+        insert_user(&mut tx, candidate, true).await?;
+        let select = format!(
+            "SELECT {} FROM users WHERE tenant_id = $1 AND phone = $2 AND user_type = $3",
+            rows::USER_COLUMNS
+        );
+        let tenant = candidate.tenant_id.as_str();
+        let phone = candidate.phone.as_ref().map(|p| p.as_str());
+        let user_type = candidate.user_type.map(i64::from);
+        let row = sqlx::query(AssertSqlSafe(select.clone()))
+            .bind(tenant)
+            .bind(phone)
+            .bind(user_type)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        let user = rows::user(&row).map_err(db)?;
+        let now = ms(done.now);
+        match done.verified {
+            Contact::Phone => sqlx::query(
+                "UPDATE users SET mobile_verified_at = COALESCE(mobile_verified_at, $2) WHERE id = $1",
+            )
+            .bind(user.id.as_str())
+            .bind(now),
+            Contact::Email => sqlx::query(
+                "UPDATE users SET email_verified_at = COALESCE(email_verified_at, $2), \
+                 email = COALESCE(email, $3) WHERE id = $1",
+            )
+            .bind(user.id.as_str())
+            .bind(now)
+            .bind(candidate.email.as_ref().map(|e| e.as_str())),
+        }
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let d = &done.device;
+        sqlx::query(
+            "INSERT INTO devices (tenant_id, user_id, device_unique_id, device_id, device_type, \
+             first_seen_at, last_seen_at) VALUES ($1, $2, $3, $4, $5, $6, $6) \
+             ON CONFLICT (user_id, device_unique_id) DO UPDATE SET device_id = excluded.device_id, \
+             device_type = excluded.device_type, last_seen_at = excluded.last_seen_at",
+        )
+        .bind(tenant)
+        .bind(user.id.as_str())
+        .bind(&d.device_unique_id)
+        .bind(&d.device_id)
+        .bind(&d.device_type)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let audit: Vec<AuditEvent> = done
+            .audit
+            .iter()
+            .cloned()
+            .map(|mut e| {
+                e.user_id = Some(user.id.clone());
+                e
+            })
+            .collect();
+        insert_audit(&mut tx, &audit).await?;
+        let row = sqlx::query(AssertSqlSafe(select))
+            .bind(tenant)
+            .bind(phone)
+            .bind(user_type)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        let user = rows::user(&row).map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(Some(user))
+    }
+
+    async fn ensure_jwt_key(&self, k: &JwtKey) -> StoreResult<JwtKey> {
+        sqlx::query(
+            "INSERT INTO tenant_keys (id, tenant_id, secret_sealed, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(k.id.as_str())
+        .bind(k.tenant_id.as_str())
+        .bind(&k.secret_sealed)
+        .bind(ms(k.created_at))
+        .execute(self.pool())
+        .await
+        .map_err(db)?;
+        let sql = format!(
+            "SELECT {} FROM tenant_keys WHERE tenant_id = $1 AND verify_until IS NULL",
+            rows::JWT_KEY_COLUMNS
+        );
+        self.fetch_optional(
+            sqlx::query(AssertSqlSafe(sql)).bind(k.tenant_id.as_str()),
+            rows::jwt_key,
+        )
+        .await?
+        .ok_or_else(|| StoreError::Other("no active key".into()))
+    }
+
+    async fn rotate_jwt_key(
+        &self,
+        k: &JwtKey,
+        retire_until: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE tenant_keys SET verify_until = $2 WHERE tenant_id = $1 AND verify_until IS NULL")
+            .bind(k.tenant_id.as_str())
+            .bind(ms(retire_until))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("INSERT INTO tenant_keys (id, tenant_id, secret_sealed, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(k.id.as_str())
+            .bind(k.tenant_id.as_str())
+            .bind(&k.secret_sealed)
+            .bind(ms(k.created_at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn verifying_jwt_keys(
+        &self,
+        tenant: &TenantId,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<JwtKey>> {
+        let sql = format!(
+            "SELECT {} FROM tenant_keys WHERE tenant_id = $1 AND (verify_until IS NULL OR verify_until > $2) \
+             ORDER BY created_at DESC",
+            rows::JWT_KEY_COLUMNS
+        );
+        self.fetch_all(
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(tenant.as_str())
+                .bind(ms(now)),
+            rows::jwt_key,
+        )
+        .await
+    }
+
+    async fn revoke_jti(
+        &self,
+        tenant: &TenantId,
+        jti: &str,
+        expires_at: OffsetDateTime,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        self.conditional(
+            sqlx::query(
+                "INSERT INTO revoked_tokens (jti, tenant_id, revoked_at, expires_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            )
+            .bind(jti)
+            .bind(tenant.as_str())
+            .bind(ms(now))
+            .bind(ms(expires_at)),
+            audit,
+        )
+        .await
+    }
+
+    async fn is_jti_revoked(&self, jti: &str) -> StoreResult<bool> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $1)")
+            .bind(jti)
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)
+    }
+
+    async fn revoke_api_key(
+        &self,
+        tenant: &TenantId,
+        id: &ApiKeyId,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        self.conditional(
+            sqlx::query(
+                "UPDATE api_keys SET revoked_at = $3 WHERE tenant_id = $1 AND id = $2 AND revoked_at IS NULL",
+            )
+            .bind(tenant.as_str())
+            .bind(id.as_str())
+            .bind(ms(now)),
+            audit,
+        )
+        .await
     }
 
     async fn claim_outbox(

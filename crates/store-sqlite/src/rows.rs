@@ -3,8 +3,8 @@
 use otpgate_core::identity::{E164Phone, Email, Username};
 use otpgate_core::model::{
     ApiKey, ApiKeyId, AuditEvent, AuditKind, Challenge, ChallengeId, ChallengeStatus, Channel,
-    DeliveryStatus, FactorId, LoginTicket, MessageId, OutboxMessage, Purpose, RequestContext, Role,
-    Session, Tenant, TenantId, TotpFactor, User, UserId,
+    DeliveryStatus, FactorId, JwtKey, KeyId, LoginTicket, MessageId, OutboxMessage, Purpose,
+    RequestContext, Role, Session, Tenant, TenantId, TotpFactor, User, UserId,
 };
 use otpgate_core::otp::{Algorithm, TotpParams};
 use rusqlite::Row;
@@ -81,7 +81,7 @@ pub(crate) fn tenant(row: &Row<'_>) -> rusqlite::Result<Tenant> {
 }
 
 pub(crate) const USER_COLUMNS: &str = "id, tenant_id, username, email, phone, role, password_hash, \
-     mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at";
+     mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type";
 
 pub(crate) fn user(row: &Row<'_>) -> rusqlite::Result<User> {
     Ok(User {
@@ -97,6 +97,22 @@ pub(crate) fn user(row: &Row<'_>) -> rusqlite::Result<User> {
         failed_logins: count(row, 9)?,
         locked_until: opt_time_at(row, 10)?,
         created_at: time_at(row, 11)?,
+        user_type: row
+            .get::<_, Option<i64>>(12)?
+            .map(|t| u16::try_from(t).map_err(|_| bad(12, "user type")))
+            .transpose()?,
+    })
+}
+
+pub(crate) const JWT_KEY_COLUMNS: &str = "id, tenant_id, secret_sealed, created_at, verify_until";
+
+pub(crate) fn jwt_key(row: &Row<'_>) -> rusqlite::Result<JwtKey> {
+    Ok(JwtKey {
+        id: parsed(row, 0, KeyId::parse)?,
+        tenant_id: parsed(row, 1, TenantId::parse)?,
+        secret_sealed: row.get(2)?,
+        created_at: time_at(row, 3)?,
+        verify_until: opt_time_at(row, 4)?,
     })
 }
 

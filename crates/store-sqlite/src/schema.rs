@@ -10,6 +10,7 @@ use crate::map_error;
 const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_recovery_codes.sql"),
+    include_str!("../migrations/0003_tenant_keys_devices.sql"),
 ];
 
 /// The schema version this build expects.

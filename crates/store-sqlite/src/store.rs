@@ -3,10 +3,12 @@
 use async_trait::async_trait;
 use otpgate_core::StoreError;
 use otpgate_core::model::{
-    ApiKey, AuditEvent, Challenge, ChallengeId, FactorId, LoginTicket, MessageId, OutboxMessage,
-    Session, Tenant, TenantId, TotpFactor, User, UserId,
+    ApiKey, ApiKeyId, AuditEvent, Challenge, ChallengeId, FactorId, JwtKey, LoginTicket, MessageId,
+    OutboxMessage, Session, Tenant, TenantId, TotpFactor, User, UserId,
 };
-use otpgate_core::store::{CodeReplacement, Contact, LoginCompletion, Store, StoreResult};
+use otpgate_core::store::{
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, Store, StoreResult,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
@@ -85,6 +87,37 @@ fn insert_message(conn: &Connection, m: &OutboxMessage) -> Result<(), JobError> 
         ms(m.next_attempt_at),
         ms(m.created_at),
     ])?;
+    Ok(())
+}
+
+/// Inserts a user; with `or_ignore`, an existing user of the same phone and type (or name) wins.
+fn insert_user(conn: &Connection, u: &User, or_ignore: bool) -> Result<(), JobError> {
+    let verb = if or_ignore {
+        "INSERT OR IGNORE"
+    } else {
+        "INSERT"
+    };
+    conn.prepare_cached(&format!(
+        "{verb} INTO users (id, tenant_id, username, email, phone, role, password_hash, \
+         mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+    ))?
+    .execute(params![
+        u.id.as_str(),
+        u.tenant_id.as_str(),
+        u.username.as_str(),
+        u.email.as_ref().map(|e| e.as_str()),
+        u.phone.as_ref().map(|p| p.as_str()),
+        u.role.as_str(),
+        u.password_hash,
+        u.mobile_verified_at.map(ms),
+        u.email_verified_at.map(ms),
+        u.failed_logins,
+        u.locked_until.map(ms),
+        ms(u.created_at),
+        u.user_type,
+    ])
+    .map_err(|e| JobError::Store(map_error(e, "username")))?;
     Ok(())
 }
 
@@ -173,26 +206,7 @@ impl Store for SqliteStore {
         let u = user.clone();
         let audit = audit.to_vec();
         self.write(move |c| {
-            c.execute(
-                "INSERT INTO users (id, tenant_id, username, email, phone, role, password_hash, \
-                 mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                params![
-                    u.id.as_str(),
-                    u.tenant_id.as_str(),
-                    u.username.as_str(),
-                    u.email.as_ref().map(|e| e.as_str()),
-                    u.phone.as_ref().map(|p| p.as_str()),
-                    u.role.as_str(),
-                    u.password_hash,
-                    u.mobile_verified_at.map(ms),
-                    u.email_verified_at.map(ms),
-                    u.failed_logins,
-                    u.locked_until.map(ms),
-                    ms(u.created_at),
-                ],
-            )
-            .map_err(|e| JobError::Store(map_error(e, "username")))?;
+            insert_user(c, &u, false)?;
             insert_audit(c, &audit)
         })
         .await?
@@ -816,6 +830,219 @@ impl Store for SqliteStore {
             Ok(u32::try_from(n).unwrap_or(0))
         })
         .await
+    }
+
+    async fn find_user_by_phone_and_type(
+        &self,
+        tenant: &TenantId,
+        phone: &str,
+        user_type: u16,
+    ) -> StoreResult<Option<User>> {
+        let (tenant, phone) = (tenant.clone(), phone.to_owned());
+        let sql = format!(
+            "SELECT {} FROM users WHERE tenant_id = ?1 AND phone = ?2 AND user_type = ?3",
+            rows::USER_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_row(params![tenant.as_str(), phone, user_type], rows::user)
+                .optional()
+        })
+        .await
+    }
+
+    async fn latest_challenge(
+        &self,
+        tenant: &TenantId,
+        purpose: &str,
+        destination: &str,
+    ) -> StoreResult<Option<Challenge>> {
+        let (tenant, purpose, destination) =
+            (tenant.clone(), purpose.to_owned(), destination.to_owned());
+        let sql = format!(
+            "SELECT {} FROM challenges WHERE tenant_id = ?1 AND destination = ?2 AND purpose = ?3 \
+             ORDER BY created_at DESC, rowid DESC LIMIT 1",
+            rows::CHALLENGE_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_row(
+                    params![tenant.as_str(), destination, purpose],
+                    rows::challenge,
+                )
+                .optional()
+        })
+        .await
+    }
+
+    async fn complete_phone_verification(
+        &self,
+        completion: &PhoneCompletion,
+    ) -> StoreResult<Option<User>> {
+        let done = completion.clone();
+        let select = format!(
+            "SELECT {} FROM users WHERE tenant_id = ?1 AND phone = ?2 AND user_type = ?3",
+            rows::USER_COLUMNS
+        );
+        self.write(move |c| {
+            require_one(consume(c, &done.challenge_id, done.expected_attempts, done.now)?)?;
+            let candidate = &done.candidate;
+            insert_user(c, candidate, true)?;
+            let tenant = candidate.tenant_id.as_str();
+            let phone = candidate.phone.as_ref().map(|p| p.as_str());
+            let user = c.query_row(&select, params![tenant, phone, candidate.user_type], rows::user)?;
+            let now = ms(done.now);
+            match done.verified {
+                Contact::Phone => c.execute(
+                    "UPDATE users SET mobile_verified_at = COALESCE(mobile_verified_at, ?2) WHERE id = ?1",
+                    params![user.id.as_str(), now],
+                )?,
+                Contact::Email => c.execute(
+                    "UPDATE users SET email_verified_at = COALESCE(email_verified_at, ?2), \
+                     email = COALESCE(email, ?3) WHERE id = ?1",
+                    params![
+                        user.id.as_str(),
+                        now,
+                        candidate.email.as_ref().map(|e| e.as_str())
+                    ],
+                )?,
+            };
+            let d = &done.device;
+            c.execute(
+                "INSERT INTO devices (tenant_id, user_id, device_unique_id, device_id, device_type, \
+                 first_seen_at, last_seen_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) \
+                 ON CONFLICT (user_id, device_unique_id) DO UPDATE SET device_id = excluded.device_id, \
+                 device_type = excluded.device_type, last_seen_at = excluded.last_seen_at",
+                params![tenant, user.id.as_str(), d.device_unique_id, d.device_id, d.device_type, now],
+            )?;
+            let audit: Vec<AuditEvent> = done
+                .audit
+                .iter()
+                .cloned()
+                .map(|mut e| {
+                    e.user_id = Some(user.id.clone());
+                    e
+                })
+                .collect();
+            insert_audit(c, &audit)?;
+            Ok(c.query_row(&select, params![tenant, phone, candidate.user_type], rows::user)?)
+        })
+        .await
+        .map(Result::ok)
+    }
+
+    async fn ensure_jwt_key(&self, candidate: &JwtKey) -> StoreResult<JwtKey> {
+        let k = candidate.clone();
+        let select = format!(
+            "SELECT {} FROM tenant_keys WHERE tenant_id = ?1 AND verify_until IS NULL",
+            rows::JWT_KEY_COLUMNS
+        );
+        self.write(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO tenant_keys (id, tenant_id, secret_sealed, created_at) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![
+                    k.id.as_str(),
+                    k.tenant_id.as_str(),
+                    k.secret_sealed,
+                    ms(k.created_at)
+                ],
+            )?;
+            Ok(c.query_row(&select, [k.tenant_id.as_str()], rows::jwt_key)?)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("key refused".into()))
+    }
+
+    async fn rotate_jwt_key(
+        &self,
+        next: &JwtKey,
+        retire_until: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let (k, audit) = (next.clone(), audit.to_vec());
+        self.write(move |c| {
+            c.execute(
+                "UPDATE tenant_keys SET verify_until = ?2 WHERE tenant_id = ?1 AND verify_until IS NULL",
+                params![k.tenant_id.as_str(), ms(retire_until)],
+            )?;
+            c.execute(
+                "INSERT INTO tenant_keys (id, tenant_id, secret_sealed, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![k.id.as_str(), k.tenant_id.as_str(), k.secret_sealed, ms(k.created_at)],
+            )?;
+            insert_audit(c, &audit)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("rotation refused".into()))
+    }
+
+    async fn verifying_jwt_keys(
+        &self,
+        tenant: &TenantId,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<JwtKey>> {
+        let tenant = tenant.clone();
+        let sql = format!(
+            "SELECT {} FROM tenant_keys WHERE tenant_id = ?1 AND (verify_until IS NULL OR verify_until > ?2) \
+             ORDER BY created_at DESC",
+            rows::JWT_KEY_COLUMNS
+        );
+        self.read(move |c| {
+            c.prepare_cached(&sql)?
+                .query_map(params![tenant.as_str(), ms(now)], rows::jwt_key)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn revoke_jti(
+        &self,
+        tenant: &TenantId,
+        jti: &str,
+        expires_at: OffsetDateTime,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let (tenant, jti, audit) = (tenant.clone(), jti.to_owned(), audit.to_vec());
+        self.write(move |c| {
+            require_one(c.execute(
+                "INSERT OR IGNORE INTO revoked_tokens (jti, tenant_id, revoked_at, expires_at) \
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![jti, tenant.as_str(), ms(now), ms(expires_at)],
+            )?)?;
+            insert_audit(c, &audit)
+        })
+        .await
+        .map(flag)
+    }
+
+    async fn is_jti_revoked(&self, jti: &str) -> StoreResult<bool> {
+        let jti = jti.to_owned();
+        self.read(move |c| {
+            c.prepare_cached("SELECT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = ?1)")?
+                .query_row([jti], |r| r.get::<_, bool>(0))
+        })
+        .await
+    }
+
+    async fn revoke_api_key(
+        &self,
+        tenant: &TenantId,
+        id: &ApiKeyId,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let (tenant, id, audit) = (tenant.clone(), id.clone(), audit.to_vec());
+        self.write(move |c| {
+            require_one(c.execute(
+                "UPDATE api_keys SET revoked_at = ?3 \
+                 WHERE tenant_id = ?1 AND id = ?2 AND revoked_at IS NULL",
+                params![tenant.as_str(), id.as_str(), ms(now)],
+            )?)?;
+            insert_audit(c, &audit)
+        })
+        .await
+        .map(flag)
     }
 
     async fn claim_outbox(

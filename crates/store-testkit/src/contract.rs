@@ -16,14 +16,14 @@ use otpgate_core::clock::Clock;
 use otpgate_core::crypto::MasterKey;
 use otpgate_core::model::{
     ApiKey, ApiKeyId, AuditEvent, AuditKind, Challenge, ChallengeId, ChallengeStatus, Channel,
-    DeliveryStatus, FactorId, LoginTicket, MessageId, OutboxMessage, Purpose, RequestContext, Role,
-    Session, Tenant, TenantId, TotpFactor, User, UserId,
+    DeliveryStatus, Device, FactorId, JwtKey, KeyId, LoginTicket, MessageId, OutboxMessage,
+    Purpose, RequestContext, Role, Session, Tenant, TenantId, TotpFactor, User, UserId,
 };
 use otpgate_core::otp::TotpParams;
 use otpgate_core::password::PasswordHasher;
 use otpgate_core::policy::Policy;
 use otpgate_core::service::{NewUser, StartVerification};
-use otpgate_core::store::{CodeReplacement, LoginCompletion, Store};
+use otpgate_core::store::{CodeReplacement, Contact, LoginCompletion, PhoneCompletion, Store};
 use otpgate_core::{Otpgate, StoreError};
 use secrecy::SecretString;
 use time::OffsetDateTime;
@@ -62,6 +62,9 @@ macro_rules! store_contract_tests {
             recovery_codes_are_replaced_counted_and_spent_once,
             removing_totp_takes_factors_and_recovery_codes,
             service_recovery_codes_log_in_once,
+            a_phone_verification_finds_or_creates_one_user_per_phone_and_type,
+            jwt_keys_rotate_and_retiring_keys_verify_until_their_time,
+            jtis_and_api_keys_are_revoked_once,
             service_fifty_concurrent_right_codes_approve_once,
             service_wrong_codes_kill_the_verification_after_five,
             service_malformed_codes_touch_no_counter,
@@ -115,6 +118,7 @@ fn user(tenant: &Tenant, name: &str) -> User {
         email: Some(otpgate_core::identity::Email::parse("ali@example.com").unwrap()),
         phone: Some(otpgate_core::identity::E164Phone::parse("+989121234567").unwrap()),
         role: Role::User,
+        user_type: None,
         password_hash: "$argon2id$not-a-real-hash".into(),
         mobile_verified_at: None,
         email_verified_at: None,
@@ -900,6 +904,188 @@ pub async fn removing_totp_takes_factors_and_recovery_codes(store: Arc<dyn Store
             .unwrap()
             .unwrap()
             .is_active(t0())
+    );
+}
+
+fn phone_completion(t: &Tenant, ch: &Challenge, user_type: u16, device: &str) -> PhoneCompletion {
+    let mut candidate = user(t, &format!("+989121234567#{user_type}"));
+    candidate.user_type = Some(user_type);
+    candidate.email = None;
+    PhoneCompletion {
+        challenge_id: ch.id.clone(),
+        expected_attempts: 0,
+        candidate,
+        verified: Contact::Phone,
+        device: Device {
+            tenant_id: t.id.clone(),
+            user_id: UserId::generate().unwrap(),
+            device_unique_id: device.into(),
+            device_id: "a1b2c3".into(),
+            device_type: "android".into(),
+            first_seen_at: t0(),
+            last_seen_at: t0(),
+        },
+        now: t0() + Duration::from_secs(5),
+        audit: vec![event(t, AuditKind::OtpAccepted, "phone")],
+    }
+}
+
+pub async fn a_phone_verification_finds_or_creates_one_user_per_phone_and_type(
+    store: Arc<dyn Store>,
+) {
+    let t = tenant(&store, "phones").await;
+    let mut first = challenge(&t, "+989121234567");
+    first.purpose = Purpose::PhoneLogin;
+    store.insert_challenge(&first, None, &[]).await.unwrap();
+    let created = store
+        .complete_phone_verification(&phone_completion(&t, &first, 2, "dev-1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(created.user_type, Some(2));
+    assert!(created.mobile_verified_at.is_some());
+    // The same code again: nothing happens.
+    assert!(
+        store
+            .complete_phone_verification(&phone_completion(&t, &first, 2, "dev-1"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let mut second = challenge(&t, "+989121234567");
+    second.purpose = Purpose::PhoneLogin;
+    store.insert_challenge(&second, None, &[]).await.unwrap();
+    let found = store
+        .complete_phone_verification(&phone_completion(&t, &second, 2, "dev-2"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        found.id, created.id,
+        "a second user was created for the same phone and type"
+    );
+    let latest = store
+        .latest_challenge(&t.id, "phone_login", "+989121234567")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(latest.status, ChallengeStatus::Approved);
+    let mut third = challenge(&t, "+989121234567");
+    third.purpose = Purpose::PhoneLogin;
+    store.insert_challenge(&third, None, &[]).await.unwrap();
+    let other_type = store
+        .complete_phone_verification(&phone_completion(&t, &third, 1, "dev-1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(other_type.id, created.id);
+    let by_type = store
+        .find_user_by_phone_and_type(&t.id, "+989121234567", 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(by_type.id, other_type.id);
+}
+
+fn jwt_key(t: &Tenant, at: OffsetDateTime) -> JwtKey {
+    JwtKey {
+        id: KeyId::generate().unwrap(),
+        tenant_id: t.id.clone(),
+        secret_sealed: vec![7; 16],
+        created_at: at,
+        verify_until: None,
+    }
+}
+
+pub async fn jwt_keys_rotate_and_retiring_keys_verify_until_their_time(store: Arc<dyn Store>) {
+    let t = tenant(&store, "keys").await;
+    let first = store.ensure_jwt_key(&jwt_key(&t, t0())).await.unwrap();
+    let again = store.ensure_jwt_key(&jwt_key(&t, t0())).await.unwrap();
+    assert_eq!(first.id, again.id, "a second active key");
+    let next = jwt_key(&t, t0());
+    let until = t0() + Duration::from_secs(3600);
+    store.rotate_jwt_key(&next, until, &[]).await.unwrap();
+    let active = store.ensure_jwt_key(&jwt_key(&t, t0())).await.unwrap();
+    assert_eq!(active.id, next.id);
+    let verifying: Vec<_> = store
+        .verifying_jwt_keys(&t.id, t0())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert!(verifying.contains(&first.id) && verifying.contains(&next.id));
+    let later: Vec<_> = store
+        .verifying_jwt_keys(&t.id, until)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id)
+        .collect();
+    assert_eq!(later, vec![next.id]);
+    let other = tenant(&store, "other").await;
+    assert!(
+        store
+            .verifying_jwt_keys(&other.id, t0())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+pub async fn jtis_and_api_keys_are_revoked_once(store: Arc<dyn Store>) {
+    let t = tenant(&store, "revoke").await;
+    assert!(!store.is_jti_revoked("j1").await.unwrap());
+    assert!(
+        store
+            .revoke_jti(&t.id, "j1", t0(), t0(), &[])
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .revoke_jti(&t.id, "j1", t0(), t0(), &[])
+            .await
+            .unwrap()
+    );
+    assert!(store.is_jti_revoked("j1").await.unwrap());
+    let key = ApiKey {
+        id: ApiKeyId::generate().unwrap(),
+        tenant_id: t.id.clone(),
+        name: "k".into(),
+        hash: [4; 32],
+        created_at: t0(),
+        revoked_at: None,
+    };
+    store.insert_api_key(&key, &[]).await.unwrap();
+    let other = tenant(&store, "other").await;
+    assert!(
+        !store
+            .revoke_api_key(&other.id, &key.id, t0(), &[])
+            .await
+            .unwrap(),
+        "another tenant revoked it"
+    );
+    assert!(
+        store
+            .revoke_api_key(&t.id, &key.id, t0(), &[])
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .revoke_api_key(&t.id, &key.id, t0(), &[])
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .find_api_key(&[4; 32])
+            .await
+            .unwrap()
+            .unwrap()
+            .revoked_at
+            .is_some()
     );
 }
 

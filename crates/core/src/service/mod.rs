@@ -30,8 +30,10 @@ use crate::policy::Policy;
 use crate::store::{CodeReplacement, LoginCompletion, Store};
 use crate::token::{hash_token, mint_api_key, mint_hex_token};
 
+mod phone;
 mod verification;
 
+pub use phone::{DeviceInfo, MAX_DEVICE_FIELD, PhoneIdentity, PhoneVerified, normalize_phone};
 pub use verification::{VerifyLogin, VerifyLoginOutcome, VerifyType};
 
 /// Result of core operations.
@@ -278,6 +280,7 @@ impl Otpgate {
             email,
             phone,
             role: new.role,
+            user_type: None,
             password_hash,
             mobile_verified_at: None,
             email_verified_at: None,

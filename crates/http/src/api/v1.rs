@@ -103,6 +103,10 @@ impl From<CoreError> for V1Error {
             CoreError::CodeRejected { .. } => {
                 (StatusCode::BAD_REQUEST, "the code was not accepted".into())
             }
+            CoreError::CodeExpired => (
+                StatusCode::BAD_REQUEST,
+                "there is no live code: it expired or was used".into(),
+            ),
             CoreError::RateLimited { retry_after } => {
                 let secs = retry_after.as_secs().max(1);
                 let mut err = V1Error::new(
@@ -700,6 +704,11 @@ mod tests {
                 },
                 StatusCode::BAD_REQUEST,
                 "code_rejected",
+            ),
+            (
+                CoreError::CodeExpired,
+                StatusCode::BAD_REQUEST,
+                "code_expired",
             ),
             (
                 CoreError::RateLimited {

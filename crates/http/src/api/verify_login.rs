@@ -66,7 +66,9 @@ impl Answer {
             CoreError::InvalidCredentials | CoreError::Unauthorized => {
                 Answer::new(0, "Invalid username or password")
             }
-            CoreError::CodeRejected { .. } => Answer::new(0, "Invalid otp entered"),
+            CoreError::CodeRejected { .. } | CoreError::CodeExpired => {
+                Answer::new(0, "Invalid otp entered")
+            }
             CoreError::RateLimited { retry_after } => {
                 let seconds = retry_after.as_secs().max(1);
                 let mut answer = Answer::new(

@@ -87,7 +87,8 @@ impl AclError {
             }
             CoreError::InvalidCredentials
             | CoreError::Unauthorized
-            | CoreError::CodeRejected { .. } => AclMessage::InvalidCredentials,
+            | CoreError::CodeRejected { .. }
+            | CoreError::CodeExpired => AclMessage::InvalidCredentials,
             CoreError::RateLimited { retry_after } => {
                 AclMessage::TooManyRequests(retry_after.as_secs().max(1))
             }
