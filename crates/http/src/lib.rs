@@ -40,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api::v1::router())
         .nest("/api/acl", api::acl::router())
         .merge(api::verify_login::router())
+        .merge(api::digipay::router())
         .merge(panel::router())
         .fallback(api::v1::not_found)
         .method_not_allowed_fallback(api::v1::method_not_allowed)

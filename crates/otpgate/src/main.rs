@@ -72,6 +72,11 @@ enum TenantCommand {
         #[arg(long)]
         name: String,
     },
+    /// Rotate the tenant's JWT signing key (the old key verifies its tokens until they expire).
+    RotateJwtKey {
+        #[command(flatten)]
+        tenant: TenantArg,
+    },
 }
 
 #[derive(Args)]
@@ -119,6 +124,13 @@ enum ApiKeyCommand {
     Create {
         #[arg(long)]
         name: String,
+        #[command(flatten)]
+        tenant: TenantArg,
+    },
+    /// Revoke an API key by its id.
+    Revoke {
+        #[arg(long)]
+        id: String,
         #[command(flatten)]
         tenant: TenantArg,
     },
@@ -297,6 +309,28 @@ async fn run(cli: Cli) -> Result<(), AppError> {
                         .collect::<Vec<_>>()
                         .join("\n")
                 ),
+            );
+            Ok(())
+        }
+        Command::Tenant(TenantCommand::RotateJwtKey { tenant }) => {
+            let core = open_core(&settings, clock).await?;
+            let tenant = tenant_of(&core, &tenant).await?;
+            let key = core.rotate_jwt_key(&tenant, &cli_context()).await?;
+            print(
+                cli.json,
+                json!({"tenant_id": tenant.as_str(), "key_id": key.as_str()}),
+                format!("tenant {tenant} now signs with key {key}"),
+            );
+            Ok(())
+        }
+        Command::Apikey(ApiKeyCommand::Revoke { id, tenant }) => {
+            let core = open_core(&settings, clock).await?;
+            let tenant = tenant_of(&core, &tenant).await?;
+            core.revoke_api_key(&tenant, &id, &cli_context()).await?;
+            print(
+                cli.json,
+                json!({"id": id, "revoked": true}),
+                format!("API key {id} revoked"),
             );
             Ok(())
         }

@@ -36,6 +36,11 @@ pub fn router() -> Router<AppState> {
             post(regenerate_recovery_codes),
         )
         .route("/v1/users/{id}/events", get(user_events))
+        .route("/v1/me", get(me))
+        .route("/v1/tokens/revoke", post(revoke_token))
+        .route("/v1/jwt_keys/rotate", post(rotate_jwt_key))
+        .route("/v1/api_keys", post(create_api_key))
+        .route("/v1/api_keys/{id}", axum::routing::delete(revoke_api_key))
 }
 
 // ------------------------------------------------------------------ errors
@@ -673,6 +678,136 @@ async fn user_events(
             })
             .collect(),
     }))
+}
+
+// ------------------------------------------------------------------ app users' tokens, clients, keys
+
+/// The user of a JWT (`Authorization: Token <jwt>`), presented under its tenant's `CompanyID`
+/// from the device it is bound to (`X-Device-Unique-Id`).
+pub struct JwtUser(User);
+
+impl FromRequestParts<AppState> for JwtUser {
+    type Rejection = V1Error;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let unauthorized = || {
+            V1Error::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or invalid token, CompanyID or X-Device-Unique-Id",
+            )
+        };
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        let token = header("authorization")
+            .and_then(|h| {
+                h.strip_prefix("Token ")
+                    .or_else(|| h.strip_prefix("Bearer "))
+            })
+            .ok_or_else(unauthorized)?;
+        let tenant = header("companyid")
+            .and_then(|c| TenantId::parse(c).ok())
+            .ok_or_else(unauthorized)?;
+        let device = header("x-device-unique-id").ok_or_else(unauthorized)?;
+        let (_, user) = state
+            .core
+            .authenticate_jwt(&tenant, &SecretString::from(token.to_owned()), device)
+            .await
+            .map_err(|e| match e {
+                CoreError::Unauthorized => unauthorized(),
+                other => V1Error::from(other),
+            })?;
+        Ok(JwtUser(user))
+    }
+}
+
+/// The signed-in app user's own account.
+async fn me(
+    State(state): State<AppState>,
+    JwtUser(user): JwtUser,
+) -> Result<Json<UserView>, V1Error> {
+    Ok(Json(user_view(&state, &user).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeTokenRequest {
+    jti: String,
+}
+
+async fn revoke_token(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Ctx(ctx): Ctx,
+    V1Json(body): V1Json<RevokeTokenRequest>,
+) -> Result<StatusCode, V1Error> {
+    state.core.revoke_jwt(&tenant, &body.jti, &ctx).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+struct KeyView {
+    key_id: String,
+}
+
+async fn rotate_jwt_key(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Ctx(ctx): Ctx,
+) -> Result<Json<KeyView>, V1Error> {
+    let id = state.core.rotate_jwt_key(&tenant, &ctx).await?;
+    Ok(Json(KeyView {
+        key_id: id.to_string(),
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateApiKeyRequest {
+    name: String,
+}
+
+#[derive(Serialize)]
+struct ApiKeyView {
+    id: String,
+    name: String,
+    key: String,
+    created_at: String,
+}
+
+async fn create_api_key(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    V1Json(body): V1Json<CreateApiKeyRequest>,
+) -> Result<(StatusCode, Json<ApiKeyView>), V1Error> {
+    let (key, secret) = state.core.create_api_key(&tenant, &body.name).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(ApiKeyView {
+            id: key.id.to_string(),
+            name: key.name,
+            key: secret.expose_secret().to_owned(),
+            created_at: rfc3339(key.created_at),
+        }),
+    ))
+}
+
+async fn revoke_api_key(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    Ctx(ctx): Ctx,
+    Path(id): Path<String>,
+) -> Result<StatusCode, V1Error> {
+    state.core.revoke_api_key(&tenant, &id, &ctx).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

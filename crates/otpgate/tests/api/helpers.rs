@@ -24,7 +24,7 @@ pub struct TestApp {
     pub tenant: TenantId,
     pub api_key: String,
     shutdown: Option<oneshot::Sender<()>>,
-    _data_dir: tempfile::TempDir,
+    pub data_dir: tempfile::TempDir,
 }
 
 impl Drop for TestApp {
@@ -85,7 +85,7 @@ pub async fn spawn_app_on(database_url: Option<String>) -> TestApp {
         tenant,
         api_key: key.expose_secret().to_owned(),
         shutdown: Some(stop),
-        _data_dir: data_dir,
+        data_dir,
     }
 }
 

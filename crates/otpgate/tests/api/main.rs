@@ -8,6 +8,7 @@
 )]
 
 mod acl;
+mod digipay;
 mod helpers;
 mod lifecycle;
 mod scale_out;
