@@ -53,11 +53,11 @@ pub(crate) fn map_error(e: sqlx::Error, what: &'static str) -> StoreError {
             StoreError::Conflict(what)
         }
         // 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now,
-        // 53300 too many connections, 08xxx connection exceptions.
+        // 53300 too many connections, 08xxx connection exceptions, 3D000 database gone.
         sqlx::Error::Database(db)
-            if db
-                .code()
-                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P") || c == "53300") =>
+            if db.code().is_some_and(|c| {
+                c.starts_with("08") || c.starts_with("57P") || c == "53300" || c == "3D000"
+            }) =>
         {
             StoreError::Unavailable(e.to_string())
         }

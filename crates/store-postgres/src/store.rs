@@ -1226,7 +1226,12 @@ impl Store for PgStore {
         batch: u32,
     ) -> StoreResult<u64> {
         let (now, old, batch) = (ms(now), ms(now - retention), i64::from(batch));
-        let statements: [(&str, i64); 4] = [
+        let statements: [(&str, i64); 5] = [
+            (
+                "DELETE FROM revoked_tokens WHERE jti IN (SELECT jti FROM revoked_tokens \
+                 WHERE expires_at <= $1 LIMIT $2)",
+                now,
+            ),
             (
                 "DELETE FROM login_tickets WHERE hash IN (SELECT hash FROM login_tickets \
                  WHERE expires_at <= $1 OR used_at IS NOT NULL LIMIT $2)",

@@ -1159,6 +1159,11 @@ impl Store for SqliteStore {
         self.write(move |c| {
             let mut gone = 0usize;
             gone += c.execute(
+                "DELETE FROM revoked_tokens WHERE rowid IN (SELECT rowid FROM revoked_tokens \
+                 WHERE expires_at <= ?1 LIMIT ?2)",
+                params![now_ms, batch],
+            )?;
+            gone += c.execute(
                 "DELETE FROM login_tickets WHERE rowid IN (SELECT rowid FROM login_tickets \
                  WHERE expires_at <= ?1 OR used_at IS NOT NULL LIMIT ?2)",
                 params![now_ms, batch],

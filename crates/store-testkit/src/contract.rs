@@ -764,6 +764,16 @@ pub async fn the_sweeper_deletes_only_what_can_no_longer_matter(store: Arc<dyn S
         .insert_challenge(&pending, Some(&message(&pending, t0())), &[])
         .await
         .unwrap();
+    store
+        .revoke_jti(
+            &t.id,
+            "old-jti",
+            t0() + Duration::from_secs(3600),
+            t0(),
+            &[],
+        )
+        .await
+        .unwrap();
     let day = Duration::from_secs(86_400);
     // Act: a moment when the session is still active and nothing is a day old.
     let early = store
@@ -783,7 +793,11 @@ pub async fn the_sweeper_deletes_only_what_can_no_longer_matter(store: Arc<dyn S
     }
     // Assert: the session, the sent message, the old challenges went; the queued message and
     // its challenge stay (a message not yet delivered is never lost).
-    assert!(first <= 4);
+    assert!(first <= 5);
+    assert!(
+        !store.is_jti_revoked("old-jti").await.unwrap(),
+        "an expired revocation stayed"
+    );
     assert!(store.get_session(&[6; 32]).await.unwrap().is_none());
     assert!(store.get_challenge(&t.id, &old.id).await.unwrap().is_none());
     assert!(

@@ -406,3 +406,53 @@ async fn a_token_revoked_through_one_instance_is_refused_by_the_other_at_once() 
     // Assert: B refuses it at once.
     assert_eq!(me(&c.b).await.unwrap().status(), 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readiness_fails_while_the_database_is_gone_and_requests_answer_503() {
+    let Some((app, database)) = spawn_app_on_postgres().await else {
+        return;
+    };
+    assert_eq!(
+        app.send(app.client.get(app.url("/readyz"))).await.status,
+        200
+    );
+    // Act: the database disappears under the running service.
+    let mut admin = sqlx::PgConnection::connect(&test_server_url().unwrap().unwrap())
+        .await
+        .unwrap();
+    let name = database
+        .options()
+        .unwrap()
+        .get_database()
+        .unwrap()
+        .to_owned();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    // Assert: not ready, and requests answer 503 in their dialect's shape.
+    let ready = app.send(app.client.get(app.url("/readyz"))).await;
+    assert_eq!(
+        (ready.status, ready.body["status"].as_str()),
+        (503, Some("unavailable"))
+    );
+    let v1 = app.start_sms("+989121230042").await;
+    assert_eq!(
+        (v1.status, v1.body["code"].as_str()),
+        (503, Some("unavailable")),
+        "{:?}",
+        v1.body
+    );
+    let acl = app.acl_login("ali", "pw").await;
+    assert_eq!(
+        (acl.status, acl.body["meta"]["message_code"].as_str()),
+        (503, Some("503-1"))
+    );
+    // The service itself keeps running.
+    assert_eq!(
+        app.send(app.client.get(app.url("/healthz"))).await.status,
+        200
+    );
+}
