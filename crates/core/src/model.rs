@@ -82,6 +82,8 @@ pub struct Tenant {
     pub name: String,
     /// Whether this is the tenant meant when none is named.
     pub is_default: bool,
+    /// Its own OTP rules.
+    pub settings: crate::policy::PolicyOverrides,
     /// When it was created.
     pub created_at: OffsetDateTime,
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::error::CoreError;
 use crate::model::Channel;
 
 /// Rules of one tenant (one set for now; per-tenant overrides come with tenant settings).
@@ -79,9 +80,141 @@ impl Policy {
     }
 }
 
+/// A tenant's own rules: each set field overrides the server's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyOverrides {
+    /// Digits per code (4 to 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_length: Option<u8>,
+    /// SMS code lifetime, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sms_code_ttl_secs: Option<u64>,
+    /// E-mail code lifetime, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email_code_ttl_secs: Option<u64>,
+    /// Checks per challenge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_checks: Option<u32>,
+    /// Seconds between two sends to one destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resend_cooldown_secs: Option<u64>,
+    /// Sends per destination per window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sends_per_window: Option<u32>,
+    /// The send window, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_window_secs: Option<u64>,
+    /// Login ticket lifetime, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_ticket_ttl_secs: Option<u64>,
+    /// Session and JWT lifetime, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_ttl_secs: Option<u64>,
+    /// Product name in messages and authenticator apps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub product_name: Option<String>,
+}
+
+impl PolicyOverrides {
+    /// Refuses values no tenant may set.
+    pub fn validate(&self) -> Result<(), CoreError> {
+        if let Some(n) = self.code_length
+            && !(4..=10).contains(&n)
+        {
+            return Err(CoreError::invalid("code_length", "must be 4 to 10"));
+        }
+        let positive = [
+            ("sms_code_ttl_secs", self.sms_code_ttl_secs),
+            ("email_code_ttl_secs", self.email_code_ttl_secs),
+            ("send_window_secs", self.send_window_secs),
+            ("login_ticket_ttl_secs", self.login_ticket_ttl_secs),
+            ("session_ttl_secs", self.session_ttl_secs),
+            ("max_checks", self.max_checks.map(u64::from)),
+            (
+                "max_sends_per_window",
+                self.max_sends_per_window.map(u64::from),
+            ),
+        ];
+        for (field, value) in positive {
+            if value == Some(0) || value.is_some_and(|v| v > 366 * 24 * 3600) {
+                return Err(CoreError::invalid(
+                    field,
+                    "must be positive and at most a year",
+                ));
+            }
+        }
+        if let Some(name) = &self.product_name
+            && (name.trim().is_empty() || name.chars().count() > 40)
+        {
+            return Err(CoreError::invalid(
+                "product_name",
+                "must be 1 to 40 characters",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The server's defaults with these overrides applied.
+    pub fn apply(&self, base: &Policy) -> Policy {
+        let secs = Duration::from_secs;
+        Policy {
+            code_length: self.code_length.unwrap_or(base.code_length),
+            sms_code_ttl: self.sms_code_ttl_secs.map_or(base.sms_code_ttl, secs),
+            email_code_ttl: self.email_code_ttl_secs.map_or(base.email_code_ttl, secs),
+            max_checks: self.max_checks.unwrap_or(base.max_checks),
+            resend_cooldown: self.resend_cooldown_secs.map_or(base.resend_cooldown, secs),
+            max_sends_per_window: self
+                .max_sends_per_window
+                .unwrap_or(base.max_sends_per_window),
+            send_window: self.send_window_secs.map_or(base.send_window, secs),
+            login_ticket_ttl: self
+                .login_ticket_ttl_secs
+                .map_or(base.login_ticket_ttl, secs),
+            session_ttl: self.session_ttl_secs.map_or(base.session_ttl, secs),
+            product_name: self
+                .product_name
+                .clone()
+                .unwrap_or_else(|| base.product_name.clone()),
+            ..base.clone()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overrides_replace_only_what_they_set() {
+        let base = Policy::default();
+        let overrides: PolicyOverrides =
+            serde_json::from_str(r#"{"code_length": 8, "product_name": "Acme"}"#)
+                .unwrap_or_default();
+        let policy = overrides.apply(&base);
+        assert_eq!(
+            (policy.code_length, policy.product_name.as_str()),
+            (8, "Acme")
+        );
+        assert_eq!(policy.session_ttl, base.session_ttl);
+        assert!(
+            PolicyOverrides {
+                code_length: Some(3),
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            PolicyOverrides {
+                max_checks: Some(0),
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(serde_json::from_str::<PolicyOverrides>(r#"{"colour": 1}"#).is_err());
+    }
 
     #[test]
     fn lockout_starts_at_the_threshold_and_doubles_up_to_the_cap() {

@@ -102,6 +102,12 @@ pub trait Store: Send + Sync + 'static {
     async fn ensure_default_tenant(&self, candidate: &Tenant) -> StoreResult<Tenant>;
     /// A tenant by id.
     async fn get_tenant(&self, id: &TenantId) -> StoreResult<Option<Tenant>>;
+    /// Replaces a tenant's own settings.
+    async fn set_tenant_settings(
+        &self,
+        id: &TenantId,
+        settings: &crate::policy::PolicyOverrides,
+    ) -> StoreResult<bool>;
 
     // --- users ---
     /// Inserts a user; `Conflict` when the username is taken in the tenant.

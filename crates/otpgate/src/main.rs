@@ -72,6 +72,16 @@ enum TenantCommand {
         #[arg(long)]
         name: String,
     },
+    /// Set the tenant's own OTP rules: a JSON object of overrides, e.g. '{"code_length": 8}'
+    /// (keys: code_length, sms_code_ttl_secs, email_code_ttl_secs, max_checks,
+    /// resend_cooldown_secs, max_sends_per_window, send_window_secs, login_ticket_ttl_secs,
+    /// session_ttl_secs, product_name); '{}' restores the server's defaults.
+    Configure {
+        #[arg(long)]
+        settings: String,
+        #[command(flatten)]
+        tenant: TenantArg,
+    },
     /// Rotate the tenant's JWT signing key (the old key verifies its tokens until they expire).
     RotateJwtKey {
         #[command(flatten)]
@@ -308,6 +318,27 @@ async fn run(cli: Cli) -> Result<(), AppError> {
                         .map(|c| format!("  {}", c.expose_secret()))
                         .collect::<Vec<_>>()
                         .join("\n")
+                ),
+            );
+            Ok(())
+        }
+        Command::Tenant(TenantCommand::Configure {
+            settings: json_text,
+            tenant,
+        }) => {
+            let overrides: otpgate_core::policy::PolicyOverrides = serde_json::from_str(&json_text)
+                .map_err(|e| CoreError::invalid("settings", e.to_string()))?;
+            let core = open_core(&settings, clock).await?;
+            let tenant = tenant_of(&core, &tenant).await?;
+            let policy = core.set_tenant_settings(&tenant, overrides.clone()).await?;
+            print(
+                cli.json,
+                json!({"tenant_id": tenant.as_str(), "settings": overrides}),
+                format!(
+                    "tenant {tenant}: codes of {} digits, sessions of {} s, product {:?}",
+                    policy.code_length,
+                    policy.session_ttl.as_secs(),
+                    policy.product_name
                 ),
             );
             Ok(())

@@ -67,7 +67,7 @@ fn count(row: &PgRow, column: &str) -> sqlx::Result<u32> {
     u32::try_from(n).map_err(|_| bad(column, "count"))
 }
 
-pub(crate) const TENANT_COLUMNS: &str = "id, name, is_default, created_at";
+pub(crate) const TENANT_COLUMNS: &str = "id, name, is_default, created_at, settings";
 
 pub(crate) fn tenant(row: &PgRow) -> sqlx::Result<Tenant> {
     Ok(Tenant {
@@ -75,6 +75,8 @@ pub(crate) fn tenant(row: &PgRow) -> sqlx::Result<Tenant> {
         name: row.try_get("name")?,
         is_default: row.try_get::<i64, _>("is_default")? != 0,
         created_at: time_at(row, "created_at")?,
+        settings: serde_json::from_str(&row.try_get::<String, _>("settings")?)
+            .map_err(|_| bad("settings", "settings"))?,
     })
 }
 

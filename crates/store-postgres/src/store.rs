@@ -6,6 +6,7 @@ use otpgate_core::model::{
     ApiKey, ApiKeyId, AuditEvent, Challenge, ChallengeId, FactorId, JwtKey, LoginTicket, MessageId,
     OutboxMessage, Session, Tenant, TenantId, TotpFactor, User, UserId,
 };
+use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
     CodeReplacement, Contact, LoginCompletion, PhoneCompletion, Store, StoreResult,
 };
@@ -255,6 +256,21 @@ impl Store for PgStore {
         self.fetch_optional(sqlx::query(AssertSqlSafe(sql)), rows::tenant)
             .await?
             .ok_or_else(|| StoreError::Other("default tenant missing".into()))
+    }
+
+    async fn set_tenant_settings(
+        &self,
+        id: &TenantId,
+        settings: &PolicyOverrides,
+    ) -> StoreResult<bool> {
+        let json = serde_json::to_string(settings).map_err(|e| StoreError::Other(e.to_string()))?;
+        let done = sqlx::query("UPDATE tenants SET settings = $2 WHERE id = $1")
+            .bind(id.as_str())
+            .bind(json)
+            .execute(self.pool())
+            .await
+            .map_err(db)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn get_tenant(&self, id: &TenantId) -> StoreResult<Option<Tenant>> {

@@ -69,7 +69,7 @@ fn count(row: &Row<'_>, column: usize) -> rusqlite::Result<u32> {
     u32::try_from(n).map_err(|_| bad(column, "count"))
 }
 
-pub(crate) const TENANT_COLUMNS: &str = "id, name, is_default, created_at";
+pub(crate) const TENANT_COLUMNS: &str = "id, name, is_default, created_at, settings";
 
 pub(crate) fn tenant(row: &Row<'_>) -> rusqlite::Result<Tenant> {
     Ok(Tenant {
@@ -77,6 +77,8 @@ pub(crate) fn tenant(row: &Row<'_>) -> rusqlite::Result<Tenant> {
         name: row.get(1)?,
         is_default: row.get::<_, i64>(2)? != 0,
         created_at: time_at(row, 3)?,
+        settings: serde_json::from_str(&row.get::<_, String>(4)?)
+            .map_err(|_| bad(4, "settings"))?,
     })
 }
 

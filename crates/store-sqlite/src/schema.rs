@@ -11,6 +11,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0001_init.sql"),
     include_str!("../migrations/0002_recovery_codes.sql"),
     include_str!("../migrations/0003_tenant_keys_devices.sql"),
+    include_str!("../migrations/0004_tenant_settings.sql"),
 ];
 
 /// The schema version this build expects.

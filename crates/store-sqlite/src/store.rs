@@ -6,6 +6,7 @@ use otpgate_core::model::{
     ApiKey, ApiKeyId, AuditEvent, Challenge, ChallengeId, FactorId, JwtKey, LoginTicket, MessageId,
     OutboxMessage, Session, Tenant, TenantId, TotpFactor, User, UserId,
 };
+use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
     CodeReplacement, Contact, LoginCompletion, PhoneCompletion, Store, StoreResult,
 };
@@ -193,6 +194,23 @@ impl Store for SqliteStore {
         })
         .await?
         .map_err(|_| StoreError::Other("default tenant".into()))
+    }
+
+    async fn set_tenant_settings(
+        &self,
+        id: &TenantId,
+        settings: &PolicyOverrides,
+    ) -> StoreResult<bool> {
+        let id = id.clone();
+        let json = serde_json::to_string(settings).map_err(|e| StoreError::Other(e.to_string()))?;
+        self.write(move |c| {
+            require_one(c.execute(
+                "UPDATE tenants SET settings = ?2 WHERE id = ?1",
+                params![id.as_str(), json],
+            )?)
+        })
+        .await
+        .map(flag)
     }
 
     async fn get_tenant(&self, id: &TenantId) -> StoreResult<Option<Tenant>> {

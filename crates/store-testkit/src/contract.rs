@@ -40,6 +40,7 @@ macro_rules! store_contract_tests {
         $crate::store_contract_tests!(@cases $make;
             tenants_are_unique_by_name_and_found_by_id,
             the_default_tenant_is_created_once,
+            tenant_settings_are_stored_and_replaced,
             usernames_are_unique_per_tenant_only,
             api_keys_are_found_by_hash,
             a_challenge_is_consumed_at_most_once,
@@ -104,6 +105,7 @@ async fn tenant(store: &Arc<dyn Store>, name: &str) -> Tenant {
         id: TenantId::generate().unwrap(),
         name: name.into(),
         is_default: false,
+        settings: Default::default(),
         created_at: t0(),
     };
     store.insert_tenant(&t).await.unwrap();
@@ -209,11 +211,36 @@ pub async fn tenants_are_unique_by_name_and_found_by_id(store: Arc<dyn Store>) {
     );
 }
 
+pub async fn tenant_settings_are_stored_and_replaced(store: Arc<dyn Store>) {
+    let t = tenant(&store, "settings").await;
+    assert_eq!(
+        store.get_tenant(&t.id).await.unwrap().unwrap().settings,
+        Default::default()
+    );
+    let settings = otpgate_core::policy::PolicyOverrides {
+        code_length: Some(8),
+        product_name: Some("Acme".into()),
+        ..Default::default()
+    };
+    assert!(store.set_tenant_settings(&t.id, &settings).await.unwrap());
+    assert_eq!(
+        store.get_tenant(&t.id).await.unwrap().unwrap().settings,
+        settings
+    );
+    assert!(
+        !store
+            .set_tenant_settings(&TenantId::generate().unwrap(), &settings)
+            .await
+            .unwrap()
+    );
+}
+
 pub async fn the_default_tenant_is_created_once(store: Arc<dyn Store>) {
     let make = || Tenant {
         id: TenantId::generate().unwrap(),
         name: "default".into(),
         is_default: true,
+        settings: Default::default(),
         created_at: t0(),
     };
     let first = store.ensure_default_tenant(&make()).await.unwrap();

@@ -237,6 +237,7 @@ impl Otpgate {
             id: TenantId::generate()?,
             name: name.to_owned(),
             is_default: false,
+            settings: Default::default(),
             created_at: self.clock.now(),
         };
         self.store.insert_tenant(&tenant).await?;
@@ -249,9 +250,28 @@ impl Otpgate {
             id: TenantId::generate()?,
             name: "default".to_owned(),
             is_default: true,
+            settings: Default::default(),
             created_at: self.clock.now(),
         };
         Ok(self.store.ensure_default_tenant(&candidate).await?)
+    }
+
+    /// The rules in force for a tenant: the server's defaults with the tenant's own settings.
+    pub async fn policy_for(&self, tenant: &TenantId) -> CoreResult<Policy> {
+        Ok(self.tenant(tenant).await?.settings.apply(&self.policy))
+    }
+
+    /// Replaces a tenant's own settings (validated); returns the rules now in force.
+    pub async fn set_tenant_settings(
+        &self,
+        tenant: &TenantId,
+        settings: crate::policy::PolicyOverrides,
+    ) -> CoreResult<Policy> {
+        settings.validate()?;
+        if !self.store.set_tenant_settings(tenant, &settings).await? {
+            return Err(CoreError::NotFound);
+        }
+        self.policy_for(tenant).await
     }
 
     /// A tenant by id (`NotFound` when unknown).
@@ -411,26 +431,33 @@ impl Otpgate {
         destination: &str,
         now: OffsetDateTime,
     ) -> CoreResult<()> {
-        let since = now - self.policy.send_window;
+        let policy = self.policy_for(tenant).await?;
+        let since = now - policy.send_window;
         let sent = self
             .store
             .count_sends_since(tenant, destination, since)
             .await?;
-        if sent >= self.policy.max_sends_per_window {
+        if sent >= policy.max_sends_per_window {
             return Err(CoreError::RateLimited {
-                retry_after: self.policy.send_window,
+                retry_after: policy.send_window,
             });
         }
         Ok(())
     }
 
-    fn cooldown_left(&self, challenge: &Challenge, now: OffsetDateTime) -> Option<Duration> {
-        let ready_at = challenge.last_sent_at + self.policy.resend_cooldown;
+    fn cooldown_left(
+        &self,
+        policy: &Policy,
+        challenge: &Challenge,
+        now: OffsetDateTime,
+    ) -> Option<Duration> {
+        let ready_at = challenge.last_sent_at + policy.resend_cooldown;
         (now < ready_at).then(|| (ready_at - now).unsigned_abs().max(Duration::from_secs(1)))
     }
 
     fn new_message(
         &self,
+        policy: &Policy,
         challenge: &Challenge,
         code: &OtpCode,
         now: OffsetDateTime,
@@ -449,7 +476,7 @@ impl Otpgate {
             purpose: challenge.purpose,
             locale: challenge.locale.clone(),
             body: Some(render_code_message(
-                &self.policy.product_name,
+                &policy.product_name,
                 challenge.purpose,
                 &challenge.locale,
                 code.expose(),
@@ -469,6 +496,7 @@ impl Otpgate {
     #[allow(clippy::too_many_arguments)]
     fn new_challenge(
         &self,
+        policy: &Policy,
         tenant: &TenantId,
         user: Option<&UserId>,
         purpose: Purpose,
@@ -478,14 +506,14 @@ impl Otpgate {
         now: OffsetDateTime,
     ) -> CoreResult<(Challenge, Option<OutboxMessage>)> {
         let id = ChallengeId::generate()?;
-        let code = OtpCode::generate(self.policy.code_length)?;
+        let code = OtpCode::generate(policy.code_length)?;
         let code_hash = match channel {
             Channel::Totp => Vec::new(),
             Channel::Sms | Channel::Email => code.keyed_hash(&self.code_key, id.as_str()).to_vec(),
         };
         let ttl = match channel {
-            Channel::Totp => self.policy.login_ticket_ttl,
-            other => self.policy.code_ttl(other),
+            Channel::Totp => policy.login_ticket_ttl,
+            other => policy.code_ttl(other),
         };
         let challenge = Challenge {
             id,
@@ -501,12 +529,12 @@ impl Otpgate {
             last_sent_at: now,
             send_count: u32::from(channel != Channel::Totp),
             attempts: 0,
-            max_attempts: self.policy.max_checks,
+            max_attempts: policy.max_checks,
             status: ChallengeStatus::Pending,
         };
         let message = match channel {
             Channel::Totp => None,
-            _ => Some(self.new_message(&challenge, &code, now)?),
+            _ => Some(self.new_message(policy, &challenge, &code, now)?),
         };
         Ok((challenge, message))
     }
@@ -519,6 +547,7 @@ impl Otpgate {
         request: StartVerification,
         ctx: &RequestContext,
     ) -> CoreResult<Challenge> {
+        let policy = self.policy_for(tenant).await?;
         let destination = Self::parse_destination(request.channel, &request.to)?;
         let locale = normalize_locale(request.locale.as_deref());
         let now = self.clock.now();
@@ -537,6 +566,7 @@ impl Otpgate {
         }
         self.check_send_budget(tenant, &destination, now).await?;
         let (challenge, message) = self.new_challenge(
+            &policy,
             tenant,
             None,
             Purpose::Verify,
@@ -571,6 +601,7 @@ impl Otpgate {
         user: Option<&UserId>,
         ctx: &RequestContext,
     ) -> CoreResult<Resent> {
+        let policy = self.policy_for(&challenge.tenant_id).await?;
         let now = self.clock.now();
         if challenge.status_at(now) != ChallengeStatus::Pending
             || challenge.channel == Channel::Totp
@@ -579,15 +610,15 @@ impl Otpgate {
                 "there is no pending code to resend".into(),
             ));
         }
-        if let Some(retry_after) = self.cooldown_left(challenge, now) {
+        if let Some(retry_after) = self.cooldown_left(&policy, challenge, now) {
             return Err(CoreError::RateLimited { retry_after });
         }
         self.check_send_budget(&challenge.tenant_id, &challenge.destination, now)
             .await?;
-        let code = OtpCode::generate(self.policy.code_length)?;
+        let code = OtpCode::generate(policy.code_length)?;
         let hash = code.keyed_hash(&self.code_key, challenge.id.as_str());
-        let expires_at = now + self.policy.code_ttl(challenge.channel);
-        let message = self.new_message(challenge, &code, now)?;
+        let expires_at = now + policy.code_ttl(challenge.channel);
+        let message = self.new_message(&policy, challenge, &code, now)?;
         let audit = [self.event(
             &challenge.tenant_id,
             user,
@@ -617,13 +648,13 @@ impl Otpgate {
         if !won {
             // Another request resent it a moment ago: that one's cool-down applies.
             return Err(CoreError::RateLimited {
-                retry_after: self.policy.resend_cooldown,
+                retry_after: policy.resend_cooldown,
             });
         }
         self.outbox_wake.notify_one();
         Ok(Resent {
             expires_at,
-            next_resend_at: now + self.policy.resend_cooldown,
+            next_resend_at: now + policy.resend_cooldown,
         })
     }
 
@@ -659,9 +690,10 @@ impl Otpgate {
         raw_code: &str,
         ctx: &RequestContext,
     ) -> CoreResult<CheckOutcome> {
+        let policy = self.policy_for(tenant).await?;
         let id = ChallengeId::parse(id)?;
         // Parse before any read: malformed codes never touch a counter.
-        let code = OtpCode::parse(raw_code, Some(usize::from(self.policy.code_length)))?;
+        let code = OtpCode::parse(raw_code, Some(usize::from(policy.code_length)))?;
         for _ in 0..MAX_RACE_RETRIES {
             let challenge = self.get_verification(tenant, id.as_str()).await?;
             let now = self.clock.now();
@@ -787,6 +819,7 @@ impl Otpgate {
         ctx: &RequestContext,
         now: OffsetDateTime,
     ) -> CoreResult<()> {
+        let policy = self.policy_for(&user.tenant_id).await?;
         let audit = [self.event(
             &user.tenant_id,
             Some(&user.id),
@@ -799,7 +832,7 @@ impl Otpgate {
             .store
             .record_login_failure(&user.tenant_id, &user.id, &audit)
             .await?;
-        if let Some(pause) = self.policy.lockout_for(failures) {
+        if let Some(pause) = policy.lockout_for(failures) {
             self.store
                 .lock_user(&user.tenant_id, &user.id, now + pause)
                 .await?;
@@ -915,6 +948,7 @@ impl Otpgate {
         ctx: &RequestContext,
         now: OffsetDateTime,
     ) -> CoreResult<LoginStarted> {
+        let policy = self.policy_for(&user.tenant_id).await?;
         let channel = match channel {
             Some(c) => c,
             None if self
@@ -945,13 +979,14 @@ impl Otpgate {
                 .store
                 .find_pending_challenge(&user.tenant_id, purpose.as_str(), &destination, now)
                 .await?
-                && let Some(retry_after) = self.cooldown_left(&pending, now)
+                && let Some(retry_after) = self.cooldown_left(&policy, &pending, now)
             {
                 return Err(CoreError::RateLimited { retry_after });
             }
         }
         let locale = normalize_locale(ctx.locale.as_deref());
         let (challenge, message) = self.new_challenge(
+            &policy,
             &user.tenant_id,
             Some(&user.id),
             purpose,
@@ -968,7 +1003,7 @@ impl Otpgate {
             challenge_id: challenge.id.clone(),
             channel,
             created_at: now,
-            expires_at: now + self.policy.login_ticket_ttl,
+            expires_at: now + policy.login_ticket_ttl,
             used_at: None,
         };
         let mut audit = vec![self.event(
@@ -999,7 +1034,7 @@ impl Otpgate {
             ticket: minted.secret,
             channel,
             expires_at: ticket.expires_at,
-            resend_at: (channel != Channel::Totp).then(|| now + self.policy.resend_cooldown),
+            resend_at: (channel != Channel::Totp).then(|| now + policy.resend_cooldown),
         })
     }
 
@@ -1030,6 +1065,7 @@ impl Otpgate {
     ) -> CoreResult<SessionIssued> {
         let now = self.clock.now();
         let ticket = self.live_ticket(ticket, now).await?;
+        let policy = self.policy_for(&ticket.tenant_id).await?;
         let user = self
             .store
             .get_user(&ticket.tenant_id, &ticket.user_id)
@@ -1045,7 +1081,7 @@ impl Otpgate {
         };
         let code_len = factor
             .as_ref()
-            .map_or(self.policy.code_length, |f| f.params.digits);
+            .map_or(policy.code_length, |f| f.params.digits);
         // A recovery code stands in for any method's code; anything else must be a code.
         let proof = match RecoveryCode::parse(raw_code) {
             Some(recovery) => {
@@ -1090,7 +1126,7 @@ impl Otpgate {
                     tenant_id: user.tenant_id.clone(),
                     user_id: user.id.clone(),
                     created_at: now,
-                    expires_at: now + self.policy.session_ttl,
+                    expires_at: now + policy.session_ttl,
                     revoked_at: None,
                 };
                 let completion = LoginCompletion {
@@ -1256,6 +1292,7 @@ impl Otpgate {
         activate: bool,
         ctx: &RequestContext,
     ) -> CoreResult<TotpEnrolment> {
+        let policy = self.policy_for(tenant).await?;
         let user = self
             .store
             .get_user(tenant, user_id)
@@ -1288,7 +1325,7 @@ impl Otpgate {
         let uri = otpauth_uri(
             &secret,
             &params,
-            &self.policy.product_name,
+            &policy.product_name,
             user.username.as_str(),
         );
         Ok(TotpEnrolment {
@@ -1411,6 +1448,7 @@ impl Otpgate {
         ctx: &RequestContext,
     ) -> CoreResult<SessionIssued> {
         let (_, user) = self.authenticate_session(api_token).await?;
+        let policy = self.policy_for(&user.tenant_id).await?;
         let now = self.clock.now();
         let minted = mint_hex_token()?;
         let session = Session {
@@ -1418,7 +1456,7 @@ impl Otpgate {
             tenant_id: user.tenant_id.clone(),
             user_id: user.id.clone(),
             created_at: now,
-            expires_at: now + self.policy.session_ttl,
+            expires_at: now + policy.session_ttl,
             revoked_at: None,
         };
         let audit = [self.event(

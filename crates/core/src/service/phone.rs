@@ -145,6 +145,7 @@ impl Otpgate {
         who: &PhoneIdentity,
         ctx: &RequestContext,
     ) -> CoreResult<Challenge> {
+        let policy = self.policy_for(tenant).await?;
         who.phone()?;
         let destination = who.destination()?;
         let now = self.clock.now();
@@ -163,6 +164,7 @@ impl Otpgate {
         self.check_send_budget(tenant, &destination, now).await?;
         let locale = normalize_locale(ctx.locale.as_deref());
         let (challenge, message) = self.new_challenge(
+            &policy,
             tenant,
             None,
             Purpose::PhoneLogin,
@@ -202,10 +204,11 @@ impl Otpgate {
         device: &DeviceInfo,
         ctx: &RequestContext,
     ) -> CoreResult<PhoneVerified> {
+        let policy = self.policy_for(tenant).await?;
         let phone = who.phone()?;
         let destination = who.destination()?;
         device.validate()?;
-        let code = OtpCode::parse(raw_code, Some(usize::from(self.policy.code_length)))?;
+        let code = OtpCode::parse(raw_code, Some(usize::from(policy.code_length)))?;
         for _ in 0..MAX_RACE_RETRIES {
             let now = self.clock.now();
             let Some(challenge) = self
@@ -337,6 +340,7 @@ impl Otpgate {
         device_unique_id: &str,
         now: OffsetDateTime,
     ) -> CoreResult<(SecretString, Claims)> {
+        let policy = self.policy_for(&user.tenant_id).await?;
         let candidate = self.new_jwt_key(&user.tenant_id, now)?;
         let key = self.store.ensure_jwt_key(&candidate).await?;
         let secret = self
@@ -348,7 +352,7 @@ impl Otpgate {
             tid: user.tenant_id.to_string(),
             did: device_unique_id.to_owned(),
             iat,
-            exp: iat + i64::try_from(self.policy.session_ttl.as_secs()).unwrap_or(36_000),
+            exp: iat + i64::try_from(policy.session_ttl.as_secs()).unwrap_or(36_000),
             jti: hex::encode(random_bytes::<16>()?),
         };
         let token = jwt::sign(&secret, key.id.as_str(), &claims)?;
@@ -399,12 +403,13 @@ impl Otpgate {
         jti: &str,
         ctx: &RequestContext,
     ) -> CoreResult<()> {
+        let policy = self.policy_for(tenant).await?;
         let jti = jti.trim();
         if jti.is_empty() || jti.len() > 64 {
             return Err(CoreError::invalid("jti", "is required"));
         }
         let now = self.clock.now();
-        let until = now + self.policy.session_ttl;
+        let until = now + policy.session_ttl;
         let audit = [self.event(
             tenant,
             None,
@@ -427,6 +432,7 @@ impl Otpgate {
         ctx: &RequestContext,
     ) -> CoreResult<KeyId> {
         self.tenant(tenant).await?;
+        let policy = self.policy_for(tenant).await?;
         let now = self.clock.now();
         // Make sure there is an active key to retire (a tenant may rotate before any token).
         self.store
@@ -442,7 +448,7 @@ impl Otpgate {
             now,
         )];
         self.store
-            .rotate_jwt_key(&next, now + self.policy.session_ttl, &audit)
+            .rotate_jwt_key(&next, now + policy.session_ttl, &audit)
             .await?;
         Ok(next.id)
     }

@@ -97,12 +97,10 @@ impl Otpgate {
         request: VerifyLogin,
         ctx: &RequestContext,
     ) -> CoreResult<VerifyLoginOutcome> {
+        let policy = self.policy_for(tenant).await?;
         // A malformed code is refused before the password is even checked: no counter moves.
         let code = match request.code.as_deref() {
-            Some(raw) => Some(OtpCode::parse(
-                raw,
-                Some(usize::from(self.policy.code_length)),
-            )?),
+            Some(raw) => Some(OtpCode::parse(raw, Some(usize::from(policy.code_length)))?),
             None => None,
         };
         let user = self
@@ -248,6 +246,7 @@ impl Otpgate {
         resend: bool,
         ctx: &RequestContext,
     ) -> CoreResult<()> {
+        let policy = self.policy_for(&user.tenant_id).await?;
         let now = self.clock.now();
         if let Some(pending) = self.pending_for(user, purpose, destination, now).await? {
             if resend && pending.channel != Channel::Totp {
@@ -261,6 +260,7 @@ impl Otpgate {
         }
         let locale = normalize_locale(ctx.locale.as_deref());
         let (challenge, message) = self.new_challenge(
+            &policy,
             &user.tenant_id,
             Some(&user.id),
             purpose,
@@ -317,6 +317,7 @@ impl Otpgate {
         completes_login: bool,
         ctx: &RequestContext,
     ) -> CoreResult<Option<SessionIssued>> {
+        let policy = self.policy_for(&user.tenant_id).await?;
         let purpose = verify_type.purpose();
         let factor = match verify_type {
             VerifyType::Login => self.active_totp_factor(&user.tenant_id, &user.id).await?,
@@ -371,7 +372,7 @@ impl Otpgate {
                     tenant_id: user.tenant_id.clone(),
                     user_id: user.id.clone(),
                     created_at: now,
-                    expires_at: now + self.policy.session_ttl,
+                    expires_at: now + policy.session_ttl,
                     revoked_at: None,
                 });
                 let mut audit = vec![self.event(

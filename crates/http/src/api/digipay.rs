@@ -376,12 +376,17 @@ async fn send_otp(
         .send_phone_code(&tenant, &who, &ctx)
         .await
         .map_err(DigipayError::from_core)?;
+    let policy = state
+        .core
+        .policy_for(&tenant)
+        .await
+        .map_err(DigipayError::from_core)?;
     let now = state.core.clock().now();
     Ok(success(json!({
         "message": "OTP sent successfully.",
         "otp_type": if who.channel == Channel::Email { 2 } else { 1 },
         "expires_in": (challenge.expires_at - now).whole_seconds().max(0),
-        "resend_after": state.core.policy().resend_cooldown.as_secs(),
+        "resend_after": policy.resend_cooldown.as_secs(),
     })))
 }
 

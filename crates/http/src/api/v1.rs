@@ -12,6 +12,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use otpgate_core::CoreError;
 use otpgate_core::model::{Challenge, ChallengeStatus, Channel, Role, TenantId, User};
+use otpgate_core::policy::{Policy, PolicyOverrides};
 use otpgate_core::service::{DeliveryState, NewUser, StartVerification};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
@@ -41,6 +42,10 @@ pub fn router() -> Router<AppState> {
         .route("/v1/jwt_keys/rotate", post(rotate_jwt_key))
         .route("/v1/api_keys", post(create_api_key))
         .route("/v1/api_keys/{id}", axum::routing::delete(revoke_api_key))
+        .route(
+            "/v1/tenant/settings",
+            get(tenant_settings).put(set_tenant_settings),
+        )
 }
 
 // ------------------------------------------------------------------ errors
@@ -808,6 +813,72 @@ async fn revoke_api_key(
 ) -> Result<StatusCode, V1Error> {
     state.core.revoke_api_key(&tenant, &id, &ctx).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+struct SettingsView {
+    /// What the tenant set.
+    overrides: PolicyOverrides,
+    /// The rules in force.
+    effective: EffectivePolicy,
+}
+
+#[derive(Serialize)]
+struct EffectivePolicy {
+    code_length: u8,
+    sms_code_ttl_secs: u64,
+    email_code_ttl_secs: u64,
+    max_checks: u32,
+    resend_cooldown_secs: u64,
+    max_sends_per_window: u32,
+    send_window_secs: u64,
+    login_ticket_ttl_secs: u64,
+    session_ttl_secs: u64,
+    product_name: String,
+}
+
+impl From<&Policy> for EffectivePolicy {
+    fn from(p: &Policy) -> Self {
+        EffectivePolicy {
+            code_length: p.code_length,
+            sms_code_ttl_secs: p.sms_code_ttl.as_secs(),
+            email_code_ttl_secs: p.email_code_ttl.as_secs(),
+            max_checks: p.max_checks,
+            resend_cooldown_secs: p.resend_cooldown.as_secs(),
+            max_sends_per_window: p.max_sends_per_window,
+            send_window_secs: p.send_window.as_secs(),
+            login_ticket_ttl_secs: p.login_ticket_ttl.as_secs(),
+            session_ttl_secs: p.session_ttl.as_secs(),
+            product_name: p.product_name.clone(),
+        }
+    }
+}
+
+async fn tenant_settings(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+) -> Result<Json<SettingsView>, V1Error> {
+    let overrides = state.core.tenant(&tenant).await?.settings;
+    let effective = state.core.policy_for(&tenant).await?;
+    Ok(Json(SettingsView {
+        overrides,
+        effective: EffectivePolicy::from(&effective),
+    }))
+}
+
+async fn set_tenant_settings(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    V1Json(overrides): V1Json<PolicyOverrides>,
+) -> Result<Json<SettingsView>, V1Error> {
+    let effective = state
+        .core
+        .set_tenant_settings(&tenant, overrides.clone())
+        .await?;
+    Ok(Json(SettingsView {
+        overrides,
+        effective: EffectivePolicy::from(&effective),
+    }))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod helpers;
 mod lifecycle;
 mod scale_out;
 mod v1_bad_input;
+mod v1_tenant;
 mod v1_users;
 mod v1_verifications;
 mod verify_login;
