@@ -1,12 +1,23 @@
-//! Delivery adapters for the core's [`MessageSender`] port. For now the `log` provider, which
-//! exists for development: it writes each message, code included, to the server log. It is the
-//! only place in otpgate where a code may appear in a log line.
+//! Delivery adapters for the core's [`MessageSender`] port: the `log` provider (development),
+//! SMS gateways over HTTP (`webhook`, `twilio`, `kavenegar`), e-mail over SMTP, and the router
+//! that picks a tenant's SMS providers in failover order. The outbox worker in the core owns
+//! retries and back-off; an adapter only says whether a failure is worth retrying.
+
+mod http;
+pub mod kavenegar;
+pub mod router;
+pub mod smtp;
+pub mod twilio;
+pub mod webhook;
 
 use async_trait::async_trait;
 use otpgate_core::model::OutboxMessage;
 use otpgate_core::outbox::{MessageSender, SendError};
 
-/// The development provider: one log line per message with its destination and full text.
+pub use router::Router;
+
+/// The development provider: one log line per message with its destination and full text. It
+/// is the only place in otpgate where a code may appear in a log line.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LogSender;
 
@@ -30,4 +41,9 @@ impl MessageSender for LogSender {
         );
         Ok(Some(format!("log-{}", message.id)))
     }
+}
+
+/// Installs the process's TLS crypto provider (ring) once; HTTP and SMTP clients need it.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -14,7 +14,6 @@ use otpgate_core::password::PasswordHasher;
 use otpgate_core::store::Store;
 use otpgate_core::sweeper::Sweeper;
 use otpgate_core::{CoreError, Otpgate};
-use otpgate_delivery::LogSender;
 use otpgate_http::AppState;
 use otpgate_store_postgres::PgStore;
 use otpgate_store_sqlite::SqliteStore;
@@ -122,7 +121,8 @@ pub async fn open_core(
     let hasher = tokio::task::spawn_blocking(PasswordHasher::owasp)
         .await
         .map_err(|e| CoreError::Internal(format!("blocking pool: {e}")))??;
-    let core = Otpgate::new(store, clock, master, policy, hasher);
+    let templates = crate::delivery::templates(&settings.templates)?;
+    let core = Otpgate::new(store, clock, master, policy, hasher).with_templates(templates);
     core.default_tenant().await?;
     Ok(Arc::new(core))
 }
@@ -139,17 +139,20 @@ impl Application {
     /// Opens everything and binds the listener.
     pub async fn build(settings: &Settings, overrides: Overrides) -> Result<Self, AppError> {
         let clock = overrides.clock.unwrap_or_else(|| Arc::new(SystemClock));
-        let delivery_policy = settings.delivery_policy()?;
+        let delivery_policy = settings.delivery.policy()?;
         let sweep_policy = settings.sweep_policy()?;
         let core = open_core(settings, clock).await?;
         let sender: Arc<dyn MessageSender> = match overrides.sender {
             Some(sender) => sender,
             None => {
-                tracing::warn!(
-                    "delivery provider is `log`: codes are written to this log. \
-                     It is for development only, never for production"
-                );
-                Arc::new(LogSender)
+                let sender = settings.delivery.build_sender(core.clock())?;
+                if settings.delivery.uses_log() {
+                    tracing::warn!(
+                        "delivery provider `log` is in use: codes are written to this log. \
+                         It is for development only, never for production"
+                    );
+                }
+                sender
             }
         };
         let worker = DeliveryWorker::new(

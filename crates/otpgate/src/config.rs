@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::delivery::DeliverySettings;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
-use otpgate_core::outbox::DeliveryPolicy;
 use otpgate_core::policy::Policy;
 use otpgate_core::sweeper::SweepPolicy;
 use secrecy::SecretString;
@@ -39,6 +39,8 @@ pub struct Settings {
     pub policy: PolicySettings,
     /// Message delivery.
     pub delivery: DeliverySettings,
+    /// Message templates by `<purpose>.<locale>` (see the README).
+    pub templates: std::collections::BTreeMap<String, String>,
 }
 
 /// OTP rules as configured.
@@ -140,32 +142,6 @@ pub enum StoreChoice {
     Postgres(otpgate_store_postgres::PgSettings),
 }
 
-/// Delivery as configured.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DeliverySettings {
-    /// The provider: `log` (development) for now.
-    pub provider: String,
-    /// Tries per message.
-    pub max_tries: u32,
-    /// First retry delay, milliseconds.
-    pub base_backoff_ms: u64,
-    /// Longest sleep between outbox polls, milliseconds.
-    pub poll_interval_ms: u64,
-}
-
-impl Default for DeliverySettings {
-    fn default() -> Self {
-        let d = DeliveryPolicy::default();
-        DeliverySettings {
-            provider: "log".into(),
-            max_tries: d.max_tries,
-            base_backoff_ms: d.base_backoff.as_millis() as u64,
-            poll_interval_ms: d.poll_interval.as_millis() as u64,
-        }
-    }
-}
-
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -178,6 +154,7 @@ impl Default for Settings {
             log: "info".into(),
             policy: PolicySettings::default(),
             delivery: DeliverySettings::default(),
+            templates: Default::default(),
         }
     }
 }
@@ -246,28 +223,6 @@ impl Settings {
             session_ttl: positive("session_ttl_secs", p.session_ttl_secs)?,
             product_name: p.product_name.trim().to_owned(),
             ..Policy::default()
-        })
-    }
-
-    /// The delivery policy, validated.
-    pub fn delivery_policy(&self) -> Result<DeliveryPolicy, ConfigError> {
-        let d = &self.delivery;
-        if d.provider != "log" {
-            return Err(ConfigError(format!(
-                "delivery.provider {:?} is unknown (available: log)",
-                d.provider
-            )));
-        }
-        if d.max_tries == 0 || d.poll_interval_ms == 0 {
-            return Err(ConfigError(
-                "delivery.max_tries and delivery.poll_interval_ms must be positive".into(),
-            ));
-        }
-        Ok(DeliveryPolicy {
-            max_tries: d.max_tries,
-            base_backoff: Duration::from_millis(d.base_backoff_ms.max(1)),
-            poll_interval: Duration::from_millis(d.poll_interval_ms),
-            ..DeliveryPolicy::default()
         })
     }
 
@@ -379,7 +334,7 @@ mod tests {
         s.policy.code_length = 3;
         assert!(s.policy().is_err());
         let mut s = Settings::default();
-        s.delivery.provider = "carrier-pigeon".into();
-        assert!(s.delivery_policy().is_err());
+        s.delivery.sms = vec!["carrier-pigeon".into()];
+        assert!(s.delivery.policy().is_err());
     }
 }

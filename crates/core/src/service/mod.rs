@@ -18,7 +18,7 @@ use crate::code::{OtpCode, RecoveryCode};
 use crate::crypto::{MasterKey, random_bytes};
 use crate::error::CoreError;
 use crate::identity::{E164Phone, Email, Username};
-use crate::message::{normalize_locale, render_code_message};
+use crate::message::{Templates, normalize_locale};
 use crate::model::{
     ApiKey, ApiKeyId, AuditEvent, AuditKind, Challenge, ChallengeId, ChallengeStatus, Channel,
     DeliveryStatus, FactorId, LoginTicket, MessageId, OutboxMessage, Purpose, RequestContext, Role,
@@ -163,6 +163,7 @@ pub struct Otpgate {
     master: MasterKey,
     code_key: [u8; 32],
     outbox_wake: Arc<Notify>,
+    templates: Templates,
 }
 
 impl Otpgate {
@@ -183,7 +184,14 @@ impl Otpgate {
             master,
             code_key,
             outbox_wake: Arc::new(Notify::new()),
+            templates: Templates::default(),
         }
+    }
+
+    /// Uses `templates` for outgoing messages (checked when they were loaded).
+    pub fn with_templates(mut self, templates: Templates) -> Self {
+        self.templates = templates;
+        self
     }
 
     /// The store (for the delivery worker and health checks).
@@ -475,7 +483,7 @@ impl Otpgate {
             destination: challenge.destination.clone(),
             purpose: challenge.purpose,
             locale: challenge.locale.clone(),
-            body: Some(render_code_message(
+            body: Some(self.templates.render(
                 &policy.product_name,
                 challenge.purpose,
                 &challenge.locale,

@@ -550,7 +550,7 @@ async fn external_login_turns_a_valid_token_into_a_panel_session_cookie() {
     let app = spawn_app().await;
     app.create_user("ali", PASSWORD, None, Some(PHONE)).await;
     let token = app.acl_full_login("ali", PASSWORD, PHONE, 1).await;
-    let no_redirects = reqwest::Client::builder()
+    let no_redirects = crate::helpers::http_client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
@@ -603,7 +603,7 @@ async fn external_login_turns_a_valid_token_into_a_panel_session_cookie() {
 #[tokio::test]
 async fn external_login_with_a_bad_token_goes_to_the_login_page_without_reflecting_it() {
     let app = spawn_app().await;
-    let no_redirects = reqwest::Client::builder()
+    let no_redirects = crate::helpers::http_client_builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();

@@ -78,7 +78,7 @@ pub async fn spawn_app_on(database_url: Option<String>) -> TestApp {
     let (_, key) = core.create_api_key(&tenant, "tests").await.unwrap();
     TestApp {
         addr,
-        client: reqwest::Client::new(),
+        client: crate::helpers::http_client(),
         core,
         clock,
         sender,
@@ -286,4 +286,15 @@ pub fn wrong_code(right: &str) -> String {
     } else {
         "000000".into()
     }
+}
+
+/// An HTTP client for tests (the TLS provider installed first, as the server does).
+pub fn http_client() -> reqwest::Client {
+    http_client_builder().build().unwrap()
+}
+
+/// A client builder for tests.
+pub fn http_client_builder() -> reqwest::ClientBuilder {
+    otpgate_delivery::install_tls_provider();
+    reqwest::Client::builder()
 }

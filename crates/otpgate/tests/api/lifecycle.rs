@@ -62,7 +62,7 @@ async fn the_binary_serves_with_no_configuration_and_stops_cleanly_on_sigterm() 
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
+    let client = crate::helpers::http_client();
     wait_healthy(&client, &base).await;
     let key_out = otpgate(dir.path())
         .args(["--json", "apikey", "create", "--name", "t"])

@@ -54,7 +54,7 @@ async fn start_instance(dir: &Path, database_url: &str, name: &str) -> Instance 
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let client = reqwest::Client::new();
+    let client = crate::helpers::http_client();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(r) = client.get(format!("{base}/readyz")).send().await
@@ -138,7 +138,7 @@ async fn cluster() -> Option<Cluster> {
         a,
         b,
         key: key["key"].as_str().unwrap().to_owned(),
-        client: reqwest::Client::new(),
+        client: crate::helpers::http_client(),
         _dir: dir,
         _database: database,
     })
