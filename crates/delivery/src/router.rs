@@ -81,3 +81,99 @@ impl MessageSender for Router {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use otpgate_core::model::{DeliveryStatus, MessageId, Purpose, TenantId};
+
+    struct Fixed(&'static str, Result<(), bool>);
+
+    #[async_trait]
+    impl MessageSender for Fixed {
+        fn name(&self) -> &str {
+            self.0
+        }
+
+        async fn send(&self, _: &OutboxMessage) -> Result<Option<String>, SendError> {
+            match self.1 {
+                Ok(()) => Ok(Some("1".into())),
+                Err(true) => Err(SendError::Temporary("down".into())),
+                Err(false) => Err(SendError::Permanent("refused".into())),
+            }
+        }
+    }
+
+    fn message(tenant: &str, channel: Channel) -> OutboxMessage {
+        OutboxMessage {
+            id: MessageId::generate().unwrap_or_else(|_| unreachable!()),
+            tenant_id: TenantId::parse(tenant).unwrap_or_else(|_| unreachable!()),
+            challenge_id: None,
+            channel,
+            destination: "+989121234567".into(),
+            purpose: Purpose::Verify,
+            locale: "en".into(),
+            body: Some("b".into()),
+            code: Some("123456".into()),
+            status: DeliveryStatus::Queued,
+            attempts: 1,
+            next_attempt_at: time::OffsetDateTime::UNIX_EPOCH,
+            created_at: time::OffsetDateTime::UNIX_EPOCH,
+            provider_message_id: None,
+            last_error: None,
+        }
+    }
+
+    const OWN: &str = "00000000000000000000000000000001";
+    const OTHER: &str = "00000000000000000000000000000002";
+
+    fn router(default: Vec<Arc<dyn MessageSender>>) -> Router {
+        let mut tenants: HashMap<String, Vec<Arc<dyn MessageSender>>> = HashMap::new();
+        tenants.insert(OWN.into(), vec![Arc::new(Fixed("own", Ok(())))]);
+        Router::new(default, Arc::new(Fixed("mail", Ok(()))), tenants)
+    }
+
+    #[tokio::test]
+    async fn a_tenant_with_its_own_providers_uses_them() {
+        let r = router(vec![Arc::new(Fixed("shared", Ok(())))]);
+        let own = r.send(&message(OWN, Channel::Sms)).await.ok().flatten();
+        let other = r.send(&message(OTHER, Channel::Sms)).await.ok().flatten();
+        let mail = r.send(&message(OWN, Channel::Email)).await.ok().flatten();
+        assert_eq!(own.as_deref(), Some("own:1"));
+        assert_eq!(other.as_deref(), Some("shared:1"));
+        assert_eq!(mail.as_deref(), Some("mail:1"));
+    }
+
+    #[tokio::test]
+    async fn failures_are_temporary_while_any_provider_may_still_take_it() {
+        let temporary = router(vec![
+            Arc::new(Fixed("a", Err(false))),
+            Arc::new(Fixed("b", Err(true))),
+        ]);
+        assert!(matches!(
+            temporary.send(&message(OTHER, Channel::Sms)).await,
+            Err(SendError::Temporary(_))
+        ));
+        let permanent = router(vec![
+            Arc::new(Fixed("a", Err(false))),
+            Arc::new(Fixed("b", Err(false))),
+        ]);
+        assert!(matches!(
+            permanent.send(&message(OTHER, Channel::Sms)).await,
+            Err(SendError::Permanent(_))
+        ));
+        let failover = router(vec![
+            Arc::new(Fixed("a", Err(true))),
+            Arc::new(Fixed("b", Ok(()))),
+        ]);
+        assert_eq!(
+            failover
+                .send(&message(OTHER, Channel::Sms))
+                .await
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("b:1")
+        );
+    }
+}

@@ -49,6 +49,16 @@ pub async fn spawn_app_on_postgres() -> Option<(TestApp, TestDatabase)> {
 }
 
 pub async fn spawn_app_on(database_url: Option<String>) -> TestApp {
+    spawn_app_with(database_url, |_| {}, true).await
+}
+
+/// The app with its settings adjusted; `record` replaces the configured delivery providers
+/// with the recording sender (otherwise the configured ones deliver for real).
+pub async fn spawn_app_with(
+    database_url: Option<String>,
+    adjust: impl FnOnce(&mut Settings),
+    record: bool,
+) -> TestApp {
     let data_dir = tempfile::tempdir().unwrap();
     let mut settings = Settings {
         data_dir: data_dir.path().to_path_buf(),
@@ -57,13 +67,15 @@ pub async fn spawn_app_on(database_url: Option<String>) -> TestApp {
         ..Settings::default()
     };
     settings.delivery.poll_interval_ms = 20;
+    adjust(&mut settings);
     let clock = FakeClock::new();
     let sender = RecordingSender::new();
     let app = Application::build(
         &settings,
         Overrides {
             clock: Some(clock.clone()),
-            sender: Some(sender.clone()),
+            sender: record
+                .then(|| sender.clone() as std::sync::Arc<dyn otpgate_core::outbox::MessageSender>),
         },
     )
     .await

@@ -8,6 +8,7 @@
 )]
 
 mod acl;
+mod delivery;
 mod digipay;
 mod helpers;
 mod lifecycle;
