@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, header};
 use otpgate_core::Otpgate;
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 /// Largest request body accepted by any endpoint.
@@ -33,6 +35,10 @@ pub fn rfc3339(t: time::OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
+fn default_header(name: HeaderName, value: &'static str) -> SetResponseHeaderLayer<HeaderValue> {
+    SetResponseHeaderLayer::if_not_present(name, HeaderValue::from_static(value))
+}
+
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -45,6 +51,16 @@ pub fn router(state: AppState) -> Router {
         .fallback(api::v1::not_found)
         .method_not_allowed_fallback(api::v1::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // Every answer: never cached (answers carry tickets, tokens and codes' fates), no
+        // referrer, no sniffing or framing, and a CSP under which a page loads nothing.
+        .layer(default_header(header::CACHE_CONTROL, "no-store"))
+        .layer(default_header(header::REFERRER_POLICY, "no-referrer"))
+        .layer(default_header(header::X_CONTENT_TYPE_OPTIONS, "nosniff"))
+        .layer(default_header(header::X_FRAME_OPTIONS, "DENY"))
+        .layer(default_header(
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+        ))
         .layer(
             // Spans name method and path only: query strings and bodies may carry secrets.
             TraceLayer::new_for_http().make_span_with(|req: &axum::http::Request<_>| {
