@@ -549,11 +549,13 @@ pub enum AuditKind {
     UserCreated,
     /// A request was refused before it reached an account (bad input).
     RequestRejected,
+    /// An operator unlocked an account.
+    Unlocked,
 }
 
 impl AuditKind {
     /// Every kind, for parsing stored names.
-    pub const ALL: [AuditKind; 20] = [
+    pub const ALL: [AuditKind; 21] = [
         AuditKind::LoginPasswordOk,
         AuditKind::LoginFailed,
         AuditKind::LockedOut,
@@ -574,6 +576,7 @@ impl AuditKind {
         AuditKind::ApiKeyCreated,
         AuditKind::UserCreated,
         AuditKind::RequestRejected,
+        AuditKind::Unlocked,
     ];
 
     /// Parses a stored name.
@@ -607,6 +610,7 @@ impl AuditKind {
             AuditKind::ApiKeyCreated => "api_key_created",
             AuditKind::UserCreated => "user_created",
             AuditKind::RequestRejected => "request_rejected",
+            AuditKind::Unlocked => "unlocked",
         }
     }
 }

@@ -33,6 +33,9 @@ pub struct Policy {
     pub lockout_base: Duration,
     /// The longest lock-out.
     pub lockout_max: Duration,
+    /// Consecutive failures after which the account stays locked until an operator unlocks it
+    /// (NIST SP 800-63B §5.2.2: no more than 100 without a success).
+    pub max_consecutive_failures: u32,
     /// Name shown in messages and authenticator apps.
     pub product_name: String,
 }
@@ -52,6 +55,7 @@ impl Default for Policy {
             lockout_threshold: 10,
             lockout_base: Duration::from_secs(30),
             lockout_max: Duration::from_secs(15 * 60),
+            max_consecutive_failures: 100,
             product_name: "otpgate".to_owned(),
         }
     }
@@ -73,6 +77,10 @@ impl Policy {
     pub fn lockout_for(&self, consecutive_failures: u32) -> Option<Duration> {
         if consecutive_failures < self.lockout_threshold {
             return None;
+        }
+        if consecutive_failures >= self.max_consecutive_failures {
+            // Locked until an operator unlocks it: in effect, for good.
+            return Some(Duration::from_secs(100 * 365 * 24 * 3600));
         }
         let doublings = (consecutive_failures - self.lockout_threshold).min(20);
         let pause = self.lockout_base.saturating_mul(1u32 << doublings);
@@ -223,5 +231,10 @@ mod tests {
         assert_eq!(policy.lockout_for(10), Some(Duration::from_secs(30)));
         assert_eq!(policy.lockout_for(11), Some(Duration::from_secs(60)));
         assert_eq!(policy.lockout_for(99), Some(Duration::from_secs(15 * 60)));
+        assert!(
+            policy
+                .lockout_for(100)
+                .is_some_and(|d| d > Duration::from_secs(50 * 365 * 24 * 3600))
+        );
     }
 }

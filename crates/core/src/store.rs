@@ -130,6 +130,13 @@ pub trait Store: Send + Sync + 'static {
         user: &UserId,
         audit: &[AuditEvent],
     ) -> StoreResult<u32>;
+    /// Clears the user's failures and lock (an operator's unlock).
+    async fn unlock_user(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool>;
     /// Locks the user until `until` (never shortens an existing lock).
     async fn lock_user(
         &self,

@@ -115,6 +115,13 @@ enum UserCommand {
         #[command(flatten)]
         tenant: TenantArg,
     },
+    /// Unlock a user locked out by failed logins.
+    Unlock {
+        #[arg(long)]
+        username: String,
+        #[command(flatten)]
+        tenant: TenantArg,
+    },
 }
 
 #[derive(Subcommand)]
@@ -286,6 +293,17 @@ async fn run(cli: Cli) -> Result<(), AppError> {
                     "role": user.role.as_str(),
                 }),
                 format!("user {} created: {}", user.username.as_str(), user.id),
+            );
+            Ok(())
+        }
+        Command::User(UserCommand::Unlock { username, tenant }) => {
+            let core = open_core(&settings, clock).await?;
+            let tenant = tenant_of(&core, &tenant).await?;
+            let user = core.unlock_user(&tenant, &username, &cli_context()).await?;
+            print(
+                cli.json,
+                json!({"id": user.id.as_str(), "username": user.username.as_str(), "unlocked": true}),
+                format!("user {} unlocked", user.username.as_str()),
             );
             Ok(())
         }

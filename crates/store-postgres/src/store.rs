@@ -360,6 +360,23 @@ impl Store for PgStore {
         Ok(u32::try_from(failures).unwrap_or(u32::MAX))
     }
 
+    async fn unlock_user(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        self.conditional(
+            sqlx::query(
+                "UPDATE users SET failed_logins = 0, locked_until = NULL WHERE tenant_id = $1 AND id = $2",
+            )
+            .bind(tenant.as_str())
+            .bind(user.as_str()),
+            audit,
+        )
+        .await
+    }
+
     async fn lock_user(
         &self,
         tenant: &TenantId,

@@ -302,6 +302,24 @@ impl Store for SqliteStore {
         .map_err(|_| StoreError::Other("login failure refused".into()))
     }
 
+    async fn unlock_user(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        let (tenant, user, audit) = (tenant.clone(), user.clone(), audit.to_vec());
+        self.write(move |c| {
+            require_one(c.execute(
+                "UPDATE users SET failed_logins = 0, locked_until = NULL WHERE tenant_id = ?1 AND id = ?2",
+                params![tenant.as_str(), user.as_str()],
+            )?)?;
+            insert_audit(c, &audit)
+        })
+        .await
+        .map(flag)
+    }
+
     async fn lock_user(
         &self,
         tenant: &TenantId,

@@ -748,6 +748,9 @@ pub async fn login_failures_count_up_and_locks_never_shorten(store: Arc<dyn Stor
     let found = store.get_user(&t.id, &u.id).await.unwrap().unwrap();
     assert_eq!(found.locked_until, Some(long));
     assert_eq!(found.failed_logins, 2);
+    assert!(store.unlock_user(&t.id, &u.id, &[]).await.unwrap());
+    let unlocked = store.get_user(&t.id, &u.id).await.unwrap().unwrap();
+    assert_eq!((unlocked.failed_logins, unlocked.locked_until), (0, None));
 }
 
 pub async fn audit_events_are_listed_newest_first(store: Arc<dyn Store>) {

@@ -362,6 +362,26 @@ impl Otpgate {
             .ok_or(CoreError::NotFound)
     }
 
+    /// Unlocks a user locked out by failed logins (an operator's decision).
+    pub async fn unlock_user(
+        &self,
+        tenant: &TenantId,
+        username: &str,
+        ctx: &RequestContext,
+    ) -> CoreResult<User> {
+        let user = self.user_by_username(tenant, username).await?;
+        let audit = [self.event(
+            tenant,
+            Some(&user.id),
+            AuditKind::Unlocked,
+            "",
+            ctx,
+            self.clock.now(),
+        )];
+        self.store.unlock_user(tenant, &user.id, &audit).await?;
+        self.user_by_username(tenant, username).await
+    }
+
     /// A user by username.
     pub async fn user_by_username(&self, tenant: &TenantId, username: &str) -> CoreResult<User> {
         let username = Username::parse(username)?;

@@ -628,3 +628,30 @@ async fn external_login_with_a_bad_token_goes_to_the_login_page_without_reflecti
     let start = no_redirects.get(app.url("/")).send().await.unwrap();
     assert_eq!(start.headers()["location"], "/login");
 }
+
+#[tokio::test]
+async fn after_a_hundred_consecutive_failures_only_an_operator_unlocks_the_account() {
+    let app = spawn_app().await;
+    app.create_user("ali", PASSWORD, None, Some(PHONE)).await;
+    // Wrong passwords, waiting out each lock-out, until 100 failures in a row.
+    let mut failures = 0;
+    while failures < 100 {
+        app.clock.advance(Duration::from_secs(16 * 60));
+        assert_eq!(app.acl_login("ali", "wrong").await.status, 401);
+        failures = app
+            .core
+            .user_by_username(&app.tenant, "ali")
+            .await
+            .unwrap()
+            .failed_logins;
+    }
+    // Now even the right password, days later, is refused like any wrong one.
+    app.clock.advance(Duration::from_secs(7 * 24 * 3600));
+    let refused = app.acl_login("ali", PASSWORD).await;
+    assert_eq!((refused.status, &refused.body), (401, &invalid_401()));
+    app.core
+        .unlock_user(&app.tenant, "ali", &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(app.acl_login("ali", PASSWORD).await.status, 200);
+}
