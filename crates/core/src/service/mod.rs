@@ -134,6 +134,24 @@ pub(crate) fn totp_destination(user: &UserId) -> String {
     format!("totp:{user}")
 }
 
+/// A new session token for `user` (shown once) and the record the store keeps of it.
+pub(crate) fn new_session(
+    policy: &Policy,
+    user: &User,
+    now: OffsetDateTime,
+) -> CoreResult<(crate::token::Minted, Session)> {
+    let minted = mint_hex_token()?;
+    let session = Session {
+        hash: minted.hash,
+        tenant_id: user.tenant_id.clone(),
+        user_id: user.id.clone(),
+        created_at: now,
+        expires_at: now + policy.session_ttl,
+        revoked_at: None,
+    };
+    Ok((minted, session))
+}
+
 /// What the user offered at step 2 of a login.
 enum Proof {
     /// A code from SMS, e-mail or the authenticator app.
@@ -1148,15 +1166,7 @@ impl Otpgate {
                 }
             };
             if matched && !Self::is_locked(&user, now) {
-                let minted = mint_hex_token()?;
-                let session = Session {
-                    hash: minted.hash,
-                    tenant_id: user.tenant_id.clone(),
-                    user_id: user.id.clone(),
-                    created_at: now,
-                    expires_at: now + policy.session_ttl,
-                    revoked_at: None,
-                };
+                let (minted, session) = new_session(&policy, &user, now)?;
                 let completion = LoginCompletion {
                     tenant_id: user.tenant_id.clone(),
                     user_id: user.id.clone(),
@@ -1478,15 +1488,7 @@ impl Otpgate {
         let (_, user) = self.authenticate_session(api_token).await?;
         let policy = self.policy_for(&user.tenant_id).await?;
         let now = self.clock.now();
-        let minted = mint_hex_token()?;
-        let session = Session {
-            hash: minted.hash,
-            tenant_id: user.tenant_id.clone(),
-            user_id: user.id.clone(),
-            created_at: now,
-            expires_at: now + policy.session_ttl,
-            revoked_at: None,
-        };
+        let (minted, session) = new_session(&policy, &user, now)?;
         let audit = [self.event(
             &user.tenant_id,
             Some(&user.id),

@@ -12,16 +12,14 @@
 use secrecy::SecretString;
 use time::OffsetDateTime;
 
-use super::{CoreResult, MAX_RACE_RETRIES, Otpgate, SessionIssued, totp_destination};
+use super::{CoreResult, MAX_RACE_RETRIES, Otpgate, SessionIssued, new_session, totp_destination};
 use crate::code::OtpCode;
 use crate::error::CoreError;
 use crate::message::normalize_locale;
 use crate::model::{
-    AuditKind, Challenge, ChallengeStatus, Channel, Purpose, RequestContext, Session, TenantId,
-    User,
+    AuditKind, Challenge, ChallengeStatus, Channel, Purpose, RequestContext, TenantId, User,
 };
 use crate::store::{Contact, LoginCompletion};
-use crate::token::mint_hex_token;
 
 /// What the caller wants verified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,15 +364,8 @@ impl Otpgate {
                 None => code.matches(&self.code_key, challenge.id.as_str(), &challenge.code_hash),
             };
             if matched && !Self::is_locked(user, now) {
-                let minted = mint_hex_token()?;
-                let session = completes_login.then(|| Session {
-                    hash: minted.hash,
-                    tenant_id: user.tenant_id.clone(),
-                    user_id: user.id.clone(),
-                    created_at: now,
-                    expires_at: now + policy.session_ttl,
-                    revoked_at: None,
-                });
+                let (minted, session) = new_session(&policy, user, now)?;
+                let session = completes_login.then_some(session);
                 let mut audit = vec![self.event(
                     &user.tenant_id,
                     Some(&user.id),

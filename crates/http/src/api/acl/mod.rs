@@ -219,11 +219,7 @@ impl AclBody {
         let mut problems = Vec::new();
         let values = names.map(|name| match self.fields.get(name) {
             Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-            None | Some(Value::Null) => {
-                problems.push(AclMessage::Required(name.to_owned()));
-                String::new()
-            }
-            Some(Value::String(_)) => {
+            None | Some(Value::Null) | Some(Value::String(_)) => {
                 problems.push(AclMessage::Required(name.to_owned()));
                 String::new()
             }
