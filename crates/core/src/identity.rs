@@ -119,6 +119,26 @@ impl E164Phone {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The country calling code with its `+` (`+1`, `+98`, `+358`), by the ITU's zone plan:
+    /// zones 1 and 7 are one digit, a fixed set of two-digit codes, three digits otherwise.
+    pub fn country_prefix(&self) -> &str {
+        const TWO_DIGIT: [&str; 44] = [
+            "20", "27", "30", "31", "32", "33", "34", "36", "39", "40", "41", "43", "44", "45",
+            "46", "47", "48", "49", "51", "52", "53", "54", "55", "56", "57", "58", "60", "61",
+            "62", "63", "64", "65", "66", "81", "82", "84", "86", "90", "91", "92", "93", "94",
+            "95", "98",
+        ];
+        let digits = self.0.get(1..).unwrap_or("");
+        let len = if digits.starts_with('1') || digits.starts_with('7') {
+            1
+        } else if TWO_DIGIT.iter().any(|p| digits.starts_with(p)) {
+            2
+        } else {
+            3
+        };
+        self.0.get(..=len).unwrap_or(&self.0)
+    }
 }
 
 #[cfg(test)]
@@ -139,6 +159,24 @@ mod tests {
             E164Phone::parse("+۹۸۹۱۲۳۴۵۶۷۸۹").unwrap().as_str(),
             "+989123456789"
         );
+    }
+
+    #[test]
+    fn country_prefixes_follow_the_zone_plan() {
+        for (number, prefix) in [
+            ("+14155550100", "+1"),
+            ("+79161234567", "+7"),
+            ("+989121234567", "+98"),
+            ("+447911123456", "+44"),
+            ("+358401234567", "+358"),
+            ("+9715012345678", "+971"),
+        ] {
+            assert_eq!(
+                E164Phone::parse(number).unwrap().country_prefix(),
+                prefix,
+                "{number}"
+            );
+        }
     }
 
     #[test]

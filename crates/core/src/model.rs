@@ -492,6 +492,10 @@ pub struct OutboxMessage {
     pub provider_message_id: Option<String>,
     /// The last error, if a try failed.
     pub last_error: Option<String>,
+    /// Who asked for it: the client's IP address, IPv6 cut to its /64 (for send limits).
+    pub client_ip: Option<String>,
+    /// The account it was sent for, if any (for send limits).
+    pub user_id: Option<UserId>,
 }
 
 impl std::fmt::Debug for OutboxMessage {
@@ -628,6 +632,24 @@ pub struct RequestContext {
     pub mode: Option<String>,
     /// Preferred locale of messages sent for this request (`fa`, `en`).
     pub locale: Option<String>,
+}
+
+impl RequestContext {
+    /// The key send limits count by: the IP address, an IPv6 one cut to its /64 (a home or a
+    /// host gets a whole /64, so counting single addresses would not limit anything).
+    pub fn ip_key(&self) -> Option<String> {
+        let ip: std::net::IpAddr = self.ip.as_deref()?.parse().ok()?;
+        Some(match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => {
+                    let s = v6.segments();
+                    format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+                }
+            },
+        })
+    }
 }
 
 /// One thing that happened, for the audit trail. Never carries a code, token or secret.

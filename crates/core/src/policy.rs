@@ -23,6 +23,14 @@ pub struct Policy {
     pub max_sends_per_window: u32,
     /// The window of [`Policy::max_sends_per_window`].
     pub send_window: Duration,
+    /// Sends allowed to one destination per day.
+    pub max_sends_per_day: u32,
+    /// Sends allowed per client IP address (IPv6: per /64) per hour.
+    pub max_sends_per_ip_per_hour: u32,
+    /// Sends allowed per account per hour.
+    pub max_sends_per_account_per_hour: u32,
+    /// Sends allowed to one country calling code per hour (an SMS pumping budget).
+    pub max_sends_per_country_per_hour: u32,
     /// Lifetime of a login ticket (step 1 of a two-step login).
     pub login_ticket_ttl: Duration,
     /// Lifetime of a session token.
@@ -50,6 +58,10 @@ impl Default for Policy {
             resend_cooldown: Duration::from_secs(30),
             max_sends_per_window: 5,
             send_window: Duration::from_secs(10 * 60),
+            max_sends_per_day: 10,
+            max_sends_per_ip_per_hour: 30,
+            max_sends_per_account_per_hour: 10,
+            max_sends_per_country_per_hour: 1_000,
             login_ticket_ttl: Duration::from_secs(5 * 60),
             session_ttl: Duration::from_secs(10 * 60 * 60),
             lockout_threshold: 10,
@@ -116,6 +128,18 @@ pub struct PolicyOverrides {
     /// Login ticket lifetime, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub login_ticket_ttl_secs: Option<u64>,
+    /// Sends per destination per day.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sends_per_day: Option<u32>,
+    /// Sends per client IP (IPv6 /64) per hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sends_per_ip_per_hour: Option<u32>,
+    /// Sends per account per hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sends_per_account_per_hour: Option<u32>,
+    /// Sends per country calling code per hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sends_per_country_per_hour: Option<u32>,
     /// Session and JWT lifetime, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_ttl_secs: Option<u64>,
@@ -142,6 +166,19 @@ impl PolicyOverrides {
             (
                 "max_sends_per_window",
                 self.max_sends_per_window.map(u64::from),
+            ),
+            ("max_sends_per_day", self.max_sends_per_day.map(u64::from)),
+            (
+                "max_sends_per_ip_per_hour",
+                self.max_sends_per_ip_per_hour.map(u64::from),
+            ),
+            (
+                "max_sends_per_account_per_hour",
+                self.max_sends_per_account_per_hour.map(u64::from),
+            ),
+            (
+                "max_sends_per_country_per_hour",
+                self.max_sends_per_country_per_hour.map(u64::from),
             ),
         ];
         for (field, value) in positive {
@@ -176,6 +213,16 @@ impl PolicyOverrides {
                 .max_sends_per_window
                 .unwrap_or(base.max_sends_per_window),
             send_window: self.send_window_secs.map_or(base.send_window, secs),
+            max_sends_per_day: self.max_sends_per_day.unwrap_or(base.max_sends_per_day),
+            max_sends_per_ip_per_hour: self
+                .max_sends_per_ip_per_hour
+                .unwrap_or(base.max_sends_per_ip_per_hour),
+            max_sends_per_account_per_hour: self
+                .max_sends_per_account_per_hour
+                .unwrap_or(base.max_sends_per_account_per_hour),
+            max_sends_per_country_per_hour: self
+                .max_sends_per_country_per_hour
+                .unwrap_or(base.max_sends_per_country_per_hour),
             login_ticket_ttl: self
                 .login_ticket_ttl_secs
                 .map_or(base.login_ticket_ttl, secs),

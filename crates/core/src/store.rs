@@ -89,6 +89,19 @@ pub struct PhoneCompletion {
     pub audit: Vec<AuditEvent>,
 }
 
+/// What a send limit counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendScope {
+    /// Messages to one number or address.
+    Destination(String),
+    /// Messages to numbers starting with a country calling code (`+98`).
+    CountryPrefix(String),
+    /// Messages asked for from one IP address (or IPv6 /64).
+    Ip(String),
+    /// Messages sent for one account.
+    User(UserId),
+}
+
 /// The storage port of the core. Both back-ends pass the same contract suite.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -206,6 +219,13 @@ pub trait Store: Send + Sync + 'static {
         now: OffsetDateTime,
         audit: &[AuditEvent],
     ) -> StoreResult<bool>;
+    /// Messages queued within `scope` since `since` (for the send limits).
+    async fn count_sends(
+        &self,
+        tenant: &TenantId,
+        scope: &SendScope,
+        since: OffsetDateTime,
+    ) -> StoreResult<u32>;
     /// Sends queued to `destination` since `since` (for the per-destination send limit).
     async fn count_sends_since(
         &self,

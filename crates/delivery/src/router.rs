@@ -121,6 +121,8 @@ mod tests {
             created_at: time::OffsetDateTime::UNIX_EPOCH,
             provider_message_id: None,
             last_error: None,
+            client_ip: None,
+            user_id: None,
         }
     }
 

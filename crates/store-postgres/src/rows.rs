@@ -205,7 +205,8 @@ pub(crate) fn factor(row: &PgRow) -> sqlx::Result<TotpFactor> {
 }
 
 pub(crate) const MESSAGE_COLUMNS: &str = "id, tenant_id, challenge_id, channel, destination, purpose, \
-     locale, body, code, status, attempts, next_attempt_at, created_at, provider_message_id, last_error";
+     locale, body, code, status, attempts, next_attempt_at, created_at, provider_message_id, last_error, \
+     client_ip, user_id";
 
 pub(crate) fn message(row: &PgRow) -> sqlx::Result<OutboxMessage> {
     Ok(OutboxMessage {
@@ -224,6 +225,8 @@ pub(crate) fn message(row: &PgRow) -> sqlx::Result<OutboxMessage> {
         created_at: time_at(row, "created_at")?,
         provider_message_id: row.try_get("provider_message_id")?,
         last_error: row.try_get("last_error")?,
+        client_ip: row.try_get("client_ip")?,
+        user_id: opt_parsed(row, "user_id", UserId::parse)?,
     })
 }
 

@@ -8,7 +8,7 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, Store, StoreResult,
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, SendScope, Store, StoreResult,
 };
 use sqlx::postgres::PgRow;
 // Dynamic SQL here is built only from the constant column lists in `rows`; every value is bound.
@@ -72,8 +72,8 @@ async fn insert_challenge(conn: &mut PgConnection, c: &Challenge) -> StoreResult
 async fn insert_message(conn: &mut PgConnection, m: &OutboxMessage) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO outbox (id, tenant_id, challenge_id, channel, destination, purpose, locale, body, \
-         code, status, attempts, next_attempt_at, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+         code, status, attempts, next_attempt_at, created_at, client_ip, user_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
     )
     .bind(m.id.as_str())
     .bind(m.tenant_id.as_str())
@@ -88,6 +88,8 @@ async fn insert_message(conn: &mut PgConnection, m: &OutboxMessage) -> StoreResu
     .bind(i64::from(m.attempts))
     .bind(ms(m.next_attempt_at))
     .bind(ms(m.created_at))
+    .bind(&m.client_ip)
+    .bind(m.user_id.as_ref().map(|u| u.as_str()))
     .execute(&mut *conn)
     .await
     .map_err(db)?;
@@ -567,6 +569,42 @@ impl Store for PgStore {
             audit,
         )
         .await
+    }
+
+    async fn count_sends(
+        &self,
+        tenant: &TenantId,
+        scope: &SendScope,
+        since: OffsetDateTime,
+    ) -> StoreResult<u32> {
+        let (sql, key) = match scope {
+            SendScope::Destination(d) => (
+                "SELECT COUNT(*) FROM outbox WHERE tenant_id = $1 AND destination = $2 AND created_at > $3",
+                d.clone(),
+            ),
+            // A range on the destination index: every number that starts with the prefix.
+            SendScope::CountryPrefix(p) => (
+                "SELECT COUNT(*) FROM outbox WHERE tenant_id = $1 AND destination >= $2 \
+                 AND destination < $2 || ':' AND created_at > $3",
+                p.clone(),
+            ),
+            SendScope::Ip(ip) => (
+                "SELECT COUNT(*) FROM outbox WHERE tenant_id = $1 AND client_ip = $2 AND created_at > $3",
+                ip.clone(),
+            ),
+            SendScope::User(u) => (
+                "SELECT COUNT(*) FROM outbox WHERE tenant_id = $1 AND user_id = $2 AND created_at > $3",
+                u.to_string(),
+            ),
+        };
+        let n: i64 = sqlx::query_scalar(sql)
+            .bind(tenant.as_str())
+            .bind(key)
+            .bind(ms(since))
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
     async fn count_sends_since(

@@ -207,7 +207,8 @@ pub(crate) fn factor(row: &Row<'_>) -> rusqlite::Result<TotpFactor> {
 }
 
 pub(crate) const MESSAGE_COLUMNS: &str = "id, tenant_id, challenge_id, channel, destination, purpose, \
-     locale, body, code, status, attempts, next_attempt_at, created_at, provider_message_id, last_error";
+     locale, body, code, status, attempts, next_attempt_at, created_at, provider_message_id, last_error, \
+     client_ip, user_id";
 
 pub(crate) fn message(row: &Row<'_>) -> rusqlite::Result<OutboxMessage> {
     Ok(OutboxMessage {
@@ -226,6 +227,8 @@ pub(crate) fn message(row: &Row<'_>) -> rusqlite::Result<OutboxMessage> {
         created_at: time_at(row, 12)?,
         provider_message_id: row.get(13)?,
         last_error: row.get(14)?,
+        client_ip: row.get(15)?,
+        user_id: opt_parsed(row, 16, UserId::parse)?,
     })
 }
 

@@ -8,7 +8,7 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, Store, StoreResult,
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, SendScope, Store, StoreResult,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
@@ -70,8 +70,8 @@ fn insert_challenge(conn: &Connection, c: &Challenge) -> Result<(), JobError> {
 fn insert_message(conn: &Connection, m: &OutboxMessage) -> Result<(), JobError> {
     conn.prepare_cached(
         "INSERT INTO outbox (id, tenant_id, challenge_id, channel, destination, purpose, locale, body, \
-         code, status, attempts, next_attempt_at, created_at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+         code, status, attempts, next_attempt_at, created_at, client_ip, user_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )?
     .execute(params![
         m.id.as_str(),
@@ -87,6 +87,8 @@ fn insert_message(conn: &Connection, m: &OutboxMessage) -> Result<(), JobError> 
         m.attempts,
         ms(m.next_attempt_at),
         ms(m.created_at),
+        m.client_ip,
+        m.user_id.as_ref().map(|u| u.as_str()),
     ])?;
     Ok(())
 }
@@ -518,6 +520,42 @@ impl Store for SqliteStore {
         })
         .await
         .map(flag)
+    }
+
+    async fn count_sends(
+        &self,
+        tenant: &TenantId,
+        scope: &SendScope,
+        since: OffsetDateTime,
+    ) -> StoreResult<u32> {
+        let (tenant, scope) = (tenant.clone(), scope.clone());
+        self.read(move |c| {
+            let (sql, key) = match &scope {
+                SendScope::Destination(d) => (
+                    "SELECT COUNT(*) FROM outbox WHERE tenant_id = ?1 AND destination = ?2 AND created_at > ?3",
+                    d.clone(),
+                ),
+                // A range on the destination index: every number that starts with the prefix.
+                SendScope::CountryPrefix(p) => (
+                    "SELECT COUNT(*) FROM outbox WHERE tenant_id = ?1 AND destination >= ?2 \
+                     AND destination < ?2 || ':' AND created_at > ?3",
+                    p.clone(),
+                ),
+                SendScope::Ip(ip) => (
+                    "SELECT COUNT(*) FROM outbox WHERE tenant_id = ?1 AND client_ip = ?2 AND created_at > ?3",
+                    ip.clone(),
+                ),
+                SendScope::User(u) => (
+                    "SELECT COUNT(*) FROM outbox WHERE tenant_id = ?1 AND user_id = ?2 AND created_at > ?3",
+                    u.to_string(),
+                ),
+            };
+            let n: i64 = c
+                .prepare_cached(sql)?
+                .query_row(params![tenant.as_str(), key, ms(since)], |r| r.get(0))?;
+            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        })
+        .await
     }
 
     async fn count_sends_since(

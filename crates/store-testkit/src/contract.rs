@@ -23,7 +23,9 @@ use otpgate_core::otp::TotpParams;
 use otpgate_core::password::PasswordHasher;
 use otpgate_core::policy::Policy;
 use otpgate_core::service::{NewUser, StartVerification};
-use otpgate_core::store::{CodeReplacement, Contact, LoginCompletion, PhoneCompletion, Store};
+use otpgate_core::store::{
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, SendScope, Store,
+};
 use otpgate_core::{Otpgate, StoreError};
 use secrecy::SecretString;
 use time::OffsetDateTime;
@@ -167,6 +169,8 @@ fn message(ch: &Challenge, at: OffsetDateTime) -> OutboxMessage {
         created_at: at,
         provider_message_id: None,
         last_error: None,
+        client_ip: Some("203.0.113.7".into()),
+        user_id: ch.user_id.clone(),
     }
 }
 
@@ -718,6 +722,27 @@ pub async fn sends_are_counted_per_destination(store: Arc<dyn Store>) {
             .unwrap(),
         3
     );
+    let count = |scope: SendScope| {
+        let store = Arc::clone(&store);
+        let tenant = t.id.clone();
+        async move { store.count_sends(&tenant, &scope, since).await.unwrap() }
+    };
+    assert_eq!(
+        count(SendScope::Destination("+989121234567".into())).await,
+        3
+    );
+    assert_eq!(count(SendScope::CountryPrefix("+98".into())).await, 4);
+    assert_eq!(count(SendScope::CountryPrefix("+9".into())).await, 4);
+    assert_eq!(count(SendScope::CountryPrefix("+1".into())).await, 0);
+    assert_eq!(count(SendScope::Ip("203.0.113.7".into())).await, 4);
+    assert_eq!(count(SendScope::Ip("203.0.113.8".into())).await, 0);
+    let stranger = tenant(&store, "other-sends").await;
+    let same_ip = SendScope::Ip("203.0.113.7".into());
+    let elsewhere = store
+        .count_sends(&stranger.id, &same_ip, since)
+        .await
+        .unwrap();
+    assert_eq!(elsewhere, 0);
     assert_eq!(
         store
             .count_sends_since(&t.id, "+989121234567", t0())

@@ -27,7 +27,7 @@ use crate::model::{
 use crate::otp::{TotpParams, otpauth_uri, secret_to_base32};
 use crate::password::PasswordHasher;
 use crate::policy::Policy;
-use crate::store::{CodeReplacement, LoginCompletion, Store};
+use crate::store::{CodeReplacement, LoginCompletion, SendScope, Store};
 use crate::token::{hash_token, mint_api_key, mint_hex_token};
 
 mod phone;
@@ -470,23 +470,56 @@ impl Otpgate {
         }
     }
 
-    /// Refuses a send when the destination had its fill in the current window.
+    /// Refuses a send over any of the tenant's send limits: per destination per window and per
+    /// day, per client IP (IPv6 /64) per hour, per account per hour, and per country calling
+    /// code per hour. Nothing is queued when one is reached; the answer says when to retry.
     async fn check_send_budget(
         &self,
+        policy: &Policy,
         tenant: &TenantId,
         destination: &str,
+        ctx: &RequestContext,
+        user: Option<&UserId>,
         now: OffsetDateTime,
     ) -> CoreResult<()> {
-        let policy = self.policy_for(tenant).await?;
-        let since = now - policy.send_window;
-        let sent = self
-            .store
-            .count_sends_since(tenant, destination, since)
-            .await?;
-        if sent >= policy.max_sends_per_window {
-            return Err(CoreError::RateLimited {
-                retry_after: policy.send_window,
-            });
+        let hour = Duration::from_secs(3600);
+        let mut limits = vec![
+            (
+                SendScope::Destination(destination.to_owned()),
+                policy.send_window,
+                policy.max_sends_per_window,
+            ),
+            (
+                SendScope::Destination(destination.to_owned()),
+                Duration::from_secs(24 * 3600),
+                policy.max_sends_per_day,
+            ),
+        ];
+        if let Some(ip) = ctx.ip_key() {
+            limits.push((SendScope::Ip(ip), hour, policy.max_sends_per_ip_per_hour));
+        }
+        if let Some(user) = user {
+            limits.push((
+                SendScope::User(user.clone()),
+                hour,
+                policy.max_sends_per_account_per_hour,
+            ));
+        }
+        if let Ok(phone) = E164Phone::parse(destination) {
+            limits.push((
+                SendScope::CountryPrefix(phone.country_prefix().to_owned()),
+                hour,
+                policy.max_sends_per_country_per_hour,
+            ));
+        }
+        for (scope, window, max) in limits {
+            let sent = self.store.count_sends(tenant, &scope, now - window).await?;
+            if sent >= max {
+                tracing::info!(?scope, sent, max, "send limit reached");
+                return Err(CoreError::RateLimited {
+                    retry_after: window,
+                });
+            }
         }
         Ok(())
     }
@@ -506,13 +539,10 @@ impl Otpgate {
         policy: &Policy,
         challenge: &Challenge,
         code: &OtpCode,
+        ctx: &RequestContext,
         now: OffsetDateTime,
     ) -> CoreResult<OutboxMessage> {
-        let ttl_minutes = self
-            .policy
-            .code_ttl(challenge.channel)
-            .as_secs()
-            .div_ceil(60);
+        let ttl_minutes = policy.code_ttl(challenge.channel).as_secs().div_ceil(60);
         Ok(OutboxMessage {
             id: MessageId::generate()?,
             tenant_id: challenge.tenant_id.clone(),
@@ -535,6 +565,8 @@ impl Otpgate {
             created_at: now,
             provider_message_id: None,
             last_error: None,
+            client_ip: ctx.ip_key(),
+            user_id: challenge.user_id.clone(),
         })
     }
 
@@ -549,6 +581,7 @@ impl Otpgate {
         channel: Channel,
         destination: String,
         locale: String,
+        ctx: &RequestContext,
         now: OffsetDateTime,
     ) -> CoreResult<(Challenge, Option<OutboxMessage>)> {
         let id = ChallengeId::generate()?;
@@ -580,7 +613,7 @@ impl Otpgate {
         };
         let message = match channel {
             Channel::Totp => None,
-            _ => Some(self.new_message(policy, &challenge, &code, now)?),
+            _ => Some(self.new_message(policy, &challenge, &code, ctx, now)?),
         };
         Ok((challenge, message))
     }
@@ -610,7 +643,8 @@ impl Otpgate {
                 .await?
                 .ok_or(CoreError::NotFound);
         }
-        self.check_send_budget(tenant, &destination, now).await?;
+        self.check_send_budget(&policy, tenant, &destination, ctx, None, now)
+            .await?;
         let (challenge, message) = self.new_challenge(
             &policy,
             tenant,
@@ -619,6 +653,7 @@ impl Otpgate {
             request.channel,
             destination,
             locale,
+            ctx,
             now,
         )?;
         let audit = [self.event(
@@ -659,12 +694,19 @@ impl Otpgate {
         if let Some(retry_after) = self.cooldown_left(&policy, challenge, now) {
             return Err(CoreError::RateLimited { retry_after });
         }
-        self.check_send_budget(&challenge.tenant_id, &challenge.destination, now)
-            .await?;
+        self.check_send_budget(
+            &policy,
+            &challenge.tenant_id,
+            &challenge.destination,
+            ctx,
+            user,
+            now,
+        )
+        .await?;
         let code = OtpCode::generate(policy.code_length)?;
         let hash = code.keyed_hash(&self.code_key, challenge.id.as_str());
         let expires_at = now + policy.code_ttl(challenge.channel);
-        let message = self.new_message(&policy, challenge, &code, now)?;
+        let message = self.new_message(&policy, challenge, &code, ctx, now)?;
         let audit = [self.event(
             &challenge.tenant_id,
             user,
@@ -1019,8 +1061,15 @@ impl Otpgate {
         }
         .ok_or_else(|| CoreError::Conflict(format!("the user has no {}", channel.as_str())))?;
         if channel != Channel::Totp {
-            self.check_send_budget(&user.tenant_id, &destination, now)
-                .await?;
+            self.check_send_budget(
+                &policy,
+                &user.tenant_id,
+                &destination,
+                ctx,
+                Some(&user.id),
+                now,
+            )
+            .await?;
             if let Some(pending) = self
                 .store
                 .find_pending_challenge(&user.tenant_id, purpose.as_str(), &destination, now)
@@ -1039,6 +1088,7 @@ impl Otpgate {
             channel,
             destination,
             locale,
+            ctx,
             now,
         )?;
         let minted = mint_hex_token()?;

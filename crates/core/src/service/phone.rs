@@ -161,7 +161,8 @@ impl Otpgate {
                 .await?
                 .ok_or(CoreError::NotFound);
         }
-        self.check_send_budget(tenant, &destination, now).await?;
+        self.check_send_budget(&policy, tenant, &destination, ctx, None, now)
+            .await?;
         let locale = normalize_locale(ctx.locale.as_deref());
         let (challenge, message) = self.new_challenge(
             &policy,
@@ -171,6 +172,7 @@ impl Otpgate {
             who.channel,
             destination,
             locale,
+            ctx,
             now,
         )?;
         let audit = [self.event(

@@ -253,8 +253,15 @@ impl Otpgate {
             return Ok(());
         }
         if channel != Channel::Totp {
-            self.check_send_budget(&user.tenant_id, destination, now)
-                .await?;
+            self.check_send_budget(
+                &policy,
+                &user.tenant_id,
+                destination,
+                ctx,
+                Some(&user.id),
+                now,
+            )
+            .await?;
         }
         let locale = normalize_locale(ctx.locale.as_deref());
         let (challenge, message) = self.new_challenge(
@@ -265,6 +272,7 @@ impl Otpgate {
             channel,
             destination.to_owned(),
             locale,
+            ctx,
             now,
         )?;
         let audit = [self.event(

@@ -84,3 +84,101 @@ async fn invalid_settings_are_refused_and_change_nothing() {
         .await;
     assert_eq!(shown.body["overrides"], json!({}));
 }
+
+async fn set(app: &crate::helpers::TestApp, settings: serde_json::Value) {
+    let answer = app
+        .send(
+            app.client
+                .put(app.url("/v1/tenant/settings"))
+                .bearer_auth(&app.api_key)
+                .json(&settings),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+}
+
+#[tokio::test]
+async fn sends_are_limited_per_ip_and_nothing_is_queued_over_the_limit() {
+    let app = spawn_app().await;
+    set(&app, json!({"max_sends_per_ip_per_hour": 3})).await;
+    for i in 0..3 {
+        assert_eq!(app.start_sms(&format!("+98912000000{i}")).await.status, 201);
+    }
+    let refused = app.start_sms("+989120000009").await;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.body["retry_after"], 3600);
+    assert_eq!(refused.headers["retry-after"], "3600");
+    assert_eq!(app.sends_to("+989120000009").await, 0);
+}
+
+#[tokio::test]
+async fn a_country_prefix_has_its_own_hourly_budget() {
+    let app = spawn_app().await;
+    set(&app, json!({"max_sends_per_country_per_hour": 2})).await;
+    assert_eq!(app.start_sms("+989120000001").await.status, 201);
+    assert_eq!(app.start_sms("+989120000002").await.status, 201);
+    assert_eq!(
+        app.start_sms("+989120000003").await.status,
+        429,
+        "a third +98 number"
+    );
+    assert_eq!(
+        app.start_sms("+447911123456").await.status,
+        201,
+        "+44 has a budget of its own"
+    );
+    app.clock.advance(std::time::Duration::from_secs(3601));
+    assert_eq!(
+        app.start_sms("+989120000003").await.status,
+        201,
+        "the budget renews each hour"
+    );
+}
+
+#[tokio::test]
+async fn a_destination_has_a_daily_limit_beyond_the_ten_minute_one() {
+    let app = spawn_app().await;
+    set(&app, json!({"max_sends_per_day": 3})).await;
+    for _ in 0..3 {
+        assert_eq!(app.start_sms("+989120000001").await.status, 201);
+        app.clock.advance(std::time::Duration::from_secs(11 * 60));
+    }
+    let refused = app.start_sms("+989120000001").await;
+    assert_eq!(
+        (refused.status, refused.body["retry_after"].as_u64()),
+        (429, Some(86_400))
+    );
+}
+
+#[tokio::test]
+async fn an_account_has_an_hourly_limit_and_a_new_code_keeps_its_failures() {
+    let app = spawn_app().await;
+    set(&app, json!({"max_sends_per_account_per_hour": 2})).await;
+    app.create_user("ali", "pw-ali-12345", None, Some("+989121234567"))
+        .await;
+    let first = app.acl_login("ali", "pw-ali-12345").await;
+    let right = app.delivered_code("+989121234567", 1).await;
+    let wrong = crate::helpers::wrong_code(&right);
+    let ticket = first.body["data"]["token"].as_str().unwrap().to_owned();
+    assert_eq!(app.acl_confirm(&ticket, &wrong).await.status, 401);
+    app.clock.advance(std::time::Duration::from_secs(31));
+    assert_eq!(
+        app.acl("resend_otp", json!({"token": ticket})).await.status,
+        200
+    );
+    // Asking for a new code did not reset the account's failure count.
+    assert_eq!(
+        app.core
+            .user_by_username(&app.tenant, "ali")
+            .await
+            .unwrap()
+            .failed_logins,
+        1
+    );
+    app.clock.advance(std::time::Duration::from_secs(31));
+    let third = app.acl("resend_otp", json!({"token": ticket})).await;
+    assert_eq!(
+        (third.status, third.body["meta"]["message_code"].as_str()),
+        (429, Some("429-1"))
+    );
+}
