@@ -18,6 +18,49 @@ pub const NO_PASSWORD: &str = "!no-password";
 /// Longest password accepted (argon2 takes any length; this bounds the work per request).
 pub const MAX_PASSWORD_BYTES: usize = 1024;
 
+/// Fewest characters a new password may have (NIST SP 800-63B §5.1.1.2).
+pub const MIN_PASSWORD_CHARS: usize = 8;
+
+/// Passwords too common to allow, lowercased, one a line; shipped with the binary.
+const COMMON_PASSWORDS: &str = include_str!("common_passwords.txt");
+
+/// The form a password is hashed and compared in: Unicode NFKC, so the same password typed on
+/// another keyboard or platform (composed or decomposed, full-width digits) is the same bytes.
+pub fn normalize(password: &SecretString) -> SecretString {
+    use unicode_normalization::UnicodeNormalization;
+    SecretString::from(password.expose_secret().nfkc().collect::<String>())
+}
+
+/// Checks a new password against the policy: long enough, not too long, not a common one. The
+/// error says which rule failed. (Every length up to 1024 bytes is allowed and nothing is cut.)
+pub fn check_new_password(password: &SecretString) -> Result<(), CoreError> {
+    let normalized = normalize(password);
+    let text = normalized.expose_secret();
+    if text.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(CoreError::invalid(
+            "password",
+            format!("must be at least {MIN_PASSWORD_CHARS} characters"),
+        ));
+    }
+    if text.len() > MAX_PASSWORD_BYTES {
+        return Err(CoreError::invalid(
+            "password",
+            "is too long (at most 1024 bytes)",
+        ));
+    }
+    let lowered = text.to_lowercase();
+    if COMMON_PASSWORDS
+        .lines()
+        .any(|common| common.trim() == lowered)
+    {
+        return Err(CoreError::invalid(
+            "password",
+            "is one of the most common passwords; choose another",
+        ));
+    }
+    Ok(())
+}
+
 /// Hashes and verifies passwords.
 #[derive(Clone)]
 pub struct PasswordHasher {
@@ -71,9 +114,10 @@ impl PasswordHasher {
         Ok(())
     }
 
-    /// Hashes a password into a PHC string, off the async workers.
+    /// Hashes a password (NFKC-normalised) into a PHC string, off the async workers.
     pub async fn hash(&self, password: SecretString) -> Result<String, CoreError> {
         Self::check_acceptable(&password)?;
+        let password = normalize(&password);
         let params = self.params.clone();
         let span = tracing::Span::current();
         tokio::task::spawn_blocking(move || {
@@ -95,6 +139,7 @@ impl PasswordHasher {
         let phc = stored.unwrap_or_else(|| self.dummy_hash.as_ref().clone());
         let dummy = Arc::clone(&self.dummy_hash);
         let acceptable = Self::check_acceptable(&password).is_ok();
+        let password = normalize(&password);
         let span = tracing::Span::current();
         let matched = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
@@ -147,6 +192,39 @@ mod tests {
                 .await
                 .unwrap()
         );
+    }
+
+    #[test]
+    fn the_password_policy_names_the_rule_that_failed() {
+        let reason = |p: &str| match check_new_password(&SecretString::from(p.to_owned())) {
+            Err(CoreError::InvalidInput { reason, .. }) => reason,
+            Err(other) => other.to_string(),
+            Ok(()) => "ok".into(),
+        };
+        assert_eq!(reason("short1!"), "must be at least 8 characters");
+        assert!(reason("Password1").contains("common"));
+        assert!(reason("QWERTY123").contains("common"));
+        assert_eq!(
+            reason(&"x".repeat(1025)),
+            "is too long (at most 1024 bytes)"
+        );
+        assert_eq!(reason("correct horse battery staple"), "ok");
+        assert_eq!(
+            reason(&"long passphrase ".repeat(8)),
+            "ok",
+            "64+ characters are allowed"
+        );
+    }
+
+    #[tokio::test]
+    async fn composed_and_decomposed_forms_are_the_same_password() {
+        let hasher = PasswordHasher::owasp().unwrap();
+        let hash = hasher
+            .hash(SecretString::from("caf\u{e9} au lait"))
+            .await
+            .unwrap();
+        let decomposed = SecretString::from("cafe\u{301} au lait");
+        assert!(hasher.verify(decomposed, Some(hash)).await.unwrap());
     }
 
     #[tokio::test]

@@ -317,6 +317,7 @@ impl Otpgate {
         let username = Username::parse(&new.username)?;
         let email = new.email.as_deref().map(Email::parse).transpose()?;
         let phone = new.phone.as_deref().map(E164Phone::parse).transpose()?;
+        crate::password::check_new_password(&new.password)?;
         let password_hash = self.hasher.hash(new.password).await?;
         let now = self.clock.now();
         let user = User {

@@ -138,3 +138,40 @@ async fn another_tenants_users_are_invisible() {
     let (active, _) = app.core.totp_status(&app.tenant, &user.id).await.unwrap();
     assert!(!active);
 }
+
+#[tokio::test]
+async fn weak_passwords_are_refused_naming_the_rule() {
+    let app = spawn_app().await;
+    for (password, message) in [
+        ("short", "password must be at least 8 characters"),
+        (
+            "Password1",
+            "password is one of the most common passwords; choose another",
+        ),
+    ] {
+        let answer = app
+            .send(
+                app.post("/v1/users")
+                    .json(&json!({"username": "weak", "password": password})),
+            )
+            .await;
+        assert_eq!(answer.status, 400, "{password}");
+        assert_eq!(answer.body["field"], "password");
+        assert_eq!(answer.body["message"], message);
+    }
+    let long = "a long and unusual passphrase ".repeat(3);
+    let created = app
+        .send(
+            app.post("/v1/users")
+                .json(&json!({"username": "strong", "password": long})),
+        )
+        .await;
+    assert_eq!(created.status, 201);
+    assert!(
+        app.core
+            .user_by_username(&app.tenant, "weak")
+            .await
+            .is_err(),
+        "a refused user was stored"
+    );
+}
