@@ -31,6 +31,8 @@ pub struct Policy {
     pub max_sends_per_account_per_hour: u32,
     /// Sends allowed to one country calling code per hour (an SMS pumping budget).
     pub max_sends_per_country_per_hour: u32,
+    /// Country calling codes SMS may go to (`+98`, `+1`); `None` allows all.
+    pub allowed_country_codes: Option<Vec<String>>,
     /// Lifetime of a login ticket (step 1 of a two-step login).
     pub login_ticket_ttl: Duration,
     /// Lifetime of a session token.
@@ -62,6 +64,7 @@ impl Default for Policy {
             max_sends_per_ip_per_hour: 30,
             max_sends_per_account_per_hour: 10,
             max_sends_per_country_per_hour: 1_000,
+            allowed_country_codes: None,
             login_ticket_ttl: Duration::from_secs(5 * 60),
             session_ttl: Duration::from_secs(10 * 60 * 60),
             lockout_threshold: 10,
@@ -140,6 +143,9 @@ pub struct PolicyOverrides {
     /// Sends per country calling code per hour.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sends_per_country_per_hour: Option<u32>,
+    /// Country calling codes SMS may go to (`["+98", "+1"]`); unset allows all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_country_codes: Option<Vec<String>>,
     /// Session and JWT lifetime, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_ttl_secs: Option<u64>,
@@ -189,6 +195,17 @@ impl PolicyOverrides {
                 ));
             }
         }
+        if let Some(codes) = &self.allowed_country_codes
+            && codes.iter().any(|c| {
+                let digits = c.strip_prefix('+').unwrap_or("");
+                digits.is_empty() || digits.len() > 3 || !digits.bytes().all(|b| b.is_ascii_digit())
+            })
+        {
+            return Err(CoreError::invalid(
+                "allowed_country_codes",
+                "must be calling codes like \"+98\"",
+            ));
+        }
         if let Some(name) = &self.product_name
             && (name.trim().is_empty() || name.chars().count() > 40)
         {
@@ -227,6 +244,10 @@ impl PolicyOverrides {
                 .login_ticket_ttl_secs
                 .map_or(base.login_ticket_ttl, secs),
             session_ttl: self.session_ttl_secs.map_or(base.session_ttl, secs),
+            allowed_country_codes: self
+                .allowed_country_codes
+                .clone()
+                .or_else(|| base.allowed_country_codes.clone()),
             product_name: self
                 .product_name
                 .clone()

@@ -507,6 +507,18 @@ impl Otpgate {
             ));
         }
         if let Ok(phone) = E164Phone::parse(destination) {
+            if let Some(allowed) = &policy.allowed_country_codes
+                && !allowed.iter().any(|code| code == phone.country_prefix())
+            {
+                tracing::info!(
+                    prefix = phone.country_prefix(),
+                    "SMS to a country outside the allowlist refused"
+                );
+                return Err(CoreError::invalid(
+                    "phone",
+                    "numbers of this country are not accepted here",
+                ));
+            }
             limits.push((
                 SendScope::CountryPrefix(phone.country_prefix().to_owned()),
                 hour,

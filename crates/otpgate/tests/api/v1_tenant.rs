@@ -182,3 +182,30 @@ async fn an_account_has_an_hourly_limit_and_a_new_code_keeps_its_failures() {
         (429, Some("429-1"))
     );
 }
+
+#[tokio::test]
+async fn sms_goes_only_to_allowed_country_codes() {
+    let app = spawn_app().await;
+    set(&app, json!({"allowed_country_codes": ["+98"]})).await;
+    assert_eq!(app.start_sms("+989120000001").await.status, 201);
+    let refused = app.start_sms("+447911123456").await;
+    assert_eq!(
+        (refused.status, refused.body["code"].as_str()),
+        (400, Some("invalid_input"))
+    );
+    assert_eq!(app.sends_to("+447911123456").await, 0);
+    // E-mail is not concerned.
+    let email = app
+        .start_verification(json!({"to": "ali@example.com", "channel": "email"}))
+        .await;
+    assert_eq!(email.status, 201);
+    let invalid = app
+        .send(
+            app.client
+                .put(app.url("/v1/tenant/settings"))
+                .bearer_auth(&app.api_key)
+                .json(&json!({"allowed_country_codes": ["98"]})),
+        )
+        .await;
+    assert_eq!(invalid.status, 400);
+}
