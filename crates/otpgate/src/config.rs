@@ -61,6 +61,14 @@ pub struct PolicySettings {
     pub max_sends_per_window: u32,
     /// The send window, seconds.
     pub send_window_secs: u64,
+    /// Sends per destination per day.
+    pub max_sends_per_day: u32,
+    /// Sends per client IP address (IPv6: per /64) per hour.
+    pub max_sends_per_ip_per_hour: u32,
+    /// Sends per account per hour.
+    pub max_sends_per_account_per_hour: u32,
+    /// Sends per country calling code per hour.
+    pub max_sends_per_country_per_hour: u32,
     /// Login ticket lifetime, seconds.
     pub login_ticket_ttl_secs: u64,
     /// Session token lifetime, seconds.
@@ -80,6 +88,10 @@ impl Default for PolicySettings {
             resend_cooldown_secs: p.resend_cooldown.as_secs(),
             max_sends_per_window: p.max_sends_per_window,
             send_window_secs: p.send_window.as_secs(),
+            max_sends_per_day: p.max_sends_per_day,
+            max_sends_per_ip_per_hour: p.max_sends_per_ip_per_hour,
+            max_sends_per_account_per_hour: p.max_sends_per_account_per_hour,
+            max_sends_per_country_per_hour: p.max_sends_per_country_per_hour,
             login_ticket_ttl_secs: p.login_ticket_ttl.as_secs(),
             session_ttl_secs: p.session_ttl.as_secs(),
             product_name: p.product_name,
@@ -203,9 +215,18 @@ impl Settings {
         if !(4..=10).contains(&p.code_length) {
             return Err(ConfigError("policy.code_length must be 4 to 10".into()));
         }
-        if p.max_checks == 0 || p.max_sends_per_window == 0 {
+        if [
+            p.max_checks,
+            p.max_sends_per_window,
+            p.max_sends_per_day,
+            p.max_sends_per_ip_per_hour,
+            p.max_sends_per_account_per_hour,
+            p.max_sends_per_country_per_hour,
+        ]
+        .contains(&0)
+        {
             return Err(ConfigError(
-                "policy.max_checks and policy.max_sends_per_window must be positive".into(),
+                "policy.max_checks and every policy.max_sends_* must be positive".into(),
             ));
         }
         if p.product_name.trim().is_empty() {
@@ -218,6 +239,10 @@ impl Settings {
             max_checks: p.max_checks,
             resend_cooldown: secs(p.resend_cooldown_secs),
             max_sends_per_window: p.max_sends_per_window,
+            max_sends_per_day: p.max_sends_per_day,
+            max_sends_per_ip_per_hour: p.max_sends_per_ip_per_hour,
+            max_sends_per_account_per_hour: p.max_sends_per_account_per_hour,
+            max_sends_per_country_per_hour: p.max_sends_per_country_per_hour,
             send_window: positive("send_window_secs", p.send_window_secs)?,
             login_ticket_ttl: positive("login_ticket_ttl_secs", p.login_ticket_ttl_secs)?,
             session_ttl: positive("session_ttl_secs", p.session_ttl_secs)?,
