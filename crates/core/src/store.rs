@@ -226,13 +226,6 @@ pub trait Store: Send + Sync + 'static {
         scope: &SendScope,
         since: OffsetDateTime,
     ) -> StoreResult<u32>;
-    /// Sends queued to `destination` since `since` (for the per-destination send limit).
-    async fn count_sends_since(
-        &self,
-        tenant: &TenantId,
-        destination: &str,
-        since: OffsetDateTime,
-    ) -> StoreResult<u32>;
 
     // --- logins and sessions ---
     /// Inserts a login ticket with its challenge, and the message when a code is sent.

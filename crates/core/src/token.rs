@@ -1,7 +1,7 @@
 //! Bearer secrets: session tokens (32 lowercase hex, as the ACL document shows), login tickets and
 //! API keys. Each is 128 bits or more from the OS CSPRNG and stored only as its SHA-256.
 
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 
 use crate::crypto::{random_bytes, sha256};
 use crate::error::CoreError;
@@ -45,15 +45,10 @@ pub fn hash_token(presented: &str) -> [u8; 32] {
     sha256(presented.trim().as_bytes())
 }
 
-/// Whether `presented` has the shape of a 32-hex token (cheap refusal before any lookup).
-pub fn looks_like_hex_token(presented: &SecretString) -> bool {
-    let text = presented.expose_secret().trim();
-    text.len() == 32 && text.bytes().all(|b| b.is_ascii_hexdigit())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret;
 
     #[test]
     fn tokens_are_32_lowercase_hex_and_distinct() {

@@ -39,7 +39,7 @@ impl MessageSender for LogSender {
             text = %body,
             "log provider: message delivered to the log (development only)"
         );
-        Ok(Some(format!("log-{}", message.id)))
+        Ok(Some(message.id.to_string()))
     }
 }
 

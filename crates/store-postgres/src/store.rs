@@ -607,24 +607,6 @@ impl Store for PgStore {
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
-    async fn count_sends_since(
-        &self,
-        tenant: &TenantId,
-        destination: &str,
-        since: OffsetDateTime,
-    ) -> StoreResult<u32> {
-        let n: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM outbox WHERE tenant_id = $1 AND destination = $2 AND created_at > $3",
-        )
-        .bind(tenant.as_str())
-        .bind(destination)
-        .bind(ms(since))
-        .fetch_one(self.pool())
-        .await
-        .map_err(db)?;
-        Ok(u32::try_from(n).unwrap_or(u32::MAX))
-    }
-
     async fn insert_login_ticket(
         &self,
         t: &LoginTicket,

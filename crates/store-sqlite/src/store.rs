@@ -558,27 +558,6 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn count_sends_since(
-        &self,
-        tenant: &TenantId,
-        destination: &str,
-        since: OffsetDateTime,
-    ) -> StoreResult<u32> {
-        let (tenant, destination) = (tenant.clone(), destination.to_owned());
-        self.read(move |c| {
-            let n: i64 = c
-                .prepare_cached(
-                    "SELECT COUNT(*) FROM outbox WHERE tenant_id = ?1 AND destination = ?2 \
-                     AND created_at > ?3",
-                )?
-                .query_row(params![tenant.as_str(), destination, ms(since)], |r| {
-                    r.get(0)
-                })?;
-            Ok(u32::try_from(n).unwrap_or(u32::MAX))
-        })
-        .await
-    }
-
     async fn insert_login_ticket(
         &self,
         ticket: &LoginTicket,

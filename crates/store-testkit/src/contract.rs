@@ -434,7 +434,11 @@ pub async fn a_resend_wins_only_against_the_send_count_it_saw(store: Arc<dyn Sto
     // The losing resend queued nothing.
     assert_eq!(
         store
-            .count_sends_since(&t.id, &ch.destination, t0() - Duration::from_secs(1))
+            .count_sends(
+                &t.id,
+                &SendScope::Destination(ch.destination.clone()),
+                t0() - Duration::from_secs(1)
+            )
             .await
             .unwrap(),
         2
@@ -459,7 +463,11 @@ pub async fn challenges_are_isolated_by_tenant(store: Arc<dyn Store>) {
     );
     assert_eq!(
         store
-            .count_sends_since(&b.id, &ch.destination, t0() - Duration::from_secs(1))
+            .count_sends(
+                &b.id,
+                &SendScope::Destination(ch.destination.clone()),
+                t0() - Duration::from_secs(1)
+            )
             .await
             .unwrap(),
         0
@@ -717,7 +725,11 @@ pub async fn sends_are_counted_per_destination(store: Arc<dyn Store>) {
     let since = t0() - Duration::from_secs(1);
     assert_eq!(
         store
-            .count_sends_since(&t.id, "+989121234567", since)
+            .count_sends(
+                &t.id,
+                &SendScope::Destination("+989121234567".into()),
+                since
+            )
             .await
             .unwrap(),
         3
@@ -745,7 +757,7 @@ pub async fn sends_are_counted_per_destination(store: Arc<dyn Store>) {
     assert_eq!(elsewhere, 0);
     assert_eq!(
         store
-            .count_sends_since(&t.id, "+989121234567", t0())
+            .count_sends(&t.id, &SendScope::Destination("+989121234567".into()), t0())
             .await
             .unwrap(),
         0

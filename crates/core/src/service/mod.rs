@@ -227,11 +227,6 @@ impl Otpgate {
         Arc::clone(&self.outbox_wake)
     }
 
-    /// The rules in force.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
     fn event(
         &self,
         tenant: &TenantId,
@@ -649,7 +644,7 @@ impl Otpgate {
             .await?
             && existing.channel == request.channel
         {
-            self.resend(&existing, None, ctx).await?;
+            self.resend(&policy, &existing, None, ctx).await?;
             return self
                 .store
                 .get_challenge(tenant, &existing.id)
@@ -691,11 +686,11 @@ impl Otpgate {
     /// Queues a new code for a pending SMS or e-mail challenge.
     async fn resend(
         &self,
+        policy: &Policy,
         challenge: &Challenge,
         user: Option<&UserId>,
         ctx: &RequestContext,
     ) -> CoreResult<Resent> {
-        let policy = self.policy_for(&challenge.tenant_id).await?;
         let now = self.clock.now();
         if challenge.status_at(now) != ChallengeStatus::Pending
             || challenge.channel == Channel::Totp
@@ -704,11 +699,11 @@ impl Otpgate {
                 "there is no pending code to resend".into(),
             ));
         }
-        if let Some(retry_after) = self.cooldown_left(&policy, challenge, now) {
+        if let Some(retry_after) = self.cooldown_left(policy, challenge, now) {
             return Err(CoreError::RateLimited { retry_after });
         }
         self.check_send_budget(
-            &policy,
+            policy,
             &challenge.tenant_id,
             &challenge.destination,
             ctx,
@@ -719,7 +714,7 @@ impl Otpgate {
         let code = OtpCode::generate(policy.code_length)?;
         let hash = code.keyed_hash(&self.code_key, challenge.id.as_str());
         let expires_at = now + policy.code_ttl(challenge.channel);
-        let message = self.new_message(&policy, challenge, &code, ctx, now)?;
+        let message = self.new_message(policy, challenge, &code, ctx, now)?;
         let audit = [self.event(
             &challenge.tenant_id,
             user,
@@ -1311,7 +1306,9 @@ impl Otpgate {
         if challenge.status_at(now) == ChallengeStatus::Expired {
             return Err(CoreError::Unauthorized);
         }
-        self.resend(&challenge, Some(&ticket.user_id), ctx).await
+        let policy = self.policy_for(&ticket.tenant_id).await?;
+        self.resend(&policy, &challenge, Some(&ticket.user_id), ctx)
+            .await
     }
 
     /// The session and user a token opens; `Unauthorized` for missing, expired, revoked tokens.

@@ -154,7 +154,7 @@ impl Otpgate {
             .find_pending_challenge(tenant, Purpose::PhoneLogin.as_str(), &destination, now)
             .await?
         {
-            self.resend(&pending, None, ctx).await?;
+            self.resend(&policy, &pending, None, ctx).await?;
             return self
                 .store
                 .get_challenge(tenant, &pending.id)

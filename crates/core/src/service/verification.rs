@@ -248,7 +248,7 @@ impl Otpgate {
         let now = self.clock.now();
         if let Some(pending) = self.pending_for(user, purpose, destination, now).await? {
             if resend && pending.channel != Channel::Totp {
-                self.resend(&pending, Some(&user.id), ctx).await?;
+                self.resend(&policy, &pending, Some(&user.id), ctx).await?;
             }
             return Ok(());
         }

@@ -173,7 +173,11 @@ impl TestApp {
         let since = self.clock_now() - Duration::from_secs(3600);
         self.core
             .store()
-            .count_sends_since(&self.tenant, to, since)
+            .count_sends(
+                &self.tenant,
+                &otpgate_core::store::SendScope::Destination(to.to_owned()),
+                since,
+            )
             .await
             .unwrap()
     }
