@@ -139,6 +139,96 @@ impl E164Phone {
         };
         self.0.get(..=len).unwrap_or(&self.0)
     }
+
+    /// The country calling code and the first `national_digits` digits after it (`+98912`):
+    /// the unit the SMS pumping circuit breaker judges, an operator's or an area's range.
+    pub fn range_prefix(&self, national_digits: u8) -> &str {
+        let end = self.country_prefix().len() + usize::from(national_digits);
+        self.0.get(..end.min(self.0.len())).unwrap_or(&self.0)
+    }
+
+    /// What the number plan (libphonenumber's metadata) says this number is.
+    pub fn line_type(&self) -> LineType {
+        let Ok(number) = phonenumber::parse(None, &self.0) else {
+            return LineType::Unknown;
+        };
+        match number.number_type(&phonenumber::metadata::DATABASE) {
+            phonenumber::Type::Mobile => LineType::Mobile,
+            phonenumber::Type::FixedLineOrMobile => LineType::FixedLineOrMobile,
+            phonenumber::Type::PersonalNumber => LineType::Personal,
+            phonenumber::Type::Voip => LineType::Voip,
+            phonenumber::Type::FixedLine => LineType::FixedLine,
+            phonenumber::Type::TollFree => LineType::TollFree,
+            phonenumber::Type::SharedCost => LineType::SharedCost,
+            phonenumber::Type::PremiumRate => LineType::PremiumRate,
+            phonenumber::Type::Uan => LineType::Uan,
+            phonenumber::Type::Voicemail => LineType::Voicemail,
+            phonenumber::Type::Pager => LineType::Pager,
+            _ => LineType::Unknown,
+        }
+    }
+}
+
+/// The kind of line a number plan assigns a number to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineType {
+    /// A mobile phone.
+    Mobile,
+    /// Mobile or fixed: the plan cannot tell (the NANP, +1).
+    FixedLineOrMobile,
+    /// A personal number routed to a phone of the owner's choice.
+    Personal,
+    /// Voice over IP.
+    Voip,
+    /// A landline.
+    FixedLine,
+    /// Freephone.
+    TollFree,
+    /// Shared cost.
+    SharedCost,
+    /// Premium rate: the sender pays the receiver, what SMS pumping lives on.
+    PremiumRate,
+    /// A company's universal access number.
+    Uan,
+    /// Voicemail access.
+    Voicemail,
+    /// A pager.
+    Pager,
+    /// Outside every range the plan knows (or a plan the metadata lacks).
+    Unknown,
+}
+
+impl LineType {
+    /// Its name in logs, audit events and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LineType::Mobile => "mobile",
+            LineType::FixedLineOrMobile => "fixed_line_or_mobile",
+            LineType::Personal => "personal",
+            LineType::Voip => "voip",
+            LineType::FixedLine => "fixed_line",
+            LineType::TollFree => "toll_free",
+            LineType::SharedCost => "shared_cost",
+            LineType::PremiumRate => "premium_rate",
+            LineType::Uan => "uan",
+            LineType::Voicemail => "voicemail",
+            LineType::Pager => "pager",
+            LineType::Unknown => "unknown",
+        }
+    }
+
+    /// Whether an SMS can reach such a line at all. Unknown ranges pass: the plan's metadata
+    /// lags new mobile ranges, and refusing them would lock real users out.
+    pub fn takes_sms(self) -> bool {
+        matches!(
+            self,
+            LineType::Mobile
+                | LineType::FixedLineOrMobile
+                | LineType::Personal
+                | LineType::Voip
+                | LineType::Unknown
+        )
+    }
 }
 
 #[cfg(test)]
@@ -177,6 +267,40 @@ mod tests {
                 "{number}"
             );
         }
+    }
+
+    #[test]
+    fn line_types_follow_the_number_plan() {
+        for (number, kind) in [
+            ("+989121234567", LineType::Mobile),
+            ("+447911123456", LineType::Mobile),
+            ("+442079460000", LineType::FixedLine),
+            ("+449012345678", LineType::PremiumRate),
+            ("+19002345678", LineType::PremiumRate),
+            ("+18002345678", LineType::TollFree),
+            ("+14155550100", LineType::FixedLineOrMobile),
+        ] {
+            assert_eq!(
+                E164Phone::parse(number).unwrap().line_type(),
+                kind,
+                "{number}"
+            );
+        }
+        assert!(!LineType::PremiumRate.takes_sms());
+        assert!(!LineType::FixedLine.takes_sms());
+        assert!(LineType::Unknown.takes_sms());
+    }
+
+    #[test]
+    fn range_prefixes_extend_the_country_code() {
+        let phone = E164Phone::parse("+989121234567").unwrap();
+        assert_eq!(phone.range_prefix(3), "+98912");
+        assert_eq!(phone.range_prefix(0), "+98");
+        assert_eq!(phone.range_prefix(40), "+989121234567");
+        assert_eq!(
+            E164Phone::parse("+14155550100").unwrap().range_prefix(3),
+            "+1415"
+        );
     }
 
     #[test]

@@ -555,11 +555,14 @@ pub enum AuditKind {
     RequestRejected,
     /// An operator unlocked an account.
     Unlocked,
+    /// A message was not queued: a send limit, the country allowlist, the number's type or the
+    /// SMS pumping circuit breaker refused it.
+    SendRefused,
 }
 
 impl AuditKind {
     /// Every kind, for parsing stored names.
-    pub const ALL: [AuditKind; 21] = [
+    pub const ALL: [AuditKind; 22] = [
         AuditKind::LoginPasswordOk,
         AuditKind::LoginFailed,
         AuditKind::LockedOut,
@@ -581,6 +584,7 @@ impl AuditKind {
         AuditKind::UserCreated,
         AuditKind::RequestRejected,
         AuditKind::Unlocked,
+        AuditKind::SendRefused,
     ];
 
     /// Parses a stored name.
@@ -615,6 +619,7 @@ impl AuditKind {
             AuditKind::UserCreated => "user_created",
             AuditKind::RequestRejected => "request_rejected",
             AuditKind::Unlocked => "unlocked",
+            AuditKind::SendRefused => "send_refused",
         }
     }
 }

@@ -153,6 +153,17 @@ impl DeliveryWorker {
             context: RequestContext::default(),
             at: now,
         };
+        let outcome_name = match &outcome {
+            Ok(_) => "sent",
+            Err(SendError::Temporary(_)) if message.attempts < self.policy.max_tries => "retry",
+            Err(_) => "failed",
+        };
+        metrics::counter!(
+            "otpgate_deliveries_total",
+            "channel" => message.channel.as_str(),
+            "outcome" => outcome_name
+        )
+        .increment(1);
         match outcome {
             Ok(provider_id) => {
                 let detail = format!("message {} via {}", message.id, self.sender.name());

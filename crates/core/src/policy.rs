@@ -33,6 +33,19 @@ pub struct Policy {
     pub max_sends_per_country_per_hour: u32,
     /// Country calling codes SMS may go to (`+98`, `+1`); `None` allows all.
     pub allowed_country_codes: Option<Vec<String>>,
+    /// Refuse SMS to numbers the number plan says cannot take one (landline, toll-free, shared
+    /// cost, UAN, voicemail, pager). Premium-rate numbers are refused whatever this says.
+    pub refuse_non_mobile_numbers: bool,
+    /// SMS pumping circuit breaker: the least share (percent) of settled SMS codes to one number
+    /// range that must have been verified within [`Policy::pumping_window`]; below it, SMS to the
+    /// range pause until enough of the window's sends age out. 0 turns the breaker off.
+    pub pumping_min_verified_percent: u32,
+    /// Settled codes to a range before the breaker judges it (few sends say nothing).
+    pub pumping_min_sample: u32,
+    /// How far back the breaker looks.
+    pub pumping_window: Duration,
+    /// National digits after the country code that make a range (`+98` and `912`).
+    pub pumping_prefix_digits: u8,
     /// Lifetime of a login ticket (step 1 of a two-step login).
     pub login_ticket_ttl: Duration,
     /// Lifetime of a session token.
@@ -65,6 +78,11 @@ impl Default for Policy {
             max_sends_per_account_per_hour: 10,
             max_sends_per_country_per_hour: 1_000,
             allowed_country_codes: None,
+            refuse_non_mobile_numbers: true,
+            pumping_min_verified_percent: 20,
+            pumping_min_sample: 30,
+            pumping_window: Duration::from_secs(3600),
+            pumping_prefix_digits: 3,
             login_ticket_ttl: Duration::from_secs(5 * 60),
             session_ttl: Duration::from_secs(10 * 60 * 60),
             lockout_threshold: 10,
@@ -146,6 +164,21 @@ pub struct PolicyOverrides {
     /// Country calling codes SMS may go to (`["+98", "+1"]`); unset allows all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_country_codes: Option<Vec<String>>,
+    /// Refuse SMS to landline, toll-free and other non-mobile numbers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refuse_non_mobile_numbers: Option<bool>,
+    /// Circuit breaker: least verified share (percent) of a range's settled codes; 0 is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pumping_min_verified_percent: Option<u32>,
+    /// Circuit breaker: settled codes before a range is judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pumping_min_sample: Option<u32>,
+    /// Circuit breaker: the window, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pumping_window_secs: Option<u64>,
+    /// Circuit breaker: national digits after the country code that make a range (0 to 6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pumping_prefix_digits: Option<u8>,
     /// Session and JWT lifetime, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_ttl_secs: Option<u64>,
@@ -168,6 +201,8 @@ impl PolicyOverrides {
             ("send_window_secs", self.send_window_secs),
             ("login_ticket_ttl_secs", self.login_ticket_ttl_secs),
             ("session_ttl_secs", self.session_ttl_secs),
+            ("pumping_window_secs", self.pumping_window_secs),
+            ("pumping_min_sample", self.pumping_min_sample.map(u64::from)),
             ("max_checks", self.max_checks.map(u64::from)),
             (
                 "max_sends_per_window",
@@ -204,6 +239,18 @@ impl PolicyOverrides {
             return Err(CoreError::invalid(
                 "allowed_country_codes",
                 "must be calling codes like \"+98\"",
+            ));
+        }
+        if self.pumping_min_verified_percent.is_some_and(|p| p > 100) {
+            return Err(CoreError::invalid(
+                "pumping_min_verified_percent",
+                "must be 0 (off) to 100",
+            ));
+        }
+        if self.pumping_prefix_digits.is_some_and(|d| d > 6) {
+            return Err(CoreError::invalid(
+                "pumping_prefix_digits",
+                "must be 0 to 6",
             ));
         }
         if let Some(name) = &self.product_name
@@ -248,6 +295,17 @@ impl PolicyOverrides {
                 .allowed_country_codes
                 .clone()
                 .or_else(|| base.allowed_country_codes.clone()),
+            refuse_non_mobile_numbers: self
+                .refuse_non_mobile_numbers
+                .unwrap_or(base.refuse_non_mobile_numbers),
+            pumping_min_verified_percent: self
+                .pumping_min_verified_percent
+                .unwrap_or(base.pumping_min_verified_percent),
+            pumping_min_sample: self.pumping_min_sample.unwrap_or(base.pumping_min_sample),
+            pumping_window: self.pumping_window_secs.map_or(base.pumping_window, secs),
+            pumping_prefix_digits: self
+                .pumping_prefix_digits
+                .unwrap_or(base.pumping_prefix_digits),
             product_name: self
                 .product_name
                 .clone()

@@ -102,6 +102,16 @@ pub enum SendScope {
     User(UserId),
 }
 
+/// What became of the SMS codes sent to one number range in a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RangeOutcomes {
+    /// Codes whose fate is known: verified, or dead unverified (expired, out of attempts).
+    /// Pending codes still in their lifetime and canceled ones are not counted.
+    pub settled: u32,
+    /// Of those, verified.
+    pub verified: u32,
+}
+
 /// The storage port of the core. Both back-ends pass the same contract suite.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -226,6 +236,16 @@ pub trait Store: Send + Sync + 'static {
         scope: &SendScope,
         since: OffsetDateTime,
     ) -> StoreResult<u32>;
+
+    /// Outcomes of SMS challenges to numbers starting with `prefix`, created after `since`,
+    /// as of `now` (the SMS pumping circuit breaker's sample).
+    async fn sms_range_outcomes(
+        &self,
+        tenant: &TenantId,
+        prefix: &str,
+        since: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> StoreResult<RangeOutcomes>;
 
     // --- logins and sessions ---
     /// Inserts a login ticket with its challenge, and the message when a code is sent.

@@ -69,6 +69,17 @@ pub struct PolicySettings {
     pub max_sends_per_account_per_hour: u32,
     /// Sends per country calling code per hour.
     pub max_sends_per_country_per_hour: u32,
+    /// Refuse SMS to landline, toll-free and other numbers that cannot take one.
+    pub refuse_non_mobile_numbers: bool,
+    /// SMS pumping circuit breaker: least verified share (percent) of a number range's
+    /// settled codes; 0 turns it off.
+    pub pumping_min_verified_percent: u32,
+    /// Settled codes to a range before the breaker judges it.
+    pub pumping_min_sample: u32,
+    /// The breaker's window, seconds.
+    pub pumping_window_secs: u64,
+    /// National digits after the country code that make a range.
+    pub pumping_prefix_digits: u8,
     /// Login ticket lifetime, seconds.
     pub login_ticket_ttl_secs: u64,
     /// Session token lifetime, seconds.
@@ -92,6 +103,11 @@ impl Default for PolicySettings {
             max_sends_per_ip_per_hour: p.max_sends_per_ip_per_hour,
             max_sends_per_account_per_hour: p.max_sends_per_account_per_hour,
             max_sends_per_country_per_hour: p.max_sends_per_country_per_hour,
+            refuse_non_mobile_numbers: p.refuse_non_mobile_numbers,
+            pumping_min_verified_percent: p.pumping_min_verified_percent,
+            pumping_min_sample: p.pumping_min_sample,
+            pumping_window_secs: p.pumping_window.as_secs(),
+            pumping_prefix_digits: p.pumping_prefix_digits,
             login_ticket_ttl_secs: p.login_ticket_ttl.as_secs(),
             session_ttl_secs: p.session_ttl.as_secs(),
             product_name: p.product_name,
@@ -229,6 +245,13 @@ impl Settings {
                 "policy.max_checks and every policy.max_sends_* must be positive".into(),
             ));
         }
+        if p.pumping_min_verified_percent > 100 || p.pumping_prefix_digits > 6 {
+            return Err(ConfigError(
+                "policy.pumping_min_verified_percent must be 0 to 100 and \
+                 policy.pumping_prefix_digits 0 to 6"
+                    .into(),
+            ));
+        }
         if p.product_name.trim().is_empty() {
             return Err(ConfigError("policy.product_name must not be empty".into()));
         }
@@ -243,6 +266,11 @@ impl Settings {
             max_sends_per_ip_per_hour: p.max_sends_per_ip_per_hour,
             max_sends_per_account_per_hour: p.max_sends_per_account_per_hour,
             max_sends_per_country_per_hour: p.max_sends_per_country_per_hour,
+            refuse_non_mobile_numbers: p.refuse_non_mobile_numbers,
+            pumping_min_verified_percent: p.pumping_min_verified_percent,
+            pumping_min_sample: p.pumping_min_sample,
+            pumping_window: positive("pumping_window_secs", p.pumping_window_secs)?,
+            pumping_prefix_digits: p.pumping_prefix_digits,
             send_window: positive("send_window_secs", p.send_window_secs)?,
             login_ticket_ttl: positive("login_ticket_ttl_secs", p.login_ticket_ttl_secs)?,
             session_ttl: positive("session_ttl_secs", p.session_ttl_secs)?,

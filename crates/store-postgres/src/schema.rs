@@ -14,6 +14,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0003_tenant_keys_devices.sql"),
     include_str!("../migrations/0004_tenant_settings.sql"),
     include_str!("../migrations/0005_send_origin.sql"),
+    include_str!("../migrations/0006_range_outcomes.sql"),
 ];
 
 /// An arbitrary constant naming otpgate's migration lock.

@@ -8,7 +8,8 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, SendScope, Store, StoreResult,
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SendScope, Store,
+    StoreResult,
 };
 use sqlx::postgres::PgRow;
 // Dynamic SQL here is built only from the constant column lists in `rows`; every value is bound.
@@ -605,6 +606,32 @@ impl Store for PgStore {
             .await
             .map_err(db)?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn sms_range_outcomes(
+        &self,
+        tenant: &TenantId,
+        prefix: &str,
+        since: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> StoreResult<RangeOutcomes> {
+        let (settled, verified): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE status = 'approved') FROM challenges \
+             WHERE tenant_id = $1 AND created_at > $3 AND channel = 'sms' \
+             AND starts_with(destination, $2) \
+             AND status <> 'canceled' AND (status <> 'pending' OR expires_at <= $4)",
+        )
+        .bind(tenant.as_str())
+        .bind(prefix)
+        .bind(ms(since))
+        .bind(ms(now))
+        .fetch_one(self.pool())
+        .await
+        .map_err(db)?;
+        Ok(RangeOutcomes {
+            settled: u32::try_from(settled).unwrap_or(u32::MAX),
+            verified: u32::try_from(verified).unwrap_or(u32::MAX),
+        })
     }
 
     async fn insert_login_ticket(

@@ -8,7 +8,8 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, SendScope, Store, StoreResult,
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SendScope, Store,
+    StoreResult,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
@@ -554,6 +555,33 @@ impl Store for SqliteStore {
                 .prepare_cached(sql)?
                 .query_row(params![tenant.as_str(), key, ms(since)], |r| r.get(0))?;
             Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        })
+        .await
+    }
+
+    async fn sms_range_outcomes(
+        &self,
+        tenant: &TenantId,
+        prefix: &str,
+        since: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> StoreResult<RangeOutcomes> {
+        let (tenant, prefix) = (tenant.clone(), prefix.to_owned());
+        self.read(move |c| {
+            let (settled, verified): (i64, i64) = c
+                .prepare_cached(
+                    "SELECT COUNT(*), COALESCE(SUM(status = 'approved'), 0) FROM challenges \
+                     WHERE tenant_id = ?1 AND created_at > ?3 AND channel = 'sms' \
+                     AND destination >= ?2 AND destination < ?2 || ':' \
+                     AND status <> 'canceled' AND (status <> 'pending' OR expires_at <= ?4)",
+                )?
+                .query_row(params![tenant.as_str(), prefix, ms(since), ms(now)], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+            Ok(RangeOutcomes {
+                settled: u32::try_from(settled).unwrap_or(u32::MAX),
+                verified: u32::try_from(verified).unwrap_or(u32::MAX),
+            })
         })
         .await
     }

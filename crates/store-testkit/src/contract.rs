@@ -24,7 +24,7 @@ use otpgate_core::password::PasswordHasher;
 use otpgate_core::policy::Policy;
 use otpgate_core::service::{NewUser, StartVerification};
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, SendScope, Store,
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SendScope, Store,
 };
 use otpgate_core::{Otpgate, StoreError};
 use secrecy::SecretString;
@@ -59,6 +59,7 @@ macro_rules! store_contract_tests {
             sessions_are_revoked_once,
             outbox_claims_are_leases_and_delivery_erases_the_code,
             sends_are_counted_per_destination,
+            sms_range_outcomes_count_only_settled_codes_of_the_range,
             login_failures_count_up_and_locks_never_shorten,
             audit_events_are_listed_newest_first,
             the_sweeper_deletes_only_what_can_no_longer_matter,
@@ -705,6 +706,72 @@ pub async fn outbox_claims_are_leases_and_delivery_erases_the_code(store: Arc<dy
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+pub async fn sms_range_outcomes_count_only_settled_codes_of_the_range(store: Arc<dyn Store>) {
+    let t = tenant(&store, "range").await;
+    let other = tenant(&store, "other").await;
+    let insert = |ch: Challenge| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .insert_challenge(&ch, Some(&message(&ch, ch.created_at)), &[])
+                .await
+                .unwrap();
+            ch
+        }
+    };
+    // In the range +98912: one verified, one expired unverified, one dead by attempts, one
+    // canceled (not counted), one still pending in its lifetime (not counted yet).
+    let verified = insert(challenge(&t, "+989121230001")).await;
+    assert!(
+        store
+            .consume_challenge(&verified.id, 0, t0(), &[])
+            .await
+            .unwrap()
+    );
+    insert(challenge(&t, "+989121230002")).await;
+    let dead = insert(challenge(&t, "+989121230003")).await;
+    for attempts in 0..5 {
+        store
+            .record_failed_check(&dead.id, attempts, t0(), &[])
+            .await
+            .unwrap();
+    }
+    let canceled = insert(challenge(&t, "+989121230004")).await;
+    assert!(
+        store
+            .cancel_challenge(&canceled.id, t0(), &[])
+            .await
+            .unwrap()
+    );
+    let mut young = challenge(&t, "+989121230005");
+    young.created_at = t0() + Duration::from_secs(200);
+    young.expires_at = t0() + Duration::from_secs(500);
+    insert(young).await;
+    // Outside the range, the tenant, the channel or the window: not counted.
+    insert(challenge(&t, "+989351230001")).await;
+    insert(challenge(&other, "+989121230009")).await;
+    let mut email = challenge(&t, "+989121230010");
+    email.channel = Channel::Email;
+    insert(email).await;
+    let mut old = challenge(&t, "+989121230011");
+    old.created_at = t0() - Duration::from_secs(7200);
+    old.expires_at = old.created_at + Duration::from_secs(300);
+    insert(old).await;
+
+    let now = t0() + Duration::from_secs(301);
+    let outcomes = store
+        .sms_range_outcomes(&t.id, "+98912", t0() - Duration::from_secs(3600), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        RangeOutcomes {
+            settled: 3,
+            verified: 1
+        }
     );
 }
 

@@ -17,7 +17,7 @@ use crate::clock::Clock;
 use crate::code::{OtpCode, RecoveryCode};
 use crate::crypto::{MasterKey, random_bytes};
 use crate::error::CoreError;
-use crate::identity::{E164Phone, Email, Username};
+use crate::identity::{E164Phone, Email, LineType, Username};
 use crate::message::{Templates, normalize_locale};
 use crate::model::{
     ApiKey, ApiKeyId, AuditEvent, AuditKind, Challenge, ChallengeId, ChallengeStatus, Channel,
@@ -172,6 +172,66 @@ pub struct DeliveryState {
     pub provider_message_id: Option<String>,
 }
 
+/// Which send rule refused a message.
+#[derive(Debug, Clone, Copy)]
+enum SendRule {
+    DestinationWindow,
+    DestinationDay,
+    Ip,
+    Account,
+    Country,
+    CountryNotAllowed,
+    NumberType,
+    CircuitOpen,
+}
+
+/// A refused send: the rule, a non-secret detail for the audit trail, and when to retry.
+#[derive(Debug)]
+struct SendRefusal {
+    rule: SendRule,
+    detail: String,
+    retry_after: Duration,
+}
+
+impl SendRefusal {
+    fn new(rule: SendRule, detail: String) -> Self {
+        SendRefusal {
+            rule,
+            detail,
+            retry_after: Duration::ZERO,
+        }
+    }
+
+    /// Its name in metrics and audit events.
+    fn decision(&self) -> &'static str {
+        match self.rule {
+            SendRule::DestinationWindow => "limit_destination_window",
+            SendRule::DestinationDay => "limit_destination_day",
+            SendRule::Ip => "limit_ip",
+            SendRule::Account => "limit_account",
+            SendRule::Country => "limit_country",
+            SendRule::CountryNotAllowed => "country_not_allowed",
+            SendRule::NumberType => "number_type",
+            SendRule::CircuitOpen => "circuit_open",
+        }
+    }
+
+    fn into_error(self) -> CoreError {
+        match self.rule {
+            SendRule::CountryNotAllowed => {
+                CoreError::invalid("phone", "numbers of this country are not accepted here")
+            }
+            SendRule::NumberType => CoreError::invalid(
+                "phone",
+                "is not a mobile number that can receive text messages",
+            ),
+            _ => CoreError::RateLimited {
+                retry_after: self.retry_after,
+            },
+        }
+    }
+}
+
 /// The core service.
 pub struct Otpgate {
     store: Arc<dyn Store>,
@@ -236,6 +296,7 @@ impl Otpgate {
         ctx: &RequestContext,
         at: OffsetDateTime,
     ) -> AuditEvent {
+        metrics::counter!("otpgate_events_total", "kind" => kind.as_str()).increment(1);
         AuditEvent {
             tenant_id: tenant.clone(),
             user_id: user.cloned(),
@@ -367,6 +428,23 @@ impl Otpgate {
             .await?)
     }
 
+    /// The newest audit events of a whole tenant, newest first, optionally of one kind
+    /// (`send_refused` lists every send the limits and the pumping defence turned away).
+    pub async fn tenant_events(
+        &self,
+        tenant: &TenantId,
+        kind: Option<&str>,
+        limit: u32,
+    ) -> CoreResult<Vec<AuditEvent>> {
+        let kind = kind.map(AuditKind::parse).transpose()?;
+        let events = self.store.list_audit(tenant, None, 500).await?;
+        Ok(events
+            .into_iter()
+            .filter(|e| kind.is_none_or(|k| e.kind == k))
+            .take(limit.clamp(1, 500) as usize)
+            .collect())
+    }
+
     /// A user by id within a tenant (another tenant's user is `NotFound`).
     pub async fn user(&self, tenant: &TenantId, id: &str) -> CoreResult<User> {
         let id = UserId::parse(id)?;
@@ -468,7 +546,10 @@ impl Otpgate {
 
     /// Refuses a send over any of the tenant's send limits: per destination per window and per
     /// day, per client IP (IPv6 /64) per hour, per account per hour, and per country calling
-    /// code per hour. Nothing is queued when one is reached; the answer says when to retry.
+    /// code per hour; and, for SMS, a country outside the allowlist, a number the plan marks
+    /// premium-rate or not mobile, or a number range whose codes are rarely verified (the SMS
+    /// pumping circuit breaker). Nothing is queued when one applies; every refusal is an audit
+    /// event and a metric, and the answer says when to retry.
     async fn check_send_budget(
         &self,
         policy: &Policy,
@@ -478,58 +559,150 @@ impl Otpgate {
         user: Option<&UserId>,
         now: OffsetDateTime,
     ) -> CoreResult<()> {
+        let phone = E164Phone::parse(destination).ok();
+        let channel = if phone.is_some() { "sms" } else { "email" };
+        match self
+            .send_refusal(policy, tenant, destination, phone.as_ref(), ctx, user, now)
+            .await?
+        {
+            None => {
+                metrics::counter!("otpgate_send_decisions_total", "channel" => channel, "decision" => "allowed")
+                    .increment(1);
+                Ok(())
+            }
+            Some(refusal) => {
+                metrics::counter!(
+                    "otpgate_send_decisions_total",
+                    "channel" => channel,
+                    "decision" => refusal.decision()
+                )
+                .increment(1);
+                tracing::info!(decision = refusal.decision(), detail = %refusal.detail, "send refused");
+                self.store
+                    .insert_audit(&[self.event(
+                        tenant,
+                        user,
+                        AuditKind::SendRefused,
+                        format!("{}: {}", refusal.decision(), refusal.detail),
+                        ctx,
+                        now,
+                    )])
+                    .await?;
+                Err(refusal.into_error())
+            }
+        }
+    }
+
+    /// The first rule that refuses this send, if any.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_refusal(
+        &self,
+        policy: &Policy,
+        tenant: &TenantId,
+        destination: &str,
+        phone: Option<&E164Phone>,
+        ctx: &RequestContext,
+        user: Option<&UserId>,
+        now: OffsetDateTime,
+    ) -> CoreResult<Option<SendRefusal>> {
+        if let Some(phone) = phone {
+            if let Some(allowed) = &policy.allowed_country_codes
+                && !allowed.iter().any(|code| code == phone.country_prefix())
+            {
+                return Ok(Some(SendRefusal::new(
+                    SendRule::CountryNotAllowed,
+                    format!("country {} is not on the allowlist", phone.country_prefix()),
+                )));
+            }
+            let line = phone.line_type();
+            if line == LineType::PremiumRate
+                || (policy.refuse_non_mobile_numbers && !line.takes_sms())
+            {
+                return Ok(Some(SendRefusal::new(
+                    SendRule::NumberType,
+                    format!(
+                        "{} number in {}",
+                        line.as_str(),
+                        phone.range_prefix(policy.pumping_prefix_digits)
+                    ),
+                )));
+            }
+        }
         let hour = Duration::from_secs(3600);
         let mut limits = vec![
             (
+                SendRule::DestinationWindow,
                 SendScope::Destination(destination.to_owned()),
                 policy.send_window,
                 policy.max_sends_per_window,
             ),
             (
+                SendRule::DestinationDay,
                 SendScope::Destination(destination.to_owned()),
                 Duration::from_secs(24 * 3600),
                 policy.max_sends_per_day,
             ),
         ];
         if let Some(ip) = ctx.ip_key() {
-            limits.push((SendScope::Ip(ip), hour, policy.max_sends_per_ip_per_hour));
+            limits.push((
+                SendRule::Ip,
+                SendScope::Ip(ip),
+                hour,
+                policy.max_sends_per_ip_per_hour,
+            ));
         }
         if let Some(user) = user {
             limits.push((
+                SendRule::Account,
                 SendScope::User(user.clone()),
                 hour,
                 policy.max_sends_per_account_per_hour,
             ));
         }
-        if let Ok(phone) = E164Phone::parse(destination) {
-            if let Some(allowed) = &policy.allowed_country_codes
-                && !allowed.iter().any(|code| code == phone.country_prefix())
-            {
-                tracing::info!(
-                    prefix = phone.country_prefix(),
-                    "SMS to a country outside the allowlist refused"
-                );
-                return Err(CoreError::invalid(
-                    "phone",
-                    "numbers of this country are not accepted here",
-                ));
-            }
+        if let Some(phone) = phone {
             limits.push((
+                SendRule::Country,
                 SendScope::CountryPrefix(phone.country_prefix().to_owned()),
                 hour,
                 policy.max_sends_per_country_per_hour,
             ));
         }
-        for (scope, window, max) in limits {
+        for (rule, scope, window, max) in limits {
             let sent = self.store.count_sends(tenant, &scope, now - window).await?;
             if sent >= max {
-                tracing::info!(?scope, sent, max, "send limit reached");
-                return Err(CoreError::RateLimited {
+                return Ok(Some(SendRefusal {
+                    rule,
+                    detail: format!("{sent} of {max} sends in {} s", window.as_secs()),
                     retry_after: window,
-                });
+                }));
             }
         }
-        Ok(())
+        if let Some(phone) = phone
+            && policy.pumping_min_verified_percent > 0
+        {
+            let range = phone.range_prefix(policy.pumping_prefix_digits);
+            let outcomes = self
+                .store
+                .sms_range_outcomes(tenant, range, now - policy.pumping_window, now)
+                .await?;
+            if outcomes.settled >= policy.pumping_min_sample
+                && u64::from(outcomes.verified) * 100
+                    < u64::from(outcomes.settled) * u64::from(policy.pumping_min_verified_percent)
+            {
+                return Ok(Some(SendRefusal {
+                    rule: SendRule::CircuitOpen,
+                    detail: format!(
+                        "{range}: {} of {} codes verified in {} s, below {}%",
+                        outcomes.verified,
+                        outcomes.settled,
+                        policy.pumping_window.as_secs(),
+                        policy.pumping_min_verified_percent
+                    ),
+                    retry_after: policy.pumping_window,
+                }));
+            }
+        }
+        Ok(None)
     }
 
     fn cooldown_left(

@@ -3,7 +3,8 @@
 //! machine-readable `code`, plus `field` or `retry_after` where they apply.
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
 use axum::http::header::{AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
@@ -11,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use otpgate_core::CoreError;
-use otpgate_core::model::{Challenge, ChallengeStatus, Channel, Role, TenantId, User};
+use otpgate_core::model::{AuditEvent, Challenge, ChallengeStatus, Channel, Role, TenantId, User};
 use otpgate_core::policy::{Policy, PolicyOverrides};
 use otpgate_core::service::{DeliveryState, NewUser, StartVerification};
 use secrecy::{ExposeSecret, SecretString};
@@ -37,6 +38,7 @@ pub fn router() -> Router<AppState> {
             post(regenerate_recovery_codes),
         )
         .route("/v1/users/{id}/events", get(user_events))
+        .route("/v1/events", get(tenant_events))
         .route("/v1/me", get(me))
         .route("/v1/tokens/revoke", post(revoke_token))
         .route("/v1/jwt_keys/rotate", post(rotate_jwt_key))
@@ -661,6 +663,44 @@ struct EventsView {
     events: Vec<EventView>,
 }
 
+#[derive(Deserialize)]
+struct EventsQuery {
+    kind: Option<String>,
+    limit: Option<u32>,
+}
+
+impl From<AuditEvent> for EventView {
+    fn from(e: AuditEvent) -> Self {
+        EventView {
+            kind: e.kind.as_str(),
+            detail: e.detail,
+            ip: e.context.ip,
+            latitude: e.context.latitude,
+            longitude: e.context.longitude,
+            mode: e.context.mode,
+            at: rfc3339(e.at),
+        }
+    }
+}
+
+/// The tenant's audit trail, newest first: `?kind=send_refused` shows every send the limits,
+/// the allowlist, the number-type rule or the pumping circuit breaker refused.
+async fn tenant_events(
+    State(state): State<AppState>,
+    ApiTenant(tenant): ApiTenant,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Json<EventsView>, V1Error> {
+    let Query(query) =
+        query.map_err(|_| CoreError::invalid("query", "takes kind and a numeric limit"))?;
+    let events = state
+        .core
+        .tenant_events(&tenant, query.kind.as_deref(), query.limit.unwrap_or(100))
+        .await?;
+    Ok(Json(EventsView {
+        events: events.into_iter().map(EventView::from).collect(),
+    }))
+}
+
 /// The user's login history: logins, codes, tokens, with where each request came from.
 async fn user_events(
     State(state): State<AppState>,
@@ -670,18 +710,7 @@ async fn user_events(
     let user = state.core.user(&tenant, &id).await?;
     let events = state.core.user_events(&tenant, &user.id, 100).await?;
     Ok(Json(EventsView {
-        events: events
-            .into_iter()
-            .map(|e| EventView {
-                kind: e.kind.as_str(),
-                detail: e.detail,
-                ip: e.context.ip,
-                latitude: e.context.latitude,
-                longitude: e.context.longitude,
-                mode: e.context.mode,
-                at: rfc3339(e.at),
-            })
-            .collect(),
+        events: events.into_iter().map(EventView::from).collect(),
     }))
 }
 
@@ -837,6 +866,11 @@ struct EffectivePolicy {
     max_sends_per_account_per_hour: u32,
     max_sends_per_country_per_hour: u32,
     allowed_country_codes: Option<Vec<String>>,
+    refuse_non_mobile_numbers: bool,
+    pumping_min_verified_percent: u32,
+    pumping_min_sample: u32,
+    pumping_window_secs: u64,
+    pumping_prefix_digits: u8,
     login_ticket_ttl_secs: u64,
     session_ttl_secs: u64,
     product_name: String,
@@ -857,6 +891,11 @@ impl From<&Policy> for EffectivePolicy {
             max_sends_per_account_per_hour: p.max_sends_per_account_per_hour,
             max_sends_per_country_per_hour: p.max_sends_per_country_per_hour,
             allowed_country_codes: p.allowed_country_codes.clone(),
+            refuse_non_mobile_numbers: p.refuse_non_mobile_numbers,
+            pumping_min_verified_percent: p.pumping_min_verified_percent,
+            pumping_min_sample: p.pumping_min_sample,
+            pumping_window_secs: p.pumping_window.as_secs(),
+            pumping_prefix_digits: p.pumping_prefix_digits,
             login_ticket_ttl_secs: p.login_ticket_ttl.as_secs(),
             session_ttl_secs: p.session_ttl.as_secs(),
             product_name: p.product_name.clone(),

@@ -13,6 +13,7 @@ mod digipay;
 mod helpers;
 mod lifecycle;
 mod scale_out;
+mod sms_pumping;
 mod secrets;
 mod v1_bad_input;
 mod v1_tenant;

@@ -85,7 +85,7 @@ async fn invalid_settings_are_refused_and_change_nothing() {
     assert_eq!(shown.body["overrides"], json!({}));
 }
 
-async fn set(app: &crate::helpers::TestApp, settings: serde_json::Value) {
+pub async fn set(app: &crate::helpers::TestApp, settings: serde_json::Value) {
     let answer = app
         .send(
             app.client
