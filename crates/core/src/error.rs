@@ -61,6 +61,9 @@ pub enum CoreError {
     /// The store failed.
     #[error(transparent)]
     Storage(#[from] StoreError),
+    /// The configured master key is not the one this database's secrets are sealed under.
+    #[error("the master key does not open the secrets in this database")]
+    WrongMasterKey,
     /// A bug or an environment fault (RNG, blocking pool).
     #[error("internal error: {0}")]
     Internal(String),
@@ -82,7 +85,7 @@ impl CoreError {
             CoreError::Storage(StoreError::Conflict(_)) => "conflict",
             CoreError::Storage(StoreError::Unavailable(_)) => "unavailable",
             CoreError::Storage(StoreError::Other(_)) => "storage_error",
-            CoreError::Internal(_) => "internal_error",
+            CoreError::WrongMasterKey | CoreError::Internal(_) => "internal_error",
         }
     }
 

@@ -102,6 +102,28 @@ pub enum SendScope {
     User(UserId),
 }
 
+/// Where a value sealed under the master key lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealedKind {
+    /// A TOTP factor's secret.
+    TotpFactor,
+    /// A tenant's JWT signing key.
+    JwtKey,
+    /// A server-wide secret (the code-hash key).
+    ServerSecret,
+}
+
+/// One value sealed under the master key; its seal is bound to `id`.
+#[derive(Debug, Clone)]
+pub struct SealedSecret {
+    /// Its table.
+    pub kind: SealedKind,
+    /// Its row's id (a factor id, a key id, a server secret's name).
+    pub id: String,
+    /// Nonce and ciphertext.
+    pub sealed: Vec<u8>,
+}
+
 /// What became of the SMS codes sent to one number range in a window.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RangeOutcomes {
@@ -431,6 +453,15 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<u64>;
 
     // --- audit ---
+    // --- master key ---
+    /// The server-wide secret `name` (sealed), inserting `candidate` when there is none yet.
+    async fn ensure_server_secret(&self, name: &str, candidate: &[u8]) -> StoreResult<Vec<u8>>;
+    /// Every value sealed under the master key.
+    async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>>;
+    /// Replaces sealed values, all or nothing: `Conflict` (and no change) when any of them is no
+    /// longer what was read.
+    async fn reseal_secrets(&self, changes: &[(SealedSecret, Vec<u8>)]) -> StoreResult<()>;
+
     /// Records events outside any other write.
     async fn insert_audit(&self, events: &[AuditEvent]) -> StoreResult<()>;
     /// The newest events of a tenant (optionally one user's), newest first.

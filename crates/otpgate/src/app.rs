@@ -4,13 +4,14 @@
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use otpgate_core::clock::{Clock, SystemClock};
 use otpgate_core::crypto::MasterKey;
 use otpgate_core::outbox::{DeliveryWorker, MessageSender};
 use otpgate_core::password::PasswordHasher;
+use otpgate_core::service::Resealed;
 use otpgate_core::store::Store;
 use otpgate_core::sweeper::Sweeper;
 use otpgate_core::{CoreError, Otpgate};
@@ -49,6 +50,9 @@ pub struct Overrides {
 /// Name of the master key file inside the data directory.
 pub const MASTER_KEY_FILE: &str = "master.key";
 
+/// Name of a new master key whose rotation has not finished (see [`rotate_master_key`]).
+pub const PENDING_MASTER_KEY_FILE: &str = "master.key.new";
+
 /// The master key from configuration, or from `data_dir/master.key`, generated there (mode
 /// 0600, with a warning) on first start.
 pub fn load_master_key(settings: &Settings) -> Result<MasterKey, AppError> {
@@ -64,6 +68,7 @@ pub fn load_master_key(settings: &Settings) -> Result<MasterKey, AppError> {
     }
 }
 
+/// The key in `path` when it exists, else a new one written there (mode 0600, synced).
 fn generate_master_key(path: &Path) -> Result<MasterKey, AppError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
@@ -95,6 +100,80 @@ fn generate_master_key(path: &Path) -> Result<MasterKey, AppError> {
     }
 }
 
+fn read_master_key(path: &Path) -> Result<MasterKey, AppError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+    Ok(MasterKey::from_hex(&text)
+        .map_err(|_| ConfigError(format!("{} does not hold 64 hex digits", path.display())))?)
+}
+
+/// Makes `path` durable after a rename into its directory.
+fn sync_parent(path: &Path) -> Result<(), AppError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// What a master key rotation did.
+pub struct Rotation {
+    /// The secrets re-sealed.
+    pub resealed: Resealed,
+    /// Where the new key is.
+    pub new_key_file: PathBuf,
+    /// Whether the server finds the new key by itself (it replaced `data_dir/master.key`);
+    /// otherwise the operator must point the configuration at `new_key_file`.
+    pub installed: bool,
+}
+
+/// Re-seals every secret in the database under a new master key, in one transaction.
+///
+/// The new key is read from `new_key_file` when that file exists, else generated there; by
+/// default it is `data_dir/master.key.new`, which replaces `master.key` once the database has
+/// committed. A crash in between is finished at the next start (see [`open_core`]). A key
+/// given by `OTPGATE_MASTER_KEY` needs `new_key_file`: the operator sets the new value.
+pub async fn rotate_master_key(
+    settings: &Settings,
+    new_key_file: Option<&Path>,
+) -> Result<Rotation, AppError> {
+    let key_file = settings.data_dir.join(MASTER_KEY_FILE);
+    let old = match &settings.master_key {
+        Some(hex) => MasterKey::from_hex(hex.expose_secret())?,
+        None => read_master_key(&key_file)?,
+    };
+    let (target, installs) = match (new_key_file, &settings.master_key) {
+        (Some(path), _) => (path.to_path_buf(), false),
+        (None, None) => (settings.data_dir.join(PENDING_MASTER_KEY_FILE), true),
+        (None, Some(_)) => {
+            return Err(ConfigError(
+                "the master key comes from the configuration (OTPGATE_MASTER_KEY): \
+                 pass --new-key-file for the new one"
+                    .into(),
+            )
+            .into());
+        }
+    };
+    let new = generate_master_key(&target)?;
+    if new.to_hex() == old.to_hex() {
+        return Err(ConfigError(format!(
+            "{} holds the current master key; a rotation needs a new one",
+            target.display()
+        ))
+        .into());
+    }
+    let store = open_store(settings).await?;
+    let resealed = otpgate_core::service::rotate_master_key(store.as_ref(), &old, &new).await?;
+    if installs {
+        std::fs::rename(&target, &key_file)?;
+        sync_parent(&key_file)?;
+    }
+    Ok(Rotation {
+        resealed,
+        new_key_file: if installs { key_file } else { target },
+        installed: installs,
+    })
+}
+
 /// Opens the configured store (migrating it), SQLite or PostgreSQL by the URL's scheme.
 pub async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, AppError> {
     Ok(match settings.store_choice()? {
@@ -122,7 +201,35 @@ pub async fn open_core(
         .await
         .map_err(|e| CoreError::Internal(format!("blocking pool: {e}")))??;
     let templates = crate::delivery::templates(&settings.templates)?;
-    let core = Otpgate::new(store, clock, master, policy, hasher).with_templates(templates);
+    let core = match Otpgate::open(
+        Arc::clone(&store),
+        Arc::clone(&clock),
+        master,
+        policy.clone(),
+        hasher.clone(),
+    )
+    .await
+    {
+        Err(CoreError::WrongMasterKey) if settings.master_key.is_none() => {
+            // A rotation committed the database but stopped before installing its new key.
+            let pending = settings.data_dir.join(PENDING_MASTER_KEY_FILE);
+            if !pending.exists() {
+                return Err(CoreError::WrongMasterKey.into());
+            }
+            let core =
+                Otpgate::open(store, clock, read_master_key(&pending)?, policy, hasher).await?;
+            let key_file = settings.data_dir.join(MASTER_KEY_FILE);
+            std::fs::rename(&pending, &key_file)?;
+            sync_parent(&key_file)?;
+            tracing::warn!(
+                path = %key_file.display(),
+                "finished an interrupted master key rotation: the new key is installed"
+            );
+            core
+        }
+        other => other?,
+    }
+    .with_templates(templates);
     core.default_tenant().await?;
     Ok(Arc::new(core))
 }

@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use otpgate::app::{AppError, Application, Overrides, open_core, shutdown_signal};
+use otpgate::app::{
+    AppError, Application, Overrides, open_core, rotate_master_key, shutdown_signal,
+};
 use otpgate::config::{Settings, StoreChoice};
 use otpgate_core::clock::SystemClock;
 use otpgate_core::model::{RequestContext, Role, TenantId};
@@ -62,6 +64,15 @@ enum Command {
     /// Manage API keys of the native API.
     #[command(subcommand)]
     Apikey(ApiKeyCommand),
+    /// Re-seal every TOTP secret, JWT key and server secret under a new master key, in one
+    /// transaction. Stop every instance first. By default the new key is generated and replaces
+    /// DATA_DIR/master.key; with --new-key-file it is read from (or generated into) that file,
+    /// and you point the configuration (OTPGATE_MASTER_KEY) at it afterwards.
+    RotateMasterKey {
+        /// Where the new key is (64 hex digits); generated there when the file does not exist.
+        #[arg(long)]
+        new_key_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -226,6 +237,29 @@ async fn run(cli: Cli) -> Result<(), AppError> {
             }
             let app = Application::build(&settings, Overrides::default()).await?;
             app.run_until(shutdown_signal()).await
+        }
+        Command::RotateMasterKey { new_key_file } => {
+            let rotation = rotate_master_key(&settings, new_key_file.as_deref()).await?;
+            let r = rotation.resealed;
+            let file = rotation.new_key_file.display();
+            let next = if rotation.installed {
+                format!("the new key is in {file}; back it up")
+            } else {
+                format!("the new key is in {file}: set OTPGATE_MASTER_KEY to it before starting")
+            };
+            print(
+                cli.json,
+                json!({
+                    "resealed": r,
+                    "new_key_file": rotation.new_key_file,
+                    "installed": rotation.installed,
+                }),
+                format!(
+                    "re-sealed {} TOTP secrets, {} JWT keys and {} server secrets; {next}",
+                    r.totp_factors, r.jwt_keys, r.server_secrets
+                ),
+            );
+            Ok(())
         }
         Command::Migrate => {
             open_core(&settings, clock).await?;

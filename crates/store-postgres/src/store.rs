@@ -8,8 +8,8 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SendScope, Store,
-    StoreResult,
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SealedKind,
+    SealedSecret, SendScope, Store, StoreResult,
 };
 use sqlx::postgres::PgRow;
 // Dynamic SQL here is built only from the constant column lists in `rows`; every value is bound.
@@ -214,6 +214,15 @@ impl PgStore {
         insert_audit(&mut tx, audit).await?;
         tx.commit().await.map_err(db)?;
         Ok(true)
+    }
+}
+
+/// The table of each kind of sealed secret; every one keeps it in `id` and `secret_sealed`.
+fn sealed_table(kind: SealedKind) -> &'static str {
+    match kind {
+        SealedKind::TotpFactor => "totp_factors",
+        SealedKind::JwtKey => "tenant_keys",
+        SealedKind::ServerSecret => "server_secrets",
     }
 }
 
@@ -1347,6 +1356,69 @@ impl Store for PgStore {
                 .rows_affected();
         }
         Ok(gone)
+    }
+
+    async fn ensure_server_secret(&self, name: &str, candidate: &[u8]) -> StoreResult<Vec<u8>> {
+        sqlx::query(
+            "INSERT INTO server_secrets (id, secret_sealed) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(name)
+        .bind(candidate)
+        .execute(self.pool())
+        .await
+        .map_err(db)?;
+        sqlx::query_scalar("SELECT secret_sealed FROM server_secrets WHERE id = $1")
+            .bind(name)
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)
+    }
+
+    async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>> {
+        let mut all = Vec::new();
+        for kind in [
+            SealedKind::TotpFactor,
+            SealedKind::JwtKey,
+            SealedKind::ServerSecret,
+        ] {
+            let sql = format!(
+                "SELECT id, secret_sealed FROM {} ORDER BY id",
+                sealed_table(kind)
+            );
+            let rows: Vec<(String, Vec<u8>)> = sqlx::query_as(AssertSqlSafe(sql))
+                .fetch_all(self.pool())
+                .await
+                .map_err(db)?;
+            all.extend(
+                rows.into_iter()
+                    .map(|(id, sealed)| SealedSecret { kind, id, sealed }),
+            );
+        }
+        Ok(all)
+    }
+
+    async fn reseal_secrets(&self, changes: &[(SealedSecret, Vec<u8>)]) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        for (old, new) in changes {
+            let sql = format!(
+                "UPDATE {} SET secret_sealed = $1 WHERE id = $2 AND secret_sealed = $3",
+                sealed_table(old.kind)
+            );
+            let done = sqlx::query(AssertSqlSafe(sql))
+                .bind(new)
+                .bind(&old.id)
+                .bind(&old.sealed)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            if done.rows_affected() != 1 {
+                // Dropping the transaction rolls it back.
+                return Err(StoreError::Conflict(
+                    "a sealed secret changed during the rotation",
+                ));
+            }
+        }
+        tx.commit().await.map_err(db)
     }
 
     async fn insert_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {

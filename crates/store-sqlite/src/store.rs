@@ -8,8 +8,8 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SendScope, Store,
-    StoreResult,
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SealedKind,
+    SealedSecret, SendScope, Store, StoreResult,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
@@ -151,6 +151,15 @@ fn require_one(changed: usize) -> Result<(), JobError> {
 
 fn flag(outcome: Result<(), ConditionFailed>) -> bool {
     outcome.is_ok()
+}
+
+/// The table of each kind of sealed secret; every one keeps it in `id` and `secret_sealed`.
+fn sealed_table(kind: SealedKind) -> &'static str {
+    match kind {
+        SealedKind::TotpFactor => "totp_factors",
+        SealedKind::JwtKey => "tenant_keys",
+        SealedKind::ServerSecret => "server_secrets",
+    }
 }
 
 #[async_trait]
@@ -1271,6 +1280,70 @@ impl Store for SqliteStore {
         })
         .await?
         .map_err(|_| StoreError::Other("sweep refused".into()))
+    }
+
+    async fn ensure_server_secret(&self, name: &str, candidate: &[u8]) -> StoreResult<Vec<u8>> {
+        let (name, candidate) = (name.to_owned(), candidate.to_vec());
+        self.write(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO server_secrets (id, secret_sealed) VALUES (?1, ?2)",
+                params![name, candidate],
+            )?;
+            Ok(c.query_row(
+                "SELECT secret_sealed FROM server_secrets WHERE id = ?1",
+                [&name],
+                |r| r.get(0),
+            )?)
+        })
+        .await?
+        .map_err(|_| StoreError::Other("server secret refused".into()))
+    }
+
+    async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>> {
+        self.read(|c| {
+            let mut all = Vec::new();
+            for kind in [
+                SealedKind::TotpFactor,
+                SealedKind::JwtKey,
+                SealedKind::ServerSecret,
+            ] {
+                let sql = format!(
+                    "SELECT id, secret_sealed FROM {} ORDER BY id",
+                    sealed_table(kind)
+                );
+                let mut statement = c.prepare(&sql)?;
+                let rows = statement.query_map([], |r| {
+                    Ok(SealedSecret {
+                        kind,
+                        id: r.get(0)?,
+                        sealed: r.get(1)?,
+                    })
+                })?;
+                for row in rows {
+                    all.push(row?);
+                }
+            }
+            Ok(all)
+        })
+        .await
+    }
+
+    async fn reseal_secrets(&self, changes: &[(SealedSecret, Vec<u8>)]) -> StoreResult<()> {
+        let changes = changes.to_vec();
+        self.write(move |c| {
+            for (old, new) in &changes {
+                let sql = format!(
+                    "UPDATE {} SET secret_sealed = ?1 WHERE id = ?2 AND secret_sealed = ?3",
+                    sealed_table(old.kind)
+                );
+                if c.execute(&sql, params![new, old.id, old.sealed])? != 1 {
+                    return Err(JobError::Condition);
+                }
+            }
+            Ok(())
+        })
+        .await?
+        .map_err(|_| StoreError::Conflict("a sealed secret changed during the rotation"))
     }
 
     async fn insert_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {

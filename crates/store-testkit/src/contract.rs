@@ -24,7 +24,8 @@ use otpgate_core::password::PasswordHasher;
 use otpgate_core::policy::Policy;
 use otpgate_core::service::{NewUser, StartVerification};
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SendScope, Store,
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SealedKind,
+    SendScope, Store,
 };
 use otpgate_core::{Otpgate, StoreError};
 use secrecy::SecretString;
@@ -60,6 +61,7 @@ macro_rules! store_contract_tests {
             outbox_claims_are_leases_and_delivery_erases_the_code,
             sends_are_counted_per_destination,
             sms_range_outcomes_count_only_settled_codes_of_the_range,
+            sealed_secrets_are_listed_and_resealed_all_or_nothing,
             login_failures_count_up_and_locks_never_shorten,
             audit_events_are_listed_newest_first,
             the_sweeper_deletes_only_what_can_no_longer_matter,
@@ -775,6 +777,47 @@ pub async fn sms_range_outcomes_count_only_settled_codes_of_the_range(store: Arc
     );
 }
 
+pub async fn sealed_secrets_are_listed_and_resealed_all_or_nothing(store: Arc<dyn Store>) {
+    let first = store.ensure_server_secret("k", b"sealed-1").await.unwrap();
+    let again = store.ensure_server_secret("k", b"sealed-2").await.unwrap();
+    assert_eq!(
+        (first.as_slice(), again.as_slice()),
+        (&b"sealed-1"[..], &b"sealed-1"[..])
+    );
+    let all = store.sealed_secrets().await.unwrap();
+    let server: Vec<_> = all
+        .iter()
+        .filter(|s| s.kind == SealedKind::ServerSecret)
+        .collect();
+    assert_eq!(server.len(), 1);
+    let current = server[0].clone();
+    // A change computed from a stale value is refused, and so is the whole batch with it.
+    let mut stale = current.clone();
+    stale.sealed = b"stale".to_vec();
+    let refused = store
+        .reseal_secrets(&[
+            (current.clone(), b"new-1".to_vec()),
+            (stale, b"new-2".to_vec()),
+        ])
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        store.ensure_server_secret("k", b"x").await.unwrap(),
+        b"sealed-1"
+    );
+    store
+        .reseal_secrets(&[(current, b"new-1".to_vec())])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.ensure_server_secret("k", b"x").await.unwrap(),
+        b"new-1"
+    );
+}
+
 pub async fn sends_are_counted_per_destination(store: Arc<dyn Store>) {
     let t = tenant(&store, "sends").await;
     for _ in 0..3 {
@@ -1240,15 +1283,17 @@ pub async fn jtis_and_api_keys_are_revoked_once(store: Arc<dyn Store>) {
 // ---------------------------------------------------------------- service over the store
 
 /// The core service over `store`, with a fake clock.
-pub fn service(store: Arc<dyn Store>) -> (Arc<Otpgate>, Arc<FakeClock>) {
+pub async fn service(store: Arc<dyn Store>) -> (Arc<Otpgate>, Arc<FakeClock>) {
     let clock = FakeClock::new();
-    let core = Otpgate::new(
+    let core = Otpgate::open(
         store,
         clock.clone(),
         MasterKey::from_bytes([42; 32]),
         Policy::default(),
         PasswordHasher::owasp().unwrap(),
-    );
+    )
+    .await
+    .unwrap();
     (Arc::new(core), clock)
 }
 
@@ -1281,7 +1326,7 @@ async fn started(core: &Otpgate, tenant: &TenantId) -> Challenge {
 
 pub async fn service_fifty_concurrent_right_codes_approve_once(store: Arc<dyn Store>) {
     // Arrange
-    let (core, clock) = service(Arc::clone(&store));
+    let (core, clock) = service(Arc::clone(&store)).await;
     let tenant = core.default_tenant().await.unwrap();
     let ch = started(&core, &tenant.id).await;
     let code = queued_code(&store, &clock).await;
@@ -1312,7 +1357,7 @@ pub async fn service_fifty_concurrent_right_codes_approve_once(store: Arc<dyn St
 }
 
 pub async fn service_wrong_codes_kill_the_verification_after_five(store: Arc<dyn Store>) {
-    let (core, clock) = service(Arc::clone(&store));
+    let (core, clock) = service(Arc::clone(&store)).await;
     let tenant = core.default_tenant().await.unwrap();
     let ch = started(&core, &tenant.id).await;
     let right = queued_code(&store, &clock).await;
@@ -1348,7 +1393,7 @@ pub async fn service_wrong_codes_kill_the_verification_after_five(store: Arc<dyn
 }
 
 pub async fn service_malformed_codes_touch_no_counter(store: Arc<dyn Store>) {
-    let (core, _) = service(Arc::clone(&store));
+    let (core, _) = service(Arc::clone(&store)).await;
     let tenant = core.default_tenant().await.unwrap();
     let ch = started(&core, &tenant.id).await;
     for bad in ["12a456", "12345", "1234567", " ", "12 3456"] {
@@ -1370,7 +1415,7 @@ pub async fn service_malformed_codes_touch_no_counter(store: Arc<dyn Store>) {
 }
 
 pub async fn service_two_step_login_issues_one_session(store: Arc<dyn Store>) {
-    let (core, clock) = service(Arc::clone(&store));
+    let (core, clock) = service(Arc::clone(&store)).await;
     let tenant = core.default_tenant().await.unwrap();
     core.create_user(
         &tenant.id,
@@ -1422,7 +1467,7 @@ pub async fn service_two_step_login_issues_one_session(store: Arc<dyn Store>) {
 }
 
 pub async fn service_totp_codes_work_once(store: Arc<dyn Store>) {
-    let (core, clock) = service(Arc::clone(&store));
+    let (core, clock) = service(Arc::clone(&store)).await;
     let tenant = core.default_tenant().await.unwrap();
     let user = core
         .create_user(
@@ -1481,7 +1526,7 @@ pub async fn service_totp_codes_work_once(store: Arc<dyn Store>) {
 }
 
 pub async fn service_recovery_codes_log_in_once(store: Arc<dyn Store>) {
-    let (core, clock) = service(Arc::clone(&store));
+    let (core, clock) = service(Arc::clone(&store)).await;
     let tenant = core.default_tenant().await.unwrap();
     let user = core
         .create_user(

@@ -30,6 +30,7 @@ use crate::policy::Policy;
 use crate::store::{CodeReplacement, LoginCompletion, SendScope, Store};
 use crate::token::{hash_token, mint_api_key, mint_hex_token};
 
+mod keys;
 mod phone;
 mod verification;
 
@@ -244,17 +245,20 @@ pub struct Otpgate {
     templates: Templates,
 }
 
+pub use keys::{Resealed, rotate_master_key};
+
 impl Otpgate {
-    /// Builds the service.
-    pub fn new(
+    /// Builds the service over an opened store: loads (or, on first start, creates) the
+    /// code-hash key sealed in the database. `WrongMasterKey` when `master` does not open it.
+    pub async fn open(
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
         master: MasterKey,
         policy: Policy,
         hasher: PasswordHasher,
-    ) -> Self {
-        let code_key = master.derive("code-hash");
-        Otpgate {
+    ) -> CoreResult<Self> {
+        let code_key = keys::load_code_key(store.as_ref(), &master).await?;
+        Ok(Otpgate {
             store,
             clock,
             policy,
@@ -263,7 +267,7 @@ impl Otpgate {
             code_key,
             outbox_wake: Arc::new(Notify::new()),
             templates: Templates::default(),
-        }
+        })
     }
 
     /// Uses `templates` for outgoing messages (checked when they were loaded).

@@ -127,7 +127,10 @@ impl DigipayError {
                 tracing::error!(error = %e, "store unavailable");
                 DigipayError::new(StatusCode::SERVICE_UNAVAILABLE, Vec::new())
             }
-            CoreError::Storage(_) | CoreError::Delivery(_) | CoreError::Internal(_) => {
+            CoreError::Storage(_)
+            | CoreError::Delivery(_)
+            | CoreError::WrongMasterKey
+            | CoreError::Internal(_) => {
                 tracing::error!(error = %e, "request failed");
                 DigipayError::new(StatusCode::INTERNAL_SERVER_ERROR, Vec::new())
             }

@@ -141,7 +141,10 @@ impl From<CoreError> for V1Error {
                     "service temporarily unavailable".into(),
                 )
             }
-            CoreError::Delivery(_) | CoreError::Storage(_) | CoreError::Internal(_) => {
+            CoreError::Delivery(_)
+            | CoreError::Storage(_)
+            | CoreError::WrongMasterKey
+            | CoreError::Internal(_) => {
                 // Opaque to the client; the detail goes to the log only.
                 tracing::error!(error = %e, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())

@@ -88,7 +88,10 @@ impl Answer {
                 answer.http = StatusCode::SERVICE_UNAVAILABLE;
                 answer
             }
-            CoreError::Storage(_) | CoreError::Delivery(_) | CoreError::Internal(_) => {
+            CoreError::Storage(_)
+            | CoreError::Delivery(_)
+            | CoreError::WrongMasterKey
+            | CoreError::Internal(_) => {
                 tracing::error!(error = %e, "request failed");
                 let mut answer = Answer::new(0, "Internal server error");
                 answer.http = StatusCode::INTERNAL_SERVER_ERROR;

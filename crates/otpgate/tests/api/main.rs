@@ -10,11 +10,13 @@
 mod acl;
 mod delivery;
 mod digipay;
+mod enumeration;
 mod helpers;
 mod lifecycle;
 mod scale_out;
-mod sms_pumping;
 mod secrets;
+mod secrets_rotation;
+mod sms_pumping;
 mod v1_bad_input;
 mod v1_tenant;
 mod v1_users;

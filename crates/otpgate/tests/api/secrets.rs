@@ -10,9 +10,9 @@ use serde_json::{Value, json};
 
 use crate::helpers::http_client;
 
-struct Server {
-    child: Child,
-    base: String,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) base: String,
     log: std::path::PathBuf,
 }
 
@@ -23,7 +23,7 @@ impl Drop for Server {
     }
 }
 
-fn otpgate(dir: &Path) -> Command {
+pub(crate) fn otpgate(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_otpgate"));
     cmd.current_dir(dir)
         .env_remove("DATABASE_URL")
@@ -31,7 +31,7 @@ fn otpgate(dir: &Path) -> Command {
     cmd
 }
 
-async fn start(dir: &Path) -> Server {
+pub(crate) async fn start(dir: &Path) -> Server {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -57,7 +57,7 @@ async fn start(dir: &Path) -> Server {
 
 impl Server {
     /// The code of the `nth` message the log provider wrote for `to`.
-    async fn code(&self, to: &str, nth: usize) -> String {
+    pub(crate) async fn code(&self, to: &str, nth: usize) -> String {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -83,7 +83,7 @@ impl Server {
     }
 }
 
-async fn post(
+pub(crate) async fn post(
     base: &str,
     path: &str,
     auth: Option<(&str, &str)>,

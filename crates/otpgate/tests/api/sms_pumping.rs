@@ -44,13 +44,19 @@ async fn counter(app: &TestApp, series: &str) -> u64 {
 
 const NUMBER_TYPE_SERIES: &str =
     r#"otpgate_send_decisions_total{channel="sms",decision="number_type"}"#;
-const CIRCUIT_SERIES: &str = r#"otpgate_send_decisions_total{channel="sms",decision="circuit_open"}"#;
+const CIRCUIT_SERIES: &str =
+    r#"otpgate_send_decisions_total{channel="sms",decision="circuit_open"}"#;
 
 #[tokio::test]
 async fn premium_rate_and_landline_numbers_get_no_sms() {
     let app = spawn_app().await;
     let before = counter(&app, NUMBER_TYPE_SERIES).await;
-    for number in ["+449012345678", "+19002345678", "+442079460000", "+18002345678"] {
+    for number in [
+        "+449012345678",
+        "+19002345678",
+        "+442079460000",
+        "+18002345678",
+    ] {
         let refused = app.start_sms(number).await;
         assert_eq!(
             (refused.status, refused.body["code"].as_str()),
@@ -60,7 +66,11 @@ async fn premium_rate_and_landline_numbers_get_no_sms() {
         );
         assert_eq!(app.sends_to(number).await, 0, "{number} got a message");
     }
-    assert_eq!(app.start_sms("+447911123456").await.status, 201, "UK mobile");
+    assert_eq!(
+        app.start_sms("+447911123456").await.status,
+        201,
+        "UK mobile"
+    );
     let events = refused_events(&app).await;
     assert_eq!(events.len(), 4, "{events:?}");
     assert!(
@@ -95,10 +105,7 @@ async fn a_range_whose_codes_are_not_verified_is_paused_and_resumes_after_the_wi
     }
     // A pumped range: codes go out and nobody ever enters one.
     for i in 0..5 {
-        assert_eq!(
-            app.start_sms(&format!("+98912000000{i}")).await.status,
-            201
-        );
+        assert_eq!(app.start_sms(&format!("+98912000000{i}")).await.status, 201);
     }
     // Still pending codes say nothing yet.
     assert_eq!(app.start_sms("+989120000005").await.status, 201);

@@ -100,7 +100,10 @@ impl AclError {
                 tracing::error!(error = %e, "store unavailable");
                 AclMessage::Unavailable
             }
-            CoreError::Storage(_) | CoreError::Delivery(_) | CoreError::Internal(_) => {
+            CoreError::Storage(_)
+            | CoreError::Delivery(_)
+            | CoreError::WrongMasterKey
+            | CoreError::Internal(_) => {
                 tracing::error!(error = %e, "request failed");
                 AclMessage::ServerError
             }
