@@ -84,9 +84,9 @@ enum TenantCommand {
         name: String,
     },
     /// Set the tenant's own OTP rules: a JSON object of overrides, e.g. '{"code_length": 8}'
-    /// (keys: code_length, sms_code_ttl_secs, email_code_ttl_secs, max_checks,
-    /// resend_cooldown_secs, max_sends_per_window, send_window_secs, login_ticket_ttl_secs,
-    /// session_ttl_secs, product_name); '{}' restores the server's defaults.
+    /// (any key of the tenant settings in the README: code lengths and lifetimes, checks, send
+    /// limits, allowed countries, SMS pumping defence, product name); '{}' restores the
+    /// server's defaults.
     Configure {
         #[arg(long)]
         settings: String,
