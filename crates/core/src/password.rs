@@ -8,6 +8,7 @@ use argon2::{
     Algorithm, Argon2, Params, PasswordHash, PasswordHasher as _, PasswordVerifier, Version,
 };
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::Semaphore;
 
 use crate::error::CoreError;
 
@@ -61,11 +62,15 @@ pub fn check_new_password(password: &SecretString) -> Result<(), CoreError> {
     Ok(())
 }
 
-/// Hashes and verifies passwords.
+/// Hashes and verifies passwords, at most one argon2 run per core at a time.
 #[derive(Clone)]
 pub struct PasswordHasher {
     params: Params,
     dummy_hash: Arc<String>,
+    /// Each argon2 run takes ~20 ms of a core and 19 MiB: a burst of logins would otherwise
+    /// start one blocking thread each, starve the async workers and multiply the memory. Runs
+    /// beyond one per core wait here, asynchronously, instead.
+    slots: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for PasswordHasher {
@@ -96,10 +101,19 @@ impl PasswordHasher {
     /// Custom parameters (tests of other crates may use cheaper ones; production uses OWASP's).
     pub fn with_params(params: Params) -> Result<Self, CoreError> {
         let dummy = hash_blocking(&params, b"otpgate dummy password")?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(PasswordHasher {
             params,
             dummy_hash: Arc::new(dummy),
+            slots: Arc::new(Semaphore::new(cores)),
         })
+    }
+
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, CoreError> {
+        self.slots
+            .acquire()
+            .await
+            .map_err(|_| CoreError::Internal("password hashing stopped".into()))
     }
 
     /// Refuses empty and oversized passwords.
@@ -120,6 +134,7 @@ impl PasswordHasher {
         let password = normalize(&password);
         let params = self.params.clone();
         let span = tracing::Span::current();
+        let _slot = self.slot().await?;
         tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             hash_blocking(&params, password.expose_secret().as_bytes())
@@ -141,6 +156,7 @@ impl PasswordHasher {
         let acceptable = Self::check_acceptable(&password).is_ok();
         let password = normalize(&password);
         let span = tracing::Span::current();
+        let _slot = self.slot().await?;
         let matched = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let candidate: &[u8] = if acceptable {

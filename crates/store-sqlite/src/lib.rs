@@ -12,7 +12,6 @@ mod schema;
 mod store;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use otpgate_core::StoreError;
@@ -78,9 +77,40 @@ pub(crate) fn map_error(e: rusqlite::Error, what: &'static str) -> StoreError {
 #[derive(Clone)]
 pub struct SqliteStore {
     writer: mpsc::Sender<Job>,
-    readers: Arc<Vec<Mutex<Connection>>>,
-    next_reader: Arc<AtomicUsize>,
+    readers: Arc<ReaderPool>,
     path: PathBuf,
+}
+
+/// Read-only connections, taken by whichever task reads and put back after. A point read (a
+/// ticket, a user, a challenge by key) takes microseconds from the page cache: it runs right on
+/// the calling task, because handing it to another thread and back (a futex wake each way)
+/// would cost more than the read. Scans go to the blocking pool instead ([`SqliteStore::scan`]).
+struct ReaderPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+/// Connections kept open when idle; more are opened while more tasks read at once.
+const MAX_IDLE_READERS: usize = 16;
+
+impl ReaderPool {
+    fn run<T>(
+        &self,
+        job: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let taken = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        let conn = match taken {
+            Some(conn) => conn,
+            None => open_connection(&self.path, true)?,
+        };
+        let result = job(&conn).map_err(|e| map_error(e, "row"));
+        if let Ok(mut idle) = self.idle.lock()
+            && idle.len() < MAX_IDLE_READERS
+        {
+            idle.push(conn);
+        }
+        result
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -108,7 +138,32 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreErro
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
     )
     .map_err(|e| map_error(e, "connection"))?;
+    conn.set_prepared_statement_cache_capacity(256);
     Ok(conn)
+}
+
+/// Runs one statement through the connection's statement cache (rusqlite's `execute` parses and
+/// plans the SQL again on every call, which costs more than running it).
+pub(crate) fn exec<P: rusqlite::Params>(
+    c: &Connection,
+    sql: &str,
+    params: P,
+) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(params)
+}
+
+/// One row, through the statement cache.
+pub(crate) fn query_row_cached<T, P, F>(
+    c: &Connection,
+    sql: &str,
+    params: P,
+    f: F,
+) -> rusqlite::Result<T>
+where
+    P: rusqlite::Params,
+    F: FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+{
+    c.prepare_cached(sql)?.query_row(params, f)
 }
 
 impl SqliteStore {
@@ -123,12 +178,10 @@ impl SqliteStore {
         }
         let mut writer_conn = open_connection(&path, false)?;
         schema::migrate(&mut writer_conn)?;
-        let reader_count = std::thread::available_parallelism()
-            .map_or(2, |n| n.get())
-            .clamp(2, 8);
-        let readers = (0..reader_count)
-            .map(|_| open_connection(&path, true).map(Mutex::new))
-            .collect::<Result<Vec<_>, _>>()?;
+        let readers = ReaderPool {
+            path: path.clone(),
+            idle: Mutex::new(vec![open_connection(&path, true)?]),
+        };
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("otpgate-sqlite-writer".into())
@@ -137,7 +190,6 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: tx,
             readers: Arc::new(readers),
-            next_reader: Arc::new(AtomicUsize::new(0)),
             path,
         })
     }
@@ -185,19 +237,20 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
     {
+        self.readers.run(job)
+    }
+
+    /// Runs a read that may visit many rows (counts over a window, listings) on the blocking
+    /// pool, so it never holds up the async workers.
+    pub(crate) async fn scan<T, F>(&self, job: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, rusqlite::Error> + Send + 'static,
+    {
         let readers = Arc::clone(&self.readers);
-        let index = self.next_reader.fetch_add(1, Ordering::Relaxed) % readers.len().max(1);
-        tokio::task::spawn_blocking(move || {
-            let slot = readers
-                .get(index)
-                .ok_or_else(|| StoreError::Other("no reader connection".into()))?;
-            let conn = slot
-                .lock()
-                .map_err(|_| StoreError::Other("reader connection poisoned".into()))?;
-            job(&conn).map_err(|e| map_error(e, "row"))
-        })
-        .await
-        .map_err(|e| StoreError::Other(format!("blocking pool: {e}")))?
+        tokio::task::spawn_blocking(move || readers.run(job))
+            .await
+            .map_err(|e| StoreError::Other(format!("blocking pool: {e}")))?
     }
 }
 
@@ -211,8 +264,8 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
             }
         }
         let replies = run_batch(&conn, batch);
-        let commit = conn
-            .execute_batch("COMMIT")
+        let commit = exec(&conn, "COMMIT", [])
+            .map(|_| ())
             .map_err(|e| map_error(e, "commit"));
         if commit.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
@@ -231,7 +284,7 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
 /// once the transaction's fate is known.
 fn run_batch(conn: &Connection, batch: Vec<Job>) -> Vec<Reply> {
     let mut replies = Vec::with_capacity(batch.len());
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = exec(conn, "BEGIN IMMEDIATE", []) {
         let error = map_error(e, "begin");
         for job in batch {
             let (_, reply) = job(Err(StoreError::Unavailable(error.to_string())));
@@ -240,18 +293,18 @@ fn run_batch(conn: &Connection, batch: Vec<Job>) -> Vec<Reply> {
         return replies;
     }
     for job in batch {
-        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        if let Err(e) = exec(conn, "SAVEPOINT job", []) {
             let (_, reply) = job(Err(map_error(e, "savepoint")));
             replies.push(reply);
             continue;
         }
         let (keep, reply) = job(Ok(conn));
         let end = if keep {
-            "RELEASE job"
+            exec(conn, "RELEASE job", [])
         } else {
-            "ROLLBACK TO job; RELEASE job"
+            exec(conn, "ROLLBACK TO job", []).and_then(|_| exec(conn, "RELEASE job", []))
         };
-        if let Err(e) = conn.execute_batch(end) {
+        if let Err(e) = end {
             tracing::error!(error = %e, "savepoint end failed");
         }
         replies.push(reply);

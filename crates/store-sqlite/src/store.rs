@@ -15,7 +15,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
 use crate::rows::{self, ms};
-use crate::{ConditionFailed, JobError, SqliteStore, map_error};
+use crate::{ConditionFailed, JobError, SqliteStore, exec, map_error, query_row_cached};
 
 fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), JobError> {
     if events.is_empty() {
@@ -165,7 +165,7 @@ fn sealed_table(kind: SealedKind) -> &'static str {
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
-        self.read(|c| c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)))
+        self.read(|c| query_row_cached(c, "SELECT 1", [], |r| r.get::<_, i64>(0)))
             .await
             .map(|_| ())
     }
@@ -173,7 +173,8 @@ impl Store for SqliteStore {
     async fn insert_tenant(&self, tenant: &Tenant) -> StoreResult<()> {
         let t = tenant.clone();
         self.write(move |c| {
-            c.execute(
+            exec(
+                c,
                 "INSERT INTO tenants (id, name, is_default, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![
                     t.id.as_str(),
@@ -196,13 +197,13 @@ impl Store for SqliteStore {
             rows::TENANT_COLUMNS
         );
         self.write(move |c| {
-            c.execute(
+            exec(c,
                 "INSERT INTO tenants (id, name, is_default, created_at) \
                  SELECT ?1, ?2, 1, ?3 WHERE NOT EXISTS (SELECT 1 FROM tenants WHERE is_default = 1)",
                 params![t.id.as_str(), t.name, ms(t.created_at)],
             )
             .map_err(|e| JobError::Store(map_error(e, "tenant")))?;
-            Ok(c.query_row(&sql, [], rows::tenant)?)
+            Ok(query_row_cached(c, &sql, [], rows::tenant)?)
         })
         .await?
         .map_err(|_| StoreError::Other("default tenant".into()))
@@ -216,7 +217,8 @@ impl Store for SqliteStore {
         let id = id.clone();
         let json = serde_json::to_string(settings).map_err(|e| StoreError::Other(e.to_string()))?;
         self.write(move |c| {
-            require_one(c.execute(
+            require_one(exec(
+                c,
                 "UPDATE tenants SET settings = ?2 WHERE id = ?1",
                 params![id.as_str(), json],
             )?)
@@ -228,7 +230,7 @@ impl Store for SqliteStore {
     async fn get_tenant(&self, id: &TenantId) -> StoreResult<Option<Tenant>> {
         let id = id.clone();
         let sql = format!("SELECT {} FROM tenants WHERE id = ?1", rows::TENANT_COLUMNS);
-        self.read(move |c| c.query_row(&sql, [id.as_str()], rows::tenant).optional())
+        self.read(move |c| query_row_cached(c, &sql, [id.as_str()], rows::tenant).optional())
             .await
     }
 
@@ -301,7 +303,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<u32> {
         let (tenant, user, audit) = (tenant.clone(), user.clone(), audit.to_vec());
         self.write(move |c| {
-            let failures: i64 = c.query_row(
+            let failures: i64 = query_row_cached(
+                c,
                 "UPDATE users SET failed_logins = failed_logins + 1 \
                  WHERE tenant_id = ?1 AND id = ?2 RETURNING failed_logins",
                 params![tenant.as_str(), user.as_str()],
@@ -322,7 +325,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let (tenant, user, audit) = (tenant.clone(), user.clone(), audit.to_vec());
         self.write(move |c| {
-            require_one(c.execute(
+            require_one(exec(c,
                 "UPDATE users SET failed_logins = 0, locked_until = NULL WHERE tenant_id = ?1 AND id = ?2",
                 params![tenant.as_str(), user.as_str()],
             )?)?;
@@ -340,7 +343,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         let (tenant, user) = (tenant.clone(), user.clone());
         self.write(move |c| {
-            c.execute(
+            exec(
+                c,
                 "UPDATE users SET locked_until = MAX(COALESCE(locked_until, 0), ?3) \
                  WHERE tenant_id = ?1 AND id = ?2",
                 params![tenant.as_str(), user.as_str(), ms(until)],
@@ -354,7 +358,8 @@ impl Store for SqliteStore {
     async fn insert_api_key(&self, key: &ApiKey, audit: &[AuditEvent]) -> StoreResult<()> {
         let (k, audit) = (key.clone(), audit.to_vec());
         self.write(move |c| {
-            c.execute(
+            exec(
+                c,
                 "INSERT INTO api_keys (id, tenant_id, name, key_hash, created_at, revoked_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
@@ -456,7 +461,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let (r, msg, audit) = (replacement.clone(), message.clone(), audit.to_vec());
         self.write(move |c| {
-            require_one(c.execute(
+            require_one(exec(
+                c,
                 "UPDATE challenges SET code_hash = ?3, last_sent_at = ?4, expires_at = ?5, \
                  send_count = send_count + 1 \
                  WHERE id = ?1 AND send_count = ?2 AND status = 'pending' AND expires_at > ?4",
@@ -484,7 +490,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let (id, audit) = (id.clone(), audit.to_vec());
         self.write(move |c| {
-            require_one(c.execute(
+            require_one(exec(c,
                 "UPDATE challenges SET attempts = attempts + 1, \
                  status = CASE WHEN attempts + 1 >= max_attempts THEN 'max_attempts_reached' ELSE status END, \
                  resolved_at = CASE WHEN attempts + 1 >= max_attempts THEN ?3 ELSE resolved_at END \
@@ -521,7 +527,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let (id, audit) = (id.clone(), audit.to_vec());
         self.write(move |c| {
-            require_one(c.execute(
+            require_one(exec(
+                c,
                 "UPDATE challenges SET status = 'canceled', resolved_at = ?2 \
                  WHERE id = ?1 AND status = 'pending' AND expires_at > ?2",
                 params![id.as_str(), ms(now)],
@@ -539,7 +546,7 @@ impl Store for SqliteStore {
         since: OffsetDateTime,
     ) -> StoreResult<u32> {
         let (tenant, scope) = (tenant.clone(), scope.clone());
-        self.read(move |c| {
+        self.scan(move |c| {
             let (sql, key) = match &scope {
                 SendScope::Destination(d) => (
                     "SELECT COUNT(*) FROM outbox WHERE tenant_id = ?1 AND destination = ?2 AND created_at > ?3",
@@ -576,7 +583,7 @@ impl Store for SqliteStore {
         now: OffsetDateTime,
     ) -> StoreResult<RangeOutcomes> {
         let (tenant, prefix) = (tenant.clone(), prefix.to_owned());
-        self.read(move |c| {
+        self.scan(move |c| {
             let (settled, verified): (i64, i64) = c
                 .prepare_cached(
                     "SELECT COUNT(*), COALESCE(SUM(status = 'approved'), 0) FROM challenges \
@@ -652,7 +659,7 @@ impl Store for SqliteStore {
         self.write(move |c| {
             let now = ms(done.now);
             if let Some(ticket) = &done.ticket_hash {
-                require_one(c.execute(
+                require_one(exec(c,
                     "UPDATE login_tickets SET used_at = ?2 \
                      WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2",
                     params![ticket.as_slice(), now],
@@ -665,7 +672,7 @@ impl Store for SqliteStore {
                 done.now,
             )?)?;
             if let Some(hash) = &done.recovery_code {
-                require_one(c.execute(
+                require_one(exec(c,
                     "UPDATE recovery_codes SET used_at = ?4 \
                      WHERE tenant_id = ?1 AND user_id = ?2 AND code_hash = ?3 AND used_at IS NULL",
                     params![
@@ -677,7 +684,7 @@ impl Store for SqliteStore {
                 )?)?;
             }
             if let Some((factor, step)) = &done.totp_step {
-                require_one(c.execute(
+                require_one(exec(c,
                     "UPDATE totp_factors SET last_step = ?2 \
                      WHERE id = ?1 AND confirmed_at IS NOT NULL \
                      AND (last_step IS NULL OR last_step < ?2)",
@@ -686,7 +693,7 @@ impl Store for SqliteStore {
             }
             let user = params![done.tenant_id.as_str(), done.user_id.as_str()];
             if let Some(contact) = done.verified {
-                c.execute(
+                exec(c,
                     match contact {
                         Contact::Phone => {
                             "UPDATE users SET mobile_verified_at = COALESCE(mobile_verified_at, ?3) \
@@ -700,7 +707,7 @@ impl Store for SqliteStore {
                     params![done.tenant_id.as_str(), done.user_id.as_str(), now],
                 )?;
             }
-            c.execute(
+            exec(c,
                 "UPDATE users SET failed_logins = 0, locked_until = NULL \
                  WHERE tenant_id = ?1 AND id = ?2",
                 user,
@@ -746,7 +753,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let (hash, audit) = (*hash, audit.to_vec());
         self.write(move |c| {
-            require_one(c.execute(
+            require_one(exec(
+                c,
                 "UPDATE sessions SET revoked_at = ?2 \
                  WHERE hash = ?1 AND revoked_at IS NULL AND expires_at > ?2",
                 params![hash.as_slice(), ms(now)],
@@ -764,7 +772,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         let (f, audit) = (factor.clone(), audit.to_vec());
         self.write(move |c| {
-            c.execute(
+            exec(c,
                 "INSERT INTO totp_factors (id, tenant_id, user_id, secret_sealed, algorithm, digits, \
                  period, confirmed_at, last_step, created_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -816,7 +824,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let (factor, audit) = (factor.clone(), audit.to_vec());
         self.write(move |c| {
-            require_one(c.execute(
+            require_one(exec(
+                c,
                 "UPDATE totp_factors SET last_step = ?2, confirmed_at = COALESCE(confirmed_at, ?3) \
                  WHERE id = ?1 AND (last_step IS NULL OR last_step < ?2)",
                 params![factor.as_str(), step, ms(now)],
@@ -839,7 +848,7 @@ impl Store for SqliteStore {
                 "DELETE FROM totp_factors WHERE tenant_id = ?1 AND user_id = ?2",
                 "DELETE FROM recovery_codes WHERE tenant_id = ?1 AND user_id = ?2",
             ] {
-                c.execute(sql, params![tenant.as_str(), user.as_str()])?;
+                exec(c, sql, params![tenant.as_str(), user.as_str()])?;
             }
             insert_audit(c, &audit)
         })
@@ -862,7 +871,8 @@ impl Store for SqliteStore {
             audit.to_vec(),
         );
         self.write(move |c| {
-            c.execute(
+            exec(
+                c,
                 "DELETE FROM recovery_codes WHERE tenant_id = ?1 AND user_id = ?2",
                 params![tenant.as_str(), user.as_str()],
             )?;
@@ -980,14 +990,14 @@ impl Store for SqliteStore {
             insert_user(c, candidate, true)?;
             let tenant = candidate.tenant_id.as_str();
             let phone = candidate.phone.as_ref().map(|p| p.as_str());
-            let user = c.query_row(&select, params![tenant, phone, candidate.user_type], rows::user)?;
+            let user = query_row_cached(c, &select, params![tenant, phone, candidate.user_type], rows::user)?;
             let now = ms(done.now);
             match done.verified {
-                Contact::Phone => c.execute(
+                Contact::Phone => exec(c,
                     "UPDATE users SET mobile_verified_at = COALESCE(mobile_verified_at, ?2) WHERE id = ?1",
                     params![user.id.as_str(), now],
                 )?,
-                Contact::Email => c.execute(
+                Contact::Email => exec(c,
                     "UPDATE users SET email_verified_at = COALESCE(email_verified_at, ?2), \
                      email = COALESCE(email, ?3) WHERE id = ?1",
                     params![
@@ -998,7 +1008,7 @@ impl Store for SqliteStore {
                 )?,
             };
             let d = &done.device;
-            c.execute(
+            exec(c,
                 "INSERT INTO devices (tenant_id, user_id, device_unique_id, device_id, device_type, \
                  first_seen_at, last_seen_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) \
                  ON CONFLICT (user_id, device_unique_id) DO UPDATE SET device_id = excluded.device_id, \
@@ -1015,7 +1025,7 @@ impl Store for SqliteStore {
                 })
                 .collect();
             insert_audit(c, &audit)?;
-            Ok(c.query_row(&select, params![tenant, phone, candidate.user_type], rows::user)?)
+            Ok(query_row_cached(c, &select, params![tenant, phone, candidate.user_type], rows::user)?)
         })
         .await
         .map(Result::ok)
@@ -1028,7 +1038,8 @@ impl Store for SqliteStore {
             rows::JWT_KEY_COLUMNS
         );
         self.write(move |c| {
-            c.execute(
+            exec(
+                c,
                 "INSERT OR IGNORE INTO tenant_keys (id, tenant_id, secret_sealed, created_at) \
                  VALUES (?1, ?2, ?3, ?4)",
                 params![
@@ -1038,7 +1049,12 @@ impl Store for SqliteStore {
                     ms(k.created_at)
                 ],
             )?;
-            Ok(c.query_row(&select, [k.tenant_id.as_str()], rows::jwt_key)?)
+            Ok(query_row_cached(
+                c,
+                &select,
+                [k.tenant_id.as_str()],
+                rows::jwt_key,
+            )?)
         })
         .await?
         .map_err(|_| StoreError::Other("key refused".into()))
@@ -1052,11 +1068,11 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         let (k, audit) = (next.clone(), audit.to_vec());
         self.write(move |c| {
-            c.execute(
+            exec(c,
                 "UPDATE tenant_keys SET verify_until = ?2 WHERE tenant_id = ?1 AND verify_until IS NULL",
                 params![k.tenant_id.as_str(), ms(retire_until)],
             )?;
-            c.execute(
+            exec(c,
                 "INSERT INTO tenant_keys (id, tenant_id, secret_sealed, created_at) VALUES (?1, ?2, ?3, ?4)",
                 params![k.id.as_str(), k.tenant_id.as_str(), k.secret_sealed, ms(k.created_at)],
             )?;
@@ -1095,7 +1111,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let (tenant, jti, audit) = (tenant.clone(), jti.to_owned(), audit.to_vec());
         self.write(move |c| {
-            require_one(c.execute(
+            require_one(exec(
+                c,
                 "INSERT OR IGNORE INTO revoked_tokens (jti, tenant_id, revoked_at, expires_at) \
                  VALUES (?1, ?2, ?3, ?4)",
                 params![jti, tenant.as_str(), ms(now), ms(expires_at)],
@@ -1124,7 +1141,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let (tenant, id, audit) = (tenant.clone(), id.clone(), audit.to_vec());
         self.write(move |c| {
-            require_one(c.execute(
+            require_one(exec(
+                c,
                 "UPDATE api_keys SET revoked_at = ?3 \
                  WHERE tenant_id = ?1 AND id = ?2 AND revoked_at IS NULL",
                 params![tenant.as_str(), id.as_str(), ms(now)],
@@ -1172,7 +1190,8 @@ impl Store for SqliteStore {
         );
         let sent_at = audit.first().map(|e| ms(e.at));
         self.write(move |c| {
-            c.execute(
+            exec(
+                c,
                 "UPDATE outbox SET status = 'sent', body = NULL, code = NULL, \
                  provider_message_id = ?2, sent_at = ?3, last_error = NULL WHERE id = ?1",
                 params![id.as_str(), provider, sent_at],
@@ -1191,7 +1210,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         let (id, error) = (id.clone(), error.to_owned());
         self.write(move |c| {
-            c.execute(
+            exec(
+                c,
                 "UPDATE outbox SET next_attempt_at = ?2, last_error = ?3 \
                  WHERE id = ?1 AND status = 'queued'",
                 params![id.as_str(), ms(next_attempt_at), error],
@@ -1210,7 +1230,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<()> {
         let (id, error, audit) = (id.clone(), error.to_owned(), audit.to_vec());
         self.write(move |c| {
-            c.execute(
+            exec(
+                c,
                 "UPDATE outbox SET status = 'failed', body = NULL, code = NULL, last_error = ?2 \
                  WHERE id = ?1",
                 params![id.as_str(), error],
@@ -1248,27 +1269,32 @@ impl Store for SqliteStore {
         let old = ms(now - retention);
         self.write(move |c| {
             let mut gone = 0usize;
-            gone += c.execute(
+            gone += exec(
+                c,
                 "DELETE FROM revoked_tokens WHERE rowid IN (SELECT rowid FROM revoked_tokens \
                  WHERE expires_at <= ?1 LIMIT ?2)",
                 params![now_ms, batch],
             )?;
-            gone += c.execute(
+            gone += exec(
+                c,
                 "DELETE FROM login_tickets WHERE rowid IN (SELECT rowid FROM login_tickets \
                  WHERE expires_at <= ?1 OR used_at IS NOT NULL LIMIT ?2)",
                 params![now_ms, batch],
             )?;
-            gone += c.execute(
+            gone += exec(
+                c,
                 "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions \
                  WHERE expires_at <= ?1 OR revoked_at IS NOT NULL LIMIT ?2)",
                 params![now_ms, batch],
             )?;
-            gone += c.execute(
+            gone += exec(
+                c,
                 "DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox \
                  WHERE status <> 'queued' AND created_at < ?1 LIMIT ?2)",
                 params![old, batch],
             )?;
-            gone += c.execute(
+            gone += exec(
+                c,
                 "DELETE FROM challenges WHERE rowid IN (SELECT rowid FROM challenges c \
                  WHERE c.expires_at < ?1 \
                  AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.challenge_id = c.id) \
@@ -1285,11 +1311,13 @@ impl Store for SqliteStore {
     async fn ensure_server_secret(&self, name: &str, candidate: &[u8]) -> StoreResult<Vec<u8>> {
         let (name, candidate) = (name.to_owned(), candidate.to_vec());
         self.write(move |c| {
-            c.execute(
+            exec(
+                c,
                 "INSERT OR IGNORE INTO server_secrets (id, secret_sealed) VALUES (?1, ?2)",
                 params![name, candidate],
             )?;
-            Ok(c.query_row(
+            Ok(query_row_cached(
+                c,
                 "SELECT secret_sealed FROM server_secrets WHERE id = ?1",
                 [&name],
                 |r| r.get(0),
@@ -1300,7 +1328,7 @@ impl Store for SqliteStore {
     }
 
     async fn sealed_secrets(&self) -> StoreResult<Vec<SealedSecret>> {
-        self.read(|c| {
+        self.scan(|c| {
             let mut all = Vec::new();
             for kind in [
                 SealedKind::TotpFactor,
@@ -1336,7 +1364,7 @@ impl Store for SqliteStore {
                     "UPDATE {} SET secret_sealed = ?1 WHERE id = ?2 AND secret_sealed = ?3",
                     sealed_table(old.kind)
                 );
-                if c.execute(&sql, params![new, old.id, old.sealed])? != 1 {
+                if exec(c, &sql, params![new, old.id, old.sealed])? != 1 {
                     return Err(JobError::Condition);
                 }
             }
@@ -1365,7 +1393,7 @@ impl Store for SqliteStore {
              ORDER BY id DESC LIMIT ?3",
             rows::AUDIT_COLUMNS
         );
-        self.read(move |c| {
+        self.scan(move |c| {
             c.prepare_cached(&sql)?
                 .query_map(
                     params![tenant.as_str(), user.as_ref().map(|u| u.as_str()), limit],

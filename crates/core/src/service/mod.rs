@@ -6,6 +6,7 @@
 //! the state this code saw (status and attempts), so concurrent checks cannot both win: the
 //! loser re-reads and answers from the new state.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ use crate::token::{hash_token, mint_api_key, mint_hex_token};
 
 mod keys;
 mod phone;
+mod seed;
 mod verification;
 
 pub use phone::{DeviceInfo, MAX_DEVICE_FIELD, PhoneIdentity, PhoneVerified, normalize_phone};
@@ -243,7 +245,11 @@ pub struct Otpgate {
     code_key: [u8; 32],
     outbox_wake: Arc<Notify>,
     templates: Templates,
+    policies: std::sync::Mutex<HashMap<TenantId, (std::time::Instant, Policy)>>,
 }
+
+/// How long a tenant's rules are used before they are read again.
+pub const POLICY_CACHE_TTL: Duration = Duration::from_secs(1);
 
 pub use keys::{Resealed, rotate_master_key};
 
@@ -267,6 +273,7 @@ impl Otpgate {
             code_key,
             outbox_wake: Arc::new(Notify::new()),
             templates: Templates::default(),
+            policies: std::sync::Mutex::default(),
         })
     }
 
@@ -343,8 +350,22 @@ impl Otpgate {
     }
 
     /// The rules in force for a tenant: the server's defaults with the tenant's own settings.
+    ///
+    /// Every operation needs them, and they change rarely: each tenant's are read from the
+    /// store at most once per [`POLICY_CACHE_TTL`]. This instance's own changes apply at once;
+    /// another instance's within that time.
     pub async fn policy_for(&self, tenant: &TenantId) -> CoreResult<Policy> {
-        Ok(self.tenant(tenant).await?.settings.apply(&self.policy))
+        if let Ok(cache) = self.policies.lock()
+            && let Some((read_at, policy)) = cache.get(tenant)
+            && read_at.elapsed() < POLICY_CACHE_TTL
+        {
+            return Ok(policy.clone());
+        }
+        let policy = self.tenant(tenant).await?.settings.apply(&self.policy);
+        if let Ok(mut cache) = self.policies.lock() {
+            cache.insert(tenant.clone(), (std::time::Instant::now(), policy.clone()));
+        }
+        Ok(policy)
     }
 
     /// Replaces a tenant's own settings (validated); returns the rules now in force.
@@ -356,6 +377,9 @@ impl Otpgate {
         settings.validate()?;
         if !self.store.set_tenant_settings(tenant, &settings).await? {
             return Err(CoreError::NotFound);
+        }
+        if let Ok(mut cache) = self.policies.lock() {
+            cache.remove(tenant);
         }
         self.policy_for(tenant).await
     }

@@ -98,7 +98,7 @@ impl PhoneIdentity {
     }
 
     /// Where the code goes: the phone, or the e-mail address for e-mail codes.
-    fn destination(&self) -> CoreResult<String> {
+    pub fn destination(&self) -> CoreResult<String> {
         match self.channel {
             Channel::Sms => Ok(self.phone()?.as_str().to_owned()),
             Channel::Email => {

@@ -10,6 +10,7 @@
 mod acl;
 mod delivery;
 mod digipay;
+mod durability;
 mod enumeration;
 mod helpers;
 mod lifecycle;

@@ -1,0 +1,257 @@
+//! Reports: one row per run as a table and as JSON, ratios between two JSON reports, and an SVG
+//! plot of throughput and p99 against connection count.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// One scenario at one connection count.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    /// The scenario.
+    pub scenario: String,
+    /// `sqlite` or `postgres`.
+    pub store: String,
+    /// Concurrent connections.
+    pub connections: usize,
+    /// Answered requests.
+    pub requests: usize,
+    /// Requests per second.
+    pub rps: f64,
+    /// Latency quantiles, milliseconds.
+    pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Slowest answer.
+    pub max_ms: f64,
+    /// Failed checks and transport errors.
+    pub errors: u64,
+    /// The first failure, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_error: Option<String>,
+    /// The server's peak resident set size, MiB.
+    pub peak_rss_mib: f64,
+    /// Fixtures seeded before the server started (pending tickets, codes, users).
+    pub fixtures: usize,
+    /// Seconds the seeding took.
+    pub seed_secs: f64,
+    /// Whether the fixtures ran out before the deadline.
+    pub exhausted: bool,
+    /// Scenario-specific figures (delivered/s, argon2 ceiling, side-load p99).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extra: BTreeMap<String, f64>,
+}
+
+/// A whole invocation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    /// The command line's settings, for the record.
+    pub duration_secs: u64,
+    /// Cores the machine has.
+    pub cores: usize,
+    /// Every run, in order.
+    pub rows: Vec<Row>,
+}
+
+/// The table printed after a run.
+pub fn table(report: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<15} {:<8} {:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8}",
+        "scenario",
+        "store",
+        "conns",
+        "requests",
+        "req/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "RSS MiB",
+        "fixtures"
+    );
+    for r in &report.rows {
+        let _ = writeln!(
+            out,
+            "{:<15} {:<8} {:>5} {:>9} {:>10.0} {:>8.2} {:>8.2} {:>8.2} {:>8.1} {:>6} {:>8.1} {:>8}",
+            r.scenario,
+            r.store,
+            r.connections,
+            r.requests,
+            r.rps,
+            r.p50_ms,
+            r.p90_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.errors,
+            r.peak_rss_mib,
+            r.fixtures
+        );
+        for (k, v) in &r.extra {
+            let _ = writeln!(out, "{:<15}   {k} = {v:.2}", "");
+        }
+        if let Some(e) = &r.first_error {
+            let _ = writeln!(out, "{:<15}   first error: {e}", "");
+        }
+    }
+    // Ratios to the baseline of the same store and connection count, as the targets are put.
+    for r in &report.rows {
+        if r.scenario == "baseline" {
+            continue;
+        }
+        if let Some(base) = report.rows.iter().find(|b| {
+            b.scenario == "baseline" && b.store == r.store && b.connections == r.connections
+        }) && base.rps > 0.0
+        {
+            let _ = writeln!(
+                out,
+                "{} / baseline ({}, {} connections): {:.1}%",
+                r.scenario,
+                r.store,
+                r.connections,
+                100.0 * r.rps / base.rps
+            );
+        }
+    }
+    out
+}
+
+/// Ratios B/A for every run both reports have.
+pub fn compare(a: &Report, b: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<15} {:<8} {:>5} {:>12} {:>12} {:>12}",
+        "scenario", "store", "conns", "req/s B/A", "p99 B/A", "RSS B/A"
+    );
+    for rb in &b.rows {
+        let Some(ra) = a.rows.iter().find(|ra| {
+            ra.scenario == rb.scenario && ra.store == rb.store && ra.connections == rb.connections
+        }) else {
+            continue;
+        };
+        let ratio = |x: f64, y: f64| if x > 0.0 { y / x } else { f64::NAN };
+        let _ = writeln!(
+            out,
+            "{:<15} {:<8} {:>5} {:>12.3} {:>12.3} {:>12.3}",
+            rb.scenario,
+            rb.store,
+            rb.connections,
+            ratio(ra.rps, rb.rps),
+            ratio(ra.p99_ms, rb.p99_ms),
+            ratio(ra.peak_rss_mib, rb.peak_rss_mib)
+        );
+    }
+    out
+}
+
+const COLOURS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
+
+/// Two panels (requests/s and p99 against connections), one line per scenario and store.
+pub fn svg(rows: &[Row], title: &str) -> String {
+    let mut series: BTreeMap<String, Vec<&Row>> = BTreeMap::new();
+    for r in rows {
+        series
+            .entry(format!("{} ({})", r.scenario, r.store))
+            .or_default()
+            .push(r);
+    }
+    for points in series.values_mut() {
+        points.sort_by_key(|r| r.connections);
+    }
+    let max_conn = rows.iter().map(|r| r.connections).max().unwrap_or(1).max(1) as f64;
+    let max_rps = rows.iter().map(|r| r.rps).fold(1.0, f64::max) * 1.1;
+    let max_p99 = rows.iter().map(|r| r.p99_ms).fold(1.0, f64::max) * 1.1;
+    let (width, height) = (960.0, 420.0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        out,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{}" y="20" text-anchor="middle" font-size="15">{title}</text>"#,
+        width / 2.0
+    );
+    let panels = [
+        ("requests/s", max_rps, 60.0, true),
+        ("p99 latency, ms", max_p99, 540.0, false),
+    ];
+    for (label, max_y, left, is_rps) in panels {
+        let (top, w, h) = (40.0, 360.0, 300.0);
+        let x_of = |c: f64| left + w * c / max_conn;
+        let y_of = |v: f64| top + h - h * v / max_y;
+        let _ = writeln!(
+            out,
+            r##"<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#888"/>"##
+        );
+        for i in 0..=4 {
+            let v = max_y * f64::from(i) / 4.0;
+            let y = y_of(v);
+            let _ = writeln!(
+                out,
+                r##"<line x1="{left}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end">{v:.0}</text>"##,
+                left + w,
+                left - 4.0,
+                y + 4.0
+            );
+        }
+        let mut ticks: Vec<usize> = rows.iter().map(|r| r.connections).collect();
+        ticks.sort_unstable();
+        ticks.dedup();
+        for c in ticks {
+            let _ = writeln!(
+                out,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{c}</text>"#,
+                x_of(c as f64),
+                top + h + 16.0
+            );
+        }
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">connections</text><text x="{:.1}" y="{:.1}" text-anchor="middle">{label}</text>"#,
+            left + w / 2.0,
+            top + h + 34.0,
+            left + w / 2.0,
+            top - 6.0
+        );
+        for (i, (name, points)) in series.iter().enumerate() {
+            let colour = COLOURS.get(i % COLOURS.len()).copied().unwrap_or("black");
+            let path: Vec<String> = points
+                .iter()
+                .map(|r| {
+                    let v = if is_rps { r.rps } else { r.p99_ms };
+                    format!("{:.1},{:.1}", x_of(r.connections as f64), y_of(v))
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                r#"<polyline fill="none" stroke="{colour}" stroke-width="2" points="{}"/>"#,
+                path.join(" ")
+            );
+            for p in &path {
+                let (x, y) = p.split_once(',').unwrap_or(("0", "0"));
+                let _ = writeln!(out, r#"<circle cx="{x}" cy="{y}" r="3" fill="{colour}"/>"#);
+            }
+            if is_rps {
+                let _ = writeln!(
+                    out,
+                    r#"<rect x="{:.1}" y="{:.1}" width="10" height="10" fill="{colour}"/><text x="{:.1}" y="{:.1}">{name}</text>"#,
+                    left + 10.0,
+                    top + 10.0 + 16.0 * i as f64,
+                    left + 24.0,
+                    top + 19.0 + 16.0 * i as f64
+                );
+            }
+        }
+    }
+    out.push_str("</svg>\n");
+    out
+}
