@@ -762,7 +762,8 @@ impl Store for PgStore {
             .map_err(db)?;
         }
         sqlx::query(
-            "UPDATE users SET failed_logins = 0, locked_until = NULL WHERE tenant_id = $1 AND id = $2",
+            "UPDATE users SET failed_logins = 0, locked_until = NULL WHERE tenant_id = $1 AND id = $2 \
+             AND (failed_logins <> 0 OR locked_until IS NOT NULL)",
         )
         .bind(done.tenant_id.as_str())
         .bind(done.user_id.as_str())

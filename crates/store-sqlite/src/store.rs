@@ -709,7 +709,8 @@ impl Store for SqliteStore {
             }
             exec(c,
                 "UPDATE users SET failed_logins = 0, locked_until = NULL \
-                 WHERE tenant_id = ?1 AND id = ?2",
+                 WHERE tenant_id = ?1 AND id = ?2 \
+                 AND (failed_logins <> 0 OR locked_until IS NOT NULL)",
                 user,
             )?;
             if let Some(s) = &done.session {
