@@ -76,6 +76,7 @@ async fn one_connection(
     addr: SocketAddr,
     fixtures: Arc<Fixtures>,
     deadline: Instant,
+    pause: Duration,
 ) -> ConnectionResult {
     let mut result = ConnectionResult {
         latencies_us: Vec::with_capacity(4096),
@@ -132,21 +133,26 @@ async fn one_connection(
                 sender = None;
             }
         }
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
     }
     result
 }
 
-/// Runs `connections` connections against `addr` for `duration`.
+/// Runs `connections` connections against `addr` for `duration`, each waiting `pause` after
+/// every answer (zero: as fast as the server answers; more: a steady trickle beside a load).
 pub async fn drive(
     addr: SocketAddr,
     connections: usize,
     duration: Duration,
+    pause: Duration,
     fixtures: Arc<Fixtures>,
 ) -> Measured {
     let started = Instant::now();
     let deadline = started + duration;
     let tasks: Vec<_> = (0..connections)
-        .map(|_| tokio::spawn(one_connection(addr, Arc::clone(&fixtures), deadline)))
+        .map(|_| tokio::spawn(one_connection(addr, Arc::clone(&fixtures), deadline, pause)))
         .collect();
     let mut measured = Measured::default();
     for task in tasks {

@@ -169,13 +169,14 @@ async fn run_one(
         let addr = running.addr;
         tokio::spawn(async move {
             let fixtures = Arc::new(scenario::seed_baseline());
-            load::drive(addr, 4, duration, fixtures).await
+            load::drive(addr, 4, duration, Duration::from_millis(10), fixtures).await
         })
     });
     let measured = load::drive(
         running.addr,
         connections,
         duration,
+        Duration::ZERO,
         Arc::clone(&fixtures_ready),
     )
     .await;

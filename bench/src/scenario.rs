@@ -70,7 +70,7 @@ pub enum Expect {
     Approved,
     /// 200 and `success: true` with a JWT.
     DigipayToken,
-    /// 401 with the acl envelope.
+    /// 401 with the acl envelope's wrong-credentials message.
     AclRejected,
     /// 201 (queued).
     Created,
@@ -167,16 +167,13 @@ impl Fixtures {
         let ok = match expect {
             Expect::Ok => status == 200,
             Expect::AclToken => {
-                status == 200
-                    && at("/data/token").as_str().is_some_and(|t| t.len() == 32)
+                status == 200 && at("/data/token").as_str().is_some_and(|t| t.len() == 32)
             }
             Expect::Approved => status == 200 && at("/status") == "approved",
             Expect::DigipayToken => {
-                status == 200
-                    && at("/success") == true
-                    && at("/data/token/token").as_str().is_some()
+                status == 200 && at("/success") == 1 && at("/data/token/token").as_str().is_some()
             }
-            Expect::AclRejected => status == 401 && at("/meta/status") == 401,
+            Expect::AclRejected => status == 401 && at("/meta/message_code") == "400-1",
             Expect::Created => status == 201,
         };
         if ok {

@@ -86,6 +86,12 @@ pub struct DeliveryWorker {
     wake: Arc<Notify>,
 }
 
+/// Provider calls one worker makes at once.
+const CONCURRENT_DELIVERIES: usize = 16;
+
+type Delivery<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::StoreError>> + Send + 'a>>;
+
 impl DeliveryWorker {
     /// A worker; `wake` is notified by the core whenever it queues a message.
     pub fn new(
@@ -136,8 +142,16 @@ impl DeliveryWorker {
             .store
             .claim_outbox(now, now + self.policy.lease, self.policy.batch)
             .await?;
-        for message in &claimed {
-            self.deliver_one(message).await?;
+        // A provider call takes milliseconds to seconds: the batch goes out side by side, or one
+        // slow gateway would hold every message behind it.
+        for chunk in claimed.chunks(CONCURRENT_DELIVERIES) {
+            let mut deliveries: Vec<Delivery<'_>> = Vec::with_capacity(chunk.len());
+            for message in chunk {
+                deliveries.push(Box::pin(self.deliver_one(message)));
+            }
+            for outcome in futures_util::future::join_all(deliveries).await {
+                outcome?;
+            }
         }
         Ok(claimed.len())
     }

@@ -1,14 +1,14 @@
 //! Password hashing with argon2id at OWASP's parameters (m=19456 KiB, t=2, p=1). Hashing runs on
-//! the blocking pool, never on the async workers, and unknown users cost a dummy verification so
-//! that their answers take as long as a wrong password's.
+//! a pool of its own, one thread per core, never on the async workers, and unknown users cost a
+//! dummy verification so that their answers take as long as a wrong password's.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, mpsc};
 
 use argon2::{
     Algorithm, Argon2, Params, PasswordHash, PasswordHasher as _, PasswordVerifier, Version,
 };
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use crate::error::CoreError;
 
@@ -62,15 +62,70 @@ pub fn check_new_password(password: &SecretString) -> Result<(), CoreError> {
     Ok(())
 }
 
-/// Hashes and verifies passwords, at most one argon2 run per core at a time.
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// One thread per core that runs argon2 jobs in arrival order. Each run takes ~20 ms of a core
+/// and 19 MiB: on the shared blocking pool a burst of logins would start a thread each, starve
+/// the async workers of CPU, and leave 19 MiB in each thread's allocator arena. Here at most one
+/// run per core happens at once, the rest wait in the queue without a thread, and the memory
+/// stays at one buffer per core.
+struct HashPool {
+    jobs: Mutex<mpsc::Sender<HashJob>>,
+}
+
+impl HashPool {
+    fn start() -> Result<Self, CoreError> {
+        let (tx, rx) = mpsc::channel::<HashJob>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for i in 0..threads {
+            let rx = Arc::clone(&rx);
+            std::thread::Builder::new()
+                .name(format!("otpgate-argon2-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while taking a job, not while running it.
+                        let job = match rx.lock() {
+                            Ok(rx) => rx.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return, // every hasher is gone
+                        }
+                    }
+                })
+                .map_err(|e| CoreError::Internal(format!("argon2 thread: {e}")))?;
+        }
+        Ok(HashPool {
+            jobs: Mutex::new(tx),
+        })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, CoreError> {
+        let (tx, rx) = oneshot::channel();
+        let job: HashJob = Box::new(move || {
+            let _ = tx.send(work());
+        });
+        self.jobs
+            .lock()
+            .map_err(|_| CoreError::Internal("password hashing stopped".into()))?
+            .send(job)
+            .map_err(|_| CoreError::Internal("password hashing stopped".into()))?;
+        rx.await
+            .map_err(|_| CoreError::Internal("password hashing stopped".into()))
+    }
+}
+
+/// Hashes and verifies passwords on a bounded pool, one run per core at a time.
 #[derive(Clone)]
 pub struct PasswordHasher {
     params: Params,
     dummy_hash: Arc<String>,
-    /// Each argon2 run takes ~20 ms of a core and 19 MiB: a burst of logins would otherwise
-    /// start one blocking thread each, starve the async workers and multiply the memory. Runs
-    /// beyond one per core wait here, asynchronously, instead.
-    slots: Arc<Semaphore>,
+    pool: Arc<HashPool>,
 }
 
 impl std::fmt::Debug for PasswordHasher {
@@ -101,19 +156,11 @@ impl PasswordHasher {
     /// Custom parameters (tests of other crates may use cheaper ones; production uses OWASP's).
     pub fn with_params(params: Params) -> Result<Self, CoreError> {
         let dummy = hash_blocking(&params, b"otpgate dummy password")?;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(PasswordHasher {
             params,
             dummy_hash: Arc::new(dummy),
-            slots: Arc::new(Semaphore::new(cores)),
+            pool: Arc::new(HashPool::start()?),
         })
-    }
-
-    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, CoreError> {
-        self.slots
-            .acquire()
-            .await
-            .map_err(|_| CoreError::Internal("password hashing stopped".into()))
     }
 
     /// Refuses empty and oversized passwords.
@@ -134,13 +181,12 @@ impl PasswordHasher {
         let password = normalize(&password);
         let params = self.params.clone();
         let span = tracing::Span::current();
-        let _slot = self.slot().await?;
-        tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            hash_blocking(&params, password.expose_secret().as_bytes())
-        })
-        .await
-        .map_err(|e| CoreError::Internal(format!("blocking pool: {e}")))?
+        self.pool
+            .run(move || {
+                let _entered = span.enter();
+                hash_blocking(&params, password.expose_secret().as_bytes())
+            })
+            .await?
     }
 
     /// Verifies `password` against `stored`, or against the dummy hash when there is no user,
@@ -156,8 +202,7 @@ impl PasswordHasher {
         let acceptable = Self::check_acceptable(&password).is_ok();
         let password = normalize(&password);
         let span = tracing::Span::current();
-        let _slot = self.slot().await?;
-        let matched = tokio::task::spawn_blocking(move || {
+        let matched = self.pool.run(move || {
             let _entered = span.enter();
             let candidate: &[u8] = if acceptable {
                 password.expose_secret().as_bytes()
@@ -177,10 +222,8 @@ impl PasswordHasher {
                     false
                 }
             }
-        })
-        .await
-        .map_err(|e| CoreError::Internal(format!("blocking pool: {e}")))?;
-        Ok(real && acceptable && matched)
+        });
+        Ok(real && acceptable && matched.await?)
     }
 }
 
