@@ -314,7 +314,7 @@ pub async fn seed(
     Ok(match scenario {
         Scenario::Baseline => seed_baseline(),
         Scenario::AclConfirm => {
-            let users = users(core, (count / 100).max(1), true, false).await?;
+            let users = users(core, (count / 10).max(1), true, false).await?;
             let users = Arc::new(users);
             let prepared = seed_many(count, |i| {
                 let (core, users) = (Arc::clone(core), Arc::clone(&users));
