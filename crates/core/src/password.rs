@@ -223,7 +223,9 @@ impl PasswordHasher {
                 }
             }
         });
-        Ok(real && acceptable && matched.await?)
+        // Awaited whatever `real` is: an unknown user must cost the same argon2 run.
+        let matched = matched.await?;
+        Ok(real && acceptable && matched)
     }
 }
 

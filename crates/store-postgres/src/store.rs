@@ -21,25 +21,52 @@ use crate::{PgStore, db, map_error};
 
 type Tx = Transaction<'static, Postgres>;
 
-async fn insert_audit(conn: &mut PgConnection, events: &[AuditEvent]) -> StoreResult<()> {
-    for e in events {
-        sqlx::query(
-            "INSERT INTO audit_events (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+/// The audit insert of [`bind_audit`]: any number of events in one statement (one round trip).
+const INSERT_AUDIT: &str = "INSERT INTO audit_events \
+     (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+     $6::float8[], $7::float8[], $8::text[], $9::int8[])";
+
+/// Binds `events` as the nine arrays `INSERT_AUDIT` (or a statement ending with it) takes first.
+fn bind_audit<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    events: &[AuditEvent],
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    let texts = |f: &dyn Fn(&AuditEvent) -> Option<String>| -> Vec<Option<String>> {
+        events.iter().map(f).collect()
+    };
+    query
+        .bind(texts(&|e| Some(e.tenant_id.as_str().to_owned())))
+        .bind(texts(&|e| {
+            e.user_id.as_ref().map(|u| u.as_str().to_owned())
+        }))
+        .bind(texts(&|e| Some(e.kind.as_str().to_owned())))
+        .bind(texts(&|e| Some(e.detail.clone())))
+        .bind(texts(&|e| e.context.ip.clone()))
+        .bind(
+            events
+                .iter()
+                .map(|e| e.context.latitude)
+                .collect::<Vec<_>>(),
         )
-        .bind(e.tenant_id.as_str())
-        .bind(e.user_id.as_ref().map(|u| u.as_str()))
-        .bind(e.kind.as_str())
-        .bind(&e.detail)
-        .bind(&e.context.ip)
-        .bind(e.context.latitude)
-        .bind(e.context.longitude)
-        .bind(&e.context.mode)
-        .bind(ms(e.at))
+        .bind(
+            events
+                .iter()
+                .map(|e| e.context.longitude)
+                .collect::<Vec<_>>(),
+        )
+        .bind(texts(&|e| e.context.mode.clone()))
+        .bind(events.iter().map(|e| ms(e.at)).collect::<Vec<_>>())
+}
+
+async fn insert_audit(conn: &mut PgConnection, events: &[AuditEvent]) -> StoreResult<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    bind_audit(sqlx::query(INSERT_AUDIT), events)
         .execute(&mut *conn)
         .await
         .map_err(db)?;
-    }
     Ok(())
 }
 
@@ -686,30 +713,42 @@ impl Store for PgStore {
     }
 
     async fn complete_login(&self, done: &LoginCompletion) -> StoreResult<bool> {
+        // Few round trips: each costs more here than the work of its statement. Returning
+        // false drops the transaction, which rolls back whatever it did.
         let mut tx = self.begin().await?;
         let now = ms(done.now);
-        if let Some(ticket) = &done.ticket_hash {
-            let spent = sqlx::query(
-                "UPDATE login_tickets SET used_at = $2 \
-                 WHERE hash = $1 AND used_at IS NULL AND expires_at > $2",
-            )
-            .bind(ticket.as_slice())
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-            if spent.rows_affected() != 1 {
-                return Ok(false);
+        let consumed = match &done.ticket_hash {
+            // The ticket is spent and its challenge consumed by one statement.
+            Some(ticket) => {
+                sqlx::query(
+                    "WITH spent AS ( \
+                     UPDATE login_tickets SET used_at = $3 \
+                     WHERE hash = $4 AND used_at IS NULL AND expires_at > $3 RETURNING 1) \
+                 UPDATE challenges SET status = 'approved', resolved_at = $3 \
+                 WHERE id = $1 AND attempts = $2 AND status = 'pending' AND expires_at > $3 \
+                 AND EXISTS (SELECT 1 FROM spent)",
+                )
+                .bind(done.challenge_id.as_str())
+                .bind(i64::from(done.expected_attempts))
+                .bind(now)
+                .bind(ticket.as_slice())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?
+                .rows_affected()
+                    == 1
             }
-        }
-        if !consume(
-            &mut tx,
-            &done.challenge_id,
-            done.expected_attempts,
-            done.now,
-        )
-        .await?
-        {
+            None => {
+                consume(
+                    &mut tx,
+                    &done.challenge_id,
+                    done.expected_attempts,
+                    done.now,
+                )
+                .await?
+            }
+        };
+        if !consumed {
             return Ok(false);
         }
         if let Some(hash) = &done.recovery_code {
@@ -761,19 +800,29 @@ impl Store for PgStore {
             .await
             .map_err(db)?;
         }
-        sqlx::query(
-            "UPDATE users SET failed_logins = 0, locked_until = NULL WHERE tenant_id = $1 AND id = $2 \
-             AND (failed_logins <> 0 OR locked_until IS NOT NULL)",
-        )
-        .bind(done.tenant_id.as_str())
-        .bind(done.user_id.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        if let Some(s) = &done.session {
-            insert_session(&mut tx, s).await?;
-        }
-        insert_audit(&mut tx, &done.audit).await?;
+        // The failure count reset, the session and the audit events: one statement.
+        let finish = format!(
+            "WITH reset AS ( \
+                 UPDATE users SET failed_logins = 0, locked_until = NULL \
+                 WHERE tenant_id = $10 AND id = $11 \
+                 AND (failed_logins <> 0 OR locked_until IS NOT NULL)), \
+             session AS ( \
+                 INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
+                 SELECT $12, $15, $16, $13, $14 WHERE $12::bytea IS NOT NULL) \
+             {INSERT_AUDIT}"
+        );
+        let session = done.session.as_ref();
+        bind_audit(sqlx::query(AssertSqlSafe(finish)), &done.audit)
+            .bind(done.tenant_id.as_str())
+            .bind(done.user_id.as_str())
+            .bind(session.map(|s| s.hash.to_vec()))
+            .bind(session.map(|s| ms(s.created_at)))
+            .bind(session.map(|s| ms(s.expires_at)))
+            .bind(session.map(|s| s.tenant_id.as_str().to_owned()))
+            .bind(session.map(|s| s.user_id.as_str().to_owned()))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(true)
     }

@@ -3,8 +3,9 @@
 //! because each runs one argon2 verification (a dummy one for unknown users).
 //!
 //! The three kinds are interleaved round by round, so load from tests running beside this one
-//! falls on all three alike. A real difference (a skipped argon2 costs about 20 ms, the whole
-//! request) shows on every try; noise does not, so a measurement is repeated up to three times.
+//! falls on all three alike, and no other heavy test runs meanwhile (`helpers::MACHINE`). A real
+//! difference (a skipped argon2 costs about 20 ms, the whole request) shows on every try; noise
+//! does not, so a measurement is repeated up to four times.
 
 use std::time::{Duration, Instant};
 
@@ -13,9 +14,10 @@ use serde_json::{Value, json};
 use crate::helpers::{TestApp, spawn_app};
 
 const PASSWORD: &str = "correct horse battery";
-const ROUNDS: usize = 15;
-/// Users who get wrong passwords: each takes at most 5, below the lock-out threshold of 10.
-const WRONG_USERS: usize = 9;
+const ROUNDS: usize = 21;
+/// Users who get wrong passwords, per endpoint: each takes at most 8, below the lock-out
+/// threshold of 10.
+const WRONG_USERS: usize = 11;
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -30,12 +32,12 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 }
 
 async fn arrange(app: &TestApp) {
-    for i in 0..WRONG_USERS {
+    for i in 0..2 * WRONG_USERS {
         app.create_user(
             &format!("wrong{i}"),
             PASSWORD,
             None,
-            Some(&format!("+98912100000{i}")),
+            Some(&format!("+9891210000{i:02}")),
         )
         .await;
     }
@@ -54,7 +56,7 @@ async fn arrange(app: &TestApp) {
 
 /// Medians of the three kinds on one endpoint; `call` sends one login attempt and returns its
 /// HTTP status.
-async fn medians<F, Fut>(call: F, attempt: usize) -> [Duration; 3]
+async fn medians<F, Fut>(call: F, attempt: usize, first_user: usize) -> [Duration; 3]
 where
     F: Fn(String, String) -> Fut,
     Fut: std::future::Future<Output = u16>,
@@ -67,7 +69,10 @@ where
             let (username, password) = match kind {
                 Kind::Unknown => (format!("nobody{round}"), PASSWORD.to_owned()),
                 Kind::WrongPassword => (
-                    format!("wrong{}", (attempt * ROUNDS + round) % WRONG_USERS),
+                    format!(
+                        "wrong{}",
+                        first_user + (attempt * ROUNDS + round) % WRONG_USERS
+                    ),
                     "not it".to_owned(),
                 ),
                 Kind::Locked => ("locked".to_owned(), PASSWORD.to_owned()),
@@ -87,14 +92,14 @@ fn spread(m: &[Duration; 3]) -> f64 {
     max / min - 1.0
 }
 
-async fn assert_alike<F, Fut>(endpoint: &str, call: F)
+async fn assert_alike<F, Fut>(endpoint: &str, first_user: usize, call: F)
 where
     F: Fn(String, String) -> Fut,
     Fut: std::future::Future<Output = u16>,
 {
     let mut seen = Vec::new();
-    for attempt in 0..3 {
-        let m = medians(&call, attempt).await;
+    for attempt in 0..4 {
+        let m = medians(&call, attempt, first_user).await;
         if spread(&m) < 0.10 {
             eprintln!("{endpoint}: medians (unknown, wrong, locked) {m:?}");
             return;
@@ -108,18 +113,19 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_wrong_and_locked_logins_take_the_same_time() {
+    let _alone = crate::helpers::MACHINE.lock().await;
     let app = spawn_app().await;
     arrange(&app).await;
     // Warm up connections and the blocking pool.
     app.acl_login("nobody", PASSWORD).await;
 
-    assert_alike("acl login", |username, password| {
+    assert_alike("acl login", 0, |username, password| {
         let app = &app;
         async move { app.acl_login(&username, &password).await.status }
     })
     .await;
 
-    assert_alike("verify_login", |username, password| {
+    assert_alike("verify_login", WRONG_USERS, |username, password| {
         let app = &app;
         async move {
             let body: Value = json!({

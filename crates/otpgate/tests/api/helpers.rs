@@ -15,6 +15,10 @@ use secrecy::ExposeSecret;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+/// Held by tests that measure time (no other heavy test may run beside them) and by tests that
+/// load the machine (they must not run beside a measurement). Light tests ignore it.
+pub static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub struct TestApp {
     pub addr: SocketAddr,
     pub client: reqwest::Client,

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every benchmark of BENCHMARKS.md: all scenarios on SQLite and on PostgreSQL at 100
+# connections, then baseline and acl-confirm against the connection count, and draws the plot.
+# Each run is bounded (--duration); the whole script takes about a quarter of an hour.
+# Usage: bench/run-all.sh [postgres-url]   (default: the local server, TLS off on loopback)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PG_URL="${1:-postgres://postgres@127.0.0.1:5432/test?sslmode=disable}"
+OUT=bench/results
+mkdir -p "$OUT"
+cargo build --release -p otpgate -p otpgate-bench
+BENCH=target/release/otpgate-bench
+ALL=baseline,acl-confirm,v1-check,digipay-verify,totp-confirm,wrong-code,login,send
+
+timeout 900 $BENCH run --scenarios "$ALL" --connections 100 --duration 10 \
+  --fixtures 100000 --json "$OUT/sqlite.json"
+timeout 1200 $BENCH run --postgres "$PG_URL" --scenarios "$ALL" --connections 100 \
+  --duration 10 --fixtures 30000 --json "$OUT/postgres.json"
+timeout 900 $BENCH run --scenarios baseline,acl-confirm --connections 1,10,50,100,200 \
+  --duration 5 --fixtures 60000 --json "$OUT/sweep-sqlite.json"
+timeout 1200 $BENCH run --postgres "$PG_URL" --scenarios baseline,acl-confirm \
+  --connections 1,10,50,100,200 --duration 5 --fixtures 15000 --json "$OUT/sweep-postgres.json"
+$BENCH plot "$OUT/sweep-sqlite.json" "$OUT/sweep-postgres.json" --out bench/plot.svg
