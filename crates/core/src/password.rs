@@ -2,12 +2,13 @@
 //! a pool of its own, one thread per core, never on the async workers, and unknown users cost a
 //! dummy verification so that their answers take as long as a wrong password's.
 
+use std::cell::RefCell;
 use std::sync::{Arc, Mutex, mpsc};
 
-use argon2::{
-    Algorithm, Argon2, Params, PasswordHash, PasswordHasher as _, PasswordVerifier, Version,
-};
+use argon2::password_hash::phc::{Output, Salt};
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, PasswordHasher as _, Version};
 use secrecy::{ExposeSecret, SecretString};
+use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use crate::error::CoreError;
@@ -145,6 +146,69 @@ fn hash_blocking(params: &Params, password: &[u8]) -> Result<String, CoreError> 
         .map_err(|e| CoreError::Internal(format!("argon2 hashing failed: {e}")))
 }
 
+thread_local! {
+    /// argon2's working memory (19 MiB at our parameters), allocated once per hashing thread
+    /// and reused by every run on it, instead of allocated and freed per login.
+    static ARGON2_MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `work` with this thread's argon2 memory, grown to `blocks` blocks.
+fn with_argon2_memory<T>(blocks: usize, work: impl FnOnce(&mut [Block]) -> T) -> Option<T> {
+    ARGON2_MEMORY.with(|memory| {
+        let mut memory = memory.try_borrow_mut().ok()?;
+        if memory.len() < blocks {
+            memory.resize(blocks, Block::default());
+        }
+        memory.get_mut(..blocks).map(work)
+    })
+}
+
+/// Hashes a new password into a PHC string, in this thread's reused memory.
+fn hash_in_place(params: &Params, password: &[u8]) -> Result<String, CoreError> {
+    let failed =
+        |e: &dyn std::fmt::Display| CoreError::Internal(format!("argon2 hashing failed: {e}"));
+    let salt: [u8; 16] = crate::crypto::random_bytes()?;
+    let mut out = [0u8; 32];
+    with_argon2_memory(params.block_count(), |blocks| {
+        argon2(params).hash_password_into_with_memory(password, &salt, &mut out, blocks)
+    })
+    .ok_or_else(|| failed(&"argon2 memory busy"))?
+    .map_err(|e| failed(&e))?;
+    let phc = PasswordHash {
+        algorithm: Algorithm::Argon2id.ident(),
+        version: Some(Version::V0x13.into()),
+        params: params.try_into().map_err(|e| failed(&e))?,
+        salt: Some(Salt::new(&salt).map_err(|e| failed(&e))?),
+        hash: Some(Output::new(&out).map_err(|e| failed(&e))?),
+    };
+    Ok(phc.to_string())
+}
+
+/// Whether `password` matches the PHC string `phc`, computed in this thread's reused memory.
+/// Anything that is not an argon2 PHC string matches nothing.
+fn verify_in_place(phc: &PasswordHash, password: &[u8]) -> bool {
+    let (Some(salt), Some(expected)) = (&phc.salt, &phc.hash) else {
+        return false;
+    };
+    let Ok(params) = Params::try_from(phc) else {
+        return false;
+    };
+    let Ok(algorithm) = Algorithm::try_from(phc.algorithm.as_str()) else {
+        return false;
+    };
+    let version = match phc.version.map(Version::try_from) {
+        None => Version::default(),
+        Some(Ok(v)) => v,
+        Some(Err(_)) => return false,
+    };
+    let mut out = vec![0u8; expected.len()];
+    let argon = Argon2::new(algorithm, version, params.clone());
+    let computed = with_argon2_memory(params.block_count(), |blocks| {
+        argon.hash_password_into_with_memory(password, salt, &mut out, blocks)
+    });
+    matches!(computed, Some(Ok(()))) && bool::from(out.ct_eq(expected.as_bytes()))
+}
+
 impl PasswordHasher {
     /// OWASP's argon2id parameters; computes the dummy hash once.
     pub fn owasp() -> Result<Self, CoreError> {
@@ -184,7 +248,7 @@ impl PasswordHasher {
         self.pool
             .run(move || {
                 let _entered = span.enter();
-                hash_blocking(&params, password.expose_secret().as_bytes())
+                hash_in_place(&params, password.expose_secret().as_bytes())
             })
             .await?
     }
@@ -210,14 +274,12 @@ impl PasswordHasher {
                 b"\0"
             };
             match PasswordHash::new(&phc) {
-                Ok(parsed) => argon2(&Params::default())
-                    .verify_password(candidate, &parsed)
-                    .is_ok(),
+                Ok(parsed) => verify_in_place(&parsed, candidate),
                 // An account without a password (created by phone verification) costs the
                 // same argon2 run as any other, and never matches.
                 Err(_) => {
                     if let Ok(parsed) = PasswordHash::new(dummy.as_str()) {
-                        let _ = argon2(&Params::default()).verify_password(candidate, &parsed);
+                        let _ = verify_in_place(&parsed, candidate);
                     }
                     false
                 }
@@ -232,6 +294,27 @@ impl PasswordHasher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hashes_in_reused_memory_are_standard_phc_strings_both_ways() {
+        use argon2::PasswordVerifier as _;
+        let params = Params::new(19_456, 2, 1, None).unwrap();
+        let ours = hash_in_place(&params, b"correct horse").unwrap();
+        let parsed = PasswordHash::new(&ours).unwrap();
+        assert!(
+            argon2(&params)
+                .verify_password(b"correct horse", &parsed)
+                .is_ok()
+        );
+        assert!(verify_in_place(&parsed, b"correct horse"));
+        assert!(!verify_in_place(&parsed, b"correct horsf"));
+        let theirs = hash_blocking(&params, b"battery staple").unwrap();
+        let parsed = PasswordHash::new(&theirs).unwrap();
+        assert!(verify_in_place(&parsed, b"battery staple"));
+        assert!(!verify_in_place(&parsed, b"battery stapler"));
+        // The memory was allocated once for this thread and reused.
+        ARGON2_MEMORY.with(|m| assert_eq!(m.borrow().len(), params.block_count()));
+    }
 
     #[tokio::test]
     async fn a_hash_verifies_its_password_only() {
