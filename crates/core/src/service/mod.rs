@@ -155,6 +155,28 @@ pub(crate) fn new_session(
     Ok((minted, session))
 }
 
+/// A step-1 login ticket for `user` answering `challenge`: the secret for the client, the
+/// record for the store.
+pub(crate) fn new_ticket(
+    policy: &Policy,
+    user: &User,
+    challenge: &Challenge,
+    now: OffsetDateTime,
+) -> CoreResult<(crate::token::Minted, LoginTicket)> {
+    let minted = mint_hex_token()?;
+    let ticket = LoginTicket {
+        hash: minted.hash,
+        tenant_id: user.tenant_id.clone(),
+        user_id: user.id.clone(),
+        challenge_id: challenge.id.clone(),
+        channel: challenge.channel,
+        created_at: now,
+        expires_at: now + policy.login_ticket_ttl,
+        used_at: None,
+    };
+    Ok((minted, ticket))
+}
+
 /// What the user offered at step 2 of a login.
 enum Proof {
     /// A code from SMS, e-mail or the authenticator app.
@@ -793,8 +815,37 @@ impl Otpgate {
         ctx: &RequestContext,
         now: OffsetDateTime,
     ) -> CoreResult<(Challenge, Option<OutboxMessage>)> {
-        let id = ChallengeId::generate()?;
         let code = OtpCode::generate(policy.code_length)?;
+        self.challenge_with_code(
+            policy,
+            tenant,
+            user,
+            purpose,
+            channel,
+            destination,
+            locale,
+            &code,
+            ctx,
+            now,
+        )
+    }
+
+    /// [`Otpgate::new_challenge`] with a given code (the benchmark fixtures choose theirs).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn challenge_with_code(
+        &self,
+        policy: &Policy,
+        tenant: &TenantId,
+        user: Option<&UserId>,
+        purpose: Purpose,
+        channel: Channel,
+        destination: String,
+        locale: String,
+        code: &OtpCode,
+        ctx: &RequestContext,
+        now: OffsetDateTime,
+    ) -> CoreResult<(Challenge, Option<OutboxMessage>)> {
+        let id = ChallengeId::generate()?;
         let code_hash = match channel {
             Channel::Totp => Vec::new(),
             Channel::Sms | Channel::Email => code.keyed_hash(&self.code_key, id.as_str()).to_vec(),
@@ -822,7 +873,7 @@ impl Otpgate {
         };
         let message = match channel {
             Channel::Totp => None,
-            _ => Some(self.new_message(policy, &challenge, &code, ctx, now)?),
+            _ => Some(self.new_message(policy, &challenge, code, ctx, now)?),
         };
         Ok((challenge, message))
     }
@@ -1300,17 +1351,7 @@ impl Otpgate {
             ctx,
             now,
         )?;
-        let minted = mint_hex_token()?;
-        let ticket = LoginTicket {
-            hash: minted.hash,
-            tenant_id: user.tenant_id.clone(),
-            user_id: user.id.clone(),
-            challenge_id: challenge.id.clone(),
-            channel,
-            created_at: now,
-            expires_at: now + policy.login_ticket_ttl,
-            used_at: None,
-        };
+        let (minted, ticket) = new_ticket(&policy, user, &challenge, now)?;
         let mut audit = vec![self.event(
             &user.tenant_id,
             Some(&user.id),

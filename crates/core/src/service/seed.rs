@@ -10,12 +10,10 @@ use crate::code::OtpCode;
 use crate::identity::{E164Phone, Username};
 use crate::message::normalize_locale;
 use crate::model::{
-    Challenge, ChallengeId, ChallengeStatus, Channel, FactorId, LoginTicket, Purpose, Role,
-    TenantId, TotpFactor, User, UserId,
+    Challenge, Channel, FactorId, Purpose, RequestContext, Role, TenantId, TotpFactor, User, UserId,
 };
 use crate::otp::TotpParams;
-use crate::service::{CoreResult, Otpgate, totp_destination};
-use crate::token::mint_hex_token;
+use crate::service::{CoreResult, Otpgate, new_ticket, totp_destination};
 
 impl Otpgate {
     /// A user with `password_hash` (a PHC string from [`crate::password::PasswordHasher::hash`],
@@ -85,7 +83,6 @@ impl Otpgate {
         user: &User,
         code: Option<&str>,
     ) -> CoreResult<SecretString> {
-        let policy = self.policy_for(&user.tenant_id).await?;
         let (channel, destination, code) = match code {
             Some(code) => (
                 Channel::Sms,
@@ -107,24 +104,15 @@ impl Otpgate {
                 code,
             )
             .await?;
-        let now = self.clock.now();
-        let minted = mint_hex_token()?;
-        let ticket = LoginTicket {
-            hash: minted.hash,
-            tenant_id: user.tenant_id.clone(),
-            user_id: user.id.clone(),
-            challenge_id: challenge.id.clone(),
-            channel,
-            created_at: now,
-            expires_at: now + policy.login_ticket_ttl,
-            used_at: None,
-        };
+        let policy = self.policy_for(&user.tenant_id).await?;
+        let (minted, ticket) = new_ticket(&policy, user, &challenge, self.clock.now())?;
         self.store
             .insert_login_ticket(&ticket, &challenge, None, &[])
             .await?;
         Ok(minted.secret)
     }
 
+    /// The challenge the real operations would build, with `code`; its message is dropped.
     async fn seed_challenge_record(
         &self,
         tenant: &TenantId,
@@ -135,34 +123,23 @@ impl Otpgate {
         code: &str,
     ) -> CoreResult<Challenge> {
         let policy = self.policy_for(tenant).await?;
-        let id = ChallengeId::generate()?;
-        let code_hash = match channel {
-            Channel::Totp => Vec::new(),
-            _ => OtpCode::parse(code, Some(usize::from(policy.code_length)))?
-                .keyed_hash(&self.code_key, id.as_str())
-                .to_vec(),
+        // An authenticator challenge has no code of its own (the app makes them).
+        let code = match channel {
+            Channel::Totp => OtpCode::generate(policy.code_length)?,
+            _ => OtpCode::parse(code, Some(usize::from(policy.code_length)))?,
         };
-        let now = self.clock.now();
-        let ttl = match channel {
-            Channel::Totp => policy.login_ticket_ttl,
-            other => policy.code_ttl(other),
-        };
-        Ok(Challenge {
-            id,
-            tenant_id: tenant.clone(),
-            user_id: user.map(|u| u.id.clone()),
+        let (challenge, _message) = self.challenge_with_code(
+            &policy,
+            tenant,
+            user.map(|u| &u.id),
             purpose,
             channel,
-            destination: destination.to_owned(),
-            code_hash,
-            locale: normalize_locale(None),
-            created_at: now,
-            expires_at: now + ttl,
-            last_sent_at: now,
-            send_count: u32::from(channel != Channel::Totp),
-            attempts: 0,
-            max_attempts: policy.max_checks,
-            status: ChallengeStatus::Pending,
-        })
+            destination.to_owned(),
+            normalize_locale(None),
+            &code,
+            &RequestContext::default(),
+            self.clock.now(),
+        )?;
+        Ok(challenge)
     }
 }

@@ -107,8 +107,95 @@ pub(crate) async fn post(
     )
 }
 
+/// Creates a user through the CLI, the password on standard input.
+pub(crate) fn create_user(dir: &Path, username: &str, password: &str, contact: &[&str]) {
+    let mut create = otpgate(dir)
+        .args(["user", "create", "--username", username, "--password-stdin"])
+        .args(contact)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        create.stdin.as_mut().unwrap(),
+        format!("{password}\n").as_bytes(),
+    )
+    .unwrap();
+    assert!(create.wait().unwrap().success());
+}
+
+/// What an acl login by SMS code followed by an authenticator enrolment produced.
+pub(crate) struct Enrolled {
+    pub(crate) ticket: String,
+    pub(crate) code: String,
+    pub(crate) token: String,
+    pub(crate) totp_secret: String,
+    pub(crate) recovery: Vec<String>,
+}
+
+/// Logs `username` in through acl (the code from the log provider's line for `phone`), then
+/// enrols and confirms an authenticator.
+pub(crate) async fn login_and_enrol_totp(
+    server: &Server,
+    username: &str,
+    password: &str,
+    phone: &str,
+) -> Enrolled {
+    let base = &server.base;
+    let (_, _, step1) = post(
+        base,
+        "/api/acl/auth/login",
+        None,
+        &[],
+        json!({"username": username, "password": password}),
+    )
+    .await;
+    let ticket = step1["data"]["token"].as_str().unwrap().to_owned();
+    let code = server.code(phone, 1).await;
+    let (_, _, step2) = post(
+        base,
+        "/api/acl/auth/confirm_otp",
+        None,
+        &[],
+        json!({"token": ticket, "otp": code}),
+    )
+    .await;
+    let token = step2["data"]["token"].as_str().unwrap().to_owned();
+    let (_, _, enrolled) = post(
+        base,
+        "/api/acl/auth/totp",
+        Some(("Bearer", &token)),
+        &[],
+        json!({}),
+    )
+    .await;
+    let totp_secret = enrolled["data"]["secret"].as_str().unwrap().to_owned();
+    let (status, _, _) = post(
+        base,
+        "/api/acl/auth/totp/confirm",
+        Some(("Bearer", &token)),
+        &[],
+        json!({"otp": totp_now(&totp_secret)}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let recovery = enrolled["data"]["recovery_codes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    Enrolled {
+        ticket,
+        code,
+        token,
+        totp_secret,
+        recovery,
+    }
+}
+
 #[allow(clippy::disallowed_methods)] // the real server runs on the wall clock; so must its TOTP codes
-fn totp_now(secret: &str) -> String {
+pub(crate) fn totp_now(secret: &str) -> String {
     let bytes = otpgate_core::otp::secret_from_base32(secret).unwrap();
     otpgate_core::otp::TotpParams::default()
         .code_at(&bytes, time::OffsetDateTime::now_utc().unix_timestamp())
@@ -134,28 +221,12 @@ async fn no_code_token_key_or_secret_reaches_the_database_or_the_log() {
         .unwrap()
         .to_owned();
     let password = "Correct-Horse-Battery-7";
-    let mut create = otpgate(dir.path())
-        .args([
-            "user",
-            "create",
-            "--username",
-            "ali",
-            "--password-stdin",
-            "--phone",
-            "+989121230000",
-            "--email",
-            "ali@example.com",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(
-        create.stdin.as_mut().unwrap(),
-        format!("{password}\n").as_bytes(),
-    )
-    .unwrap();
-    assert!(create.wait().unwrap().success());
+    create_user(
+        dir.path(),
+        "ali",
+        password,
+        &["--phone", "+989121230000", "--email", "ali@example.com"],
+    );
     let mut secrets: Vec<String> = vec![key.clone(), password.to_owned()];
 
     // Native API.
@@ -194,49 +265,13 @@ async fn no_code_token_key_or_secret_reaches_the_database_or_the_log() {
     secrets.push(code);
 
     // acl: login, confirm, enrol an authenticator, recovery codes.
-    let (_, _, step1) = post(
-        &base,
-        "/api/acl/auth/login",
-        None,
-        &[],
-        json!({"username": "ali", "password": password}),
-    )
-    .await;
-    let ticket = step1["data"]["token"].as_str().unwrap().to_owned();
-    let code = server.code("+989121230000", 1).await;
-    let (_, _, step2) = post(
-        &base,
-        "/api/acl/auth/confirm_otp",
-        None,
-        &[],
-        json!({"token": ticket, "otp": code}),
-    )
-    .await;
-    let token = step2["data"]["token"].as_str().unwrap().to_owned();
-    let (_, _, enrolled) = post(
-        &base,
-        "/api/acl/auth/totp",
-        Some(("Bearer", &token)),
-        &[],
-        json!({}),
-    )
-    .await;
-    let totp_secret = enrolled["data"]["secret"].as_str().unwrap().to_owned();
-    let (status, _, _) = post(
-        &base,
-        "/api/acl/auth/totp/confirm",
-        Some(("Bearer", &token)),
-        &[],
-        json!({"otp": totp_now(&totp_secret)}),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let recovery: Vec<String> = enrolled["data"]["recovery_codes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c.as_str().unwrap().to_owned())
-        .collect();
+    let Enrolled {
+        ticket,
+        code,
+        token,
+        totp_secret,
+        recovery,
+    } = login_and_enrol_totp(&server, "ali", password, "+989121230000").await;
     let raw_secret = otpgate_core::otp::secret_from_base32(&totp_secret).unwrap();
     secrets.extend([
         ticket,
@@ -271,28 +306,12 @@ async fn no_code_token_key_or_secret_reaches_the_database_or_the_log() {
     ]);
 
     // verify_login: mobile and e-mail verification of another user.
-    let mut create = otpgate(dir.path())
-        .args([
-            "user",
-            "create",
-            "--username",
-            "sara",
-            "--password-stdin",
-            "--phone",
-            "+989121231111",
-            "--email",
-            "sara@example.com",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(
-        create.stdin.as_mut().unwrap(),
-        format!("{password}\n").as_bytes(),
-    )
-    .unwrap();
-    assert!(create.wait().unwrap().success());
+    create_user(
+        dir.path(),
+        "sara",
+        password,
+        &["--phone", "+989121231111", "--email", "sara@example.com"],
+    );
     let fields = |verify: &str, code: Option<&str>| {
         let mut body = json!({"username": "sara", "password": password, "latitude": 35.7, "longitude": 51.4, "req_mode": "app", "verify_type": verify});
         if let Some(code) = code {

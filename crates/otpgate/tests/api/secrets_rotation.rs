@@ -2,11 +2,9 @@
 //! stored code hashes keep matching, the old key no longer opens the database, and a rotation
 //! interrupted before its key file was installed is finished at the next start.
 
-use std::process::Stdio;
-
 use serde_json::{Value, json};
 
-use crate::secrets::{otpgate, post, start};
+use crate::secrets::{create_user, login_and_enrol_totp, otpgate, post, start};
 
 #[allow(clippy::disallowed_methods)] // the real server runs on the wall clock; so must its TOTP codes
 fn totp_next_step(secret: &str) -> String {
@@ -49,57 +47,11 @@ async fn a_new_master_key_reseals_every_secret_and_the_old_one_stops_working() {
         .unwrap()
         .to_owned();
     let password = "Correct-Horse-Battery-7";
-    let mut create = otpgate(dir.path())
-        .args(["user", "create", "--username", "ali", "--password-stdin"])
-        .args(["--phone", "+989121230000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(
-        create.stdin.as_mut().unwrap(),
-        format!("{password}\n").as_bytes(),
-    )
-    .unwrap();
-    assert!(create.wait().unwrap().success());
+    create_user(dir.path(), "ali", password, &["--phone", "+989121230000"]);
     let login = json!({"username": "ali", "password": password});
-    let (_, _, step1) = post(&base, "/api/acl/auth/login", None, &[], login.clone()).await;
-    let ticket = step1["data"]["token"].as_str().unwrap().to_owned();
-    let code = server.code("+989121230000", 1).await;
-    let (_, _, step2) = post(
-        &base,
-        "/api/acl/auth/confirm_otp",
-        None,
-        &[],
-        json!({"token": ticket, "otp": code}),
-    )
-    .await;
-    let token = step2["data"]["token"].as_str().unwrap().to_owned();
-    let (_, _, enrolled) = post(
-        &base,
-        "/api/acl/auth/totp",
-        Some(("Bearer", &token)),
-        &[],
-        json!({}),
-    )
-    .await;
-    let secret = enrolled["data"]["secret"].as_str().unwrap().to_owned();
-    let first = otpgate_core::otp::TotpParams::default()
-        .code_at(
-            &otpgate_core::otp::secret_from_base32(&secret).unwrap(),
-            #[allow(clippy::disallowed_methods)]
-            time::OffsetDateTime::now_utc().unix_timestamp(),
-        )
-        .unwrap();
-    let (status, _, _) = post(
-        &base,
-        "/api/acl/auth/totp/confirm",
-        Some(("Bearer", &token)),
-        &[],
-        json!({"otp": first}),
-    )
-    .await;
-    assert_eq!(status, 200);
+    let secret = login_and_enrol_totp(&server, "ali", password, "+989121230000")
+        .await
+        .totp_secret;
     let (_, _, pending) = post(
         &base,
         "/v1/verifications",
