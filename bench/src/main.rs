@@ -51,6 +51,13 @@ enum Command {
         /// Single-use fixtures seeded per run (pending tickets, codes, TOTP users).
         #[arg(long, default_value_t = 100_000)]
         fixtures: usize,
+        /// Dead challenges (half expired two days ago, half approved within the hour) written
+        /// before each run's fixtures: checks must not slow down with a large table.
+        #[arg(long, default_value_t = 0)]
+        dead_challenges: usize,
+        /// Print the database's plan of every hot and sweep statement after seeding.
+        #[arg(long)]
+        plans: bool,
         /// Run on a fresh database of this PostgreSQL server instead of SQLite.
         #[arg(long)]
         postgres: Option<String>,
@@ -139,12 +146,51 @@ fn argon2_ceiling(seconds: f64) -> Result<f64, String> {
     Ok(total as f64 / seconds)
 }
 
+/// What every run seeds besides its scenario's fixtures.
+#[derive(Clone, Copy)]
+struct Backdrop {
+    dead_challenges: usize,
+    plans: bool,
+}
+
+/// Writes the dead challenges and prints the plans, as `backdrop` asks.
+async fn seed_backdrop(
+    core: &otpgate_core::Otpgate,
+    backdrop: Backdrop,
+    extra: &mut BTreeMap<String, f64>,
+) -> Result<(), String> {
+    if backdrop.dead_challenges > 0 {
+        let started = Instant::now();
+        let tenant = core.default_tenant().await.map_err(|e| e.to_string())?.id;
+        core.seed_dead_challenges(&tenant, backdrop.dead_challenges)
+            .await
+            .map_err(|e| e.to_string())?;
+        eprintln!(
+            "  {} dead challenges written in {:.1} s",
+            backdrop.dead_challenges,
+            started.elapsed().as_secs_f64()
+        );
+        extra.insert(
+            "dead_challenges".to_owned(),
+            backdrop.dead_challenges as f64,
+        );
+    }
+    if backdrop.plans {
+        for plan in core.query_plans().await.map_err(|e| e.to_string())? {
+            let verdict = if plan.full_scan { "FULL SCAN" } else { "index" };
+            eprintln!("-- {} ({verdict})\n{}", plan.purpose, plan.plan);
+        }
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_one(
     scenario: Scenario,
     connections: usize,
     duration: Duration,
     fixtures: usize,
+    backdrop: Backdrop,
     store: &Store,
     pg_connections: u32,
     binary: &std::path::Path,
@@ -153,10 +199,11 @@ async fn run_one(
     let prepared = Prepared::new(store, receiver.port, pg_connections).await?;
     let seed_started = Instant::now();
     let core = prepared.core().await?;
+    let mut extra = BTreeMap::new();
+    seed_backdrop(&core, backdrop, &mut extra).await?;
     let fixtures_ready = Arc::new(scenario::seed(scenario, &core, fixtures).await?);
     drop(core);
     let seed_secs = seed_started.elapsed().as_secs_f64();
-    let mut extra = BTreeMap::new();
     if scenario == Scenario::Login {
         extra.insert("argon2_ceiling_per_s".to_owned(), argon2_ceiling(3.0)?);
     }
@@ -252,11 +299,17 @@ async fn run(cli: Cli) -> Result<(), String> {
             connections,
             duration,
             fixtures,
+            dead_challenges,
+            plans,
             postgres,
             pg_connections,
             server,
             json,
         } => {
+            let backdrop = Backdrop {
+                dead_challenges,
+                plans,
+            };
             let duration = Duration::from_secs(duration.clamp(1, 300));
             let binary = match server {
                 Some(path) => path,
@@ -279,6 +332,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                         c,
                         duration,
                         fixtures,
+                        backdrop,
                         &store,
                         pg_connections,
                         &binary,

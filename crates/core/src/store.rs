@@ -15,6 +15,17 @@ use crate::model::{
 /// Result of store operations.
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// One statement and the plan the database picks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryPlan {
+    /// What the statement is for (`"sweep login tickets"`).
+    pub purpose: &'static str,
+    /// The planner's description, one step per line.
+    pub plan: String,
+    /// Whether some step reads a whole table instead of going through an index.
+    pub full_scan: bool,
+}
+
 /// A new code for a pending challenge (a resend).
 #[derive(Debug, Clone)]
 pub struct CodeReplacement {
@@ -441,9 +452,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<bool>;
 
     // --- housekeeping ---
-    /// Deletes up to `batch` rows of each kind that can no longer matter at `now`: used or
-    /// expired login tickets, expired or revoked sessions, delivered or failed outbox rows older
-    /// than `retention`, and resolved or expired challenges older than `retention` that nothing
+    /// Deletes up to `batch` rows of each kind that can no longer matter at `now`: expired login
+    /// tickets, sessions and revocations, delivered or failed outbox rows older than
+    /// `retention`, and challenges that expired more than `retention` ago and that nothing
     /// refers to. Returns how many rows went.
     async fn sweep(
         &self,
@@ -451,6 +462,15 @@ pub trait Store: Send + Sync + 'static {
         retention: std::time::Duration,
         batch: u32,
     ) -> StoreResult<u64>;
+
+    /// Inserts many challenges at once, with no message and no audit event: bulk fixtures for
+    /// benchmarks (a table with a million dead challenges) and imports.
+    async fn insert_challenges(&self, challenges: &[Challenge]) -> StoreResult<()>;
+
+    /// How the database runs each statement of the hot paths and of the sweeper, as its planner
+    /// describes it: a diagnostic for operators and benchmarks, and a test that every one of
+    /// them is served by an index.
+    async fn query_plans(&self) -> StoreResult<Vec<QueryPlan>>;
 
     // --- audit ---
     // --- master key ---

@@ -73,6 +73,9 @@ enum Command {
         #[arg(long)]
         new_key_file: Option<PathBuf>,
     },
+    /// Show how the database runs each statement of the hot paths and of the sweeper (its
+    /// query plans); exits 1 if one of them reads a whole table.
+    QueryPlans,
 }
 
 #[derive(Subcommand)]
@@ -237,6 +240,32 @@ async fn run(cli: Cli) -> Result<(), AppError> {
             }
             let app = Application::build(&settings, Overrides::default()).await?;
             app.run_until(shutdown_signal()).await
+        }
+        Command::QueryPlans => {
+            let core = open_core(&settings, clock).await?;
+            let plans = core.query_plans().await?;
+            let scans: Vec<&str> = plans
+                .iter()
+                .filter(|p| p.full_scan)
+                .map(|p| p.purpose)
+                .collect();
+            let human = plans
+                .iter()
+                .map(|p| {
+                    let verdict = if p.full_scan { "FULL SCAN" } else { "index" };
+                    format!("-- {} ({verdict})\n{}\n", p.purpose, p.plan)
+                })
+                .collect::<String>();
+            let listed: Vec<_> = plans
+                .iter()
+                .map(|p| json!({"purpose": p.purpose, "plan": p.plan, "full_scan": p.full_scan}))
+                .collect();
+            print(cli.json, json!({ "plans": listed }), human);
+            if scans.is_empty() {
+                Ok(())
+            } else {
+                Err(CoreError::Internal(format!("full table scans: {}", scans.join(", "))).into())
+            }
         }
         Command::RotateMasterKey { new_key_file } => {
             let rotation = rotate_master_key(&settings, new_key_file.as_deref()).await?;

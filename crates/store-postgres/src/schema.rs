@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0006_range_outcomes.sql"),
     include_str!("../migrations/0007_server_secrets.sql"),
     include_str!("../migrations/0008_no_tenant_foreign_keys.sql"),
+    include_str!("../migrations/0009_sweep_indexes.sql"),
 ];
 
 /// An arbitrary constant naming otpgate's migration lock.

@@ -8,8 +8,8 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SealedKind,
-    SealedSecret, SendScope, Store, StoreResult,
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, QueryPlan, RangeOutcomes,
+    SealedKind, SealedSecret, SendScope, Store, StoreResult,
 };
 use sqlx::postgres::PgRow;
 // Dynamic SQL here is built only from the constant column lists in `rows`; every value is bound.
@@ -172,22 +172,117 @@ async fn insert_session(conn: &mut PgConnection, s: &Session) -> StoreResult<()>
 }
 
 /// The one statement that consumes a challenge: pending, unexpired, attempts unchanged.
+const CONSUME_CHALLENGE: &str = "UPDATE challenges SET status = 'approved', resolved_at = $3 \
+     WHERE id = $1 AND attempts = $2 AND status = 'pending' AND expires_at > $3";
+
+/// The statements of the hot paths whose plans [`Store::query_plans`] shows: the writes as
+/// they run, the reads with the `WHERE` they run with (their column lists change no plan).
+const HOT_STATEMENTS: [(&str, &str); 8] = [
+    (
+        "login ticket by hash",
+        "SELECT * FROM login_tickets WHERE hash = $1",
+    ),
+    (
+        "user by id",
+        "SELECT * FROM users WHERE tenant_id = $1 AND id = $2",
+    ),
+    (
+        "challenge by id",
+        "SELECT * FROM challenges WHERE tenant_id = $1 AND id = $2",
+    ),
+    (
+        "pending challenge of a destination",
+        "SELECT * FROM challenges WHERE tenant_id = $1 AND destination = $2 AND purpose = $3 \
+         AND status = 'pending' AND expires_at > $4 ORDER BY created_at DESC LIMIT 1",
+    ),
+    ("session by hash", "SELECT * FROM sessions WHERE hash = $1"),
+    ("consume a challenge", CONSUME_CHALLENGE),
+    (
+        "spend a login ticket",
+        "UPDATE login_tickets SET used_at = $2 WHERE hash = $1 AND used_at IS NULL AND expires_at > $2",
+    ),
+    (
+        "sends to a destination",
+        "SELECT COUNT(*) FROM outbox WHERE tenant_id = $1 AND destination = $2 AND created_at > $3",
+    ),
+];
+
+/// Which moment a sweep statement's `$1` is.
+#[derive(Clone, Copy)]
+enum SweepCutoff {
+    /// Rows that expired by now: tickets, sessions and revocations are dead at expiry.
+    Now,
+    /// Rows settled longer ago than the retention: challenges and messages are kept that long
+    /// for delivery status and send budgets.
+    RetentionAgo,
+}
+
+/// The sweeper's deletes, `$2` rows at most each. Every one finds its rows through an index
+/// (`query_plans` shows it, the contract suite checks it): a sweep costs what it deletes,
+/// never the table's size. Spent tickets and revoked sessions wait for their expiry (minutes,
+/// hours): a spent or revoked row is refused all the same, and an `OR used_at IS NOT NULL`
+/// would scan the table.
+const SWEEP_STATEMENTS: [(&str, &str, SweepCutoff); 5] = [
+    (
+        "sweep revocations",
+        "DELETE FROM revoked_tokens WHERE jti IN (SELECT jti FROM revoked_tokens \
+         WHERE expires_at <= $1 LIMIT $2)",
+        SweepCutoff::Now,
+    ),
+    (
+        "sweep login tickets",
+        "DELETE FROM login_tickets WHERE hash IN (SELECT hash FROM login_tickets \
+         WHERE expires_at <= $1 LIMIT $2)",
+        SweepCutoff::Now,
+    ),
+    (
+        "sweep sessions",
+        "DELETE FROM sessions WHERE hash IN (SELECT hash FROM sessions \
+         WHERE expires_at <= $1 LIMIT $2)",
+        SweepCutoff::Now,
+    ),
+    (
+        "sweep settled messages",
+        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
+         WHERE status <> 'queued' AND created_at < $1 LIMIT $2)",
+        SweepCutoff::RetentionAgo,
+    ),
+    (
+        "sweep challenges",
+        "DELETE FROM challenges WHERE id IN (SELECT c.id FROM challenges c \
+         WHERE c.expires_at < $1 \
+         AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.challenge_id = c.id) \
+         AND NOT EXISTS (SELECT 1 FROM login_tickets t WHERE t.challenge_id = c.id) \
+         LIMIT $2)",
+        SweepCutoff::RetentionAgo,
+    ),
+];
+
+/// The highest `$n` in `sql`: how many parameters a prepared copy of it takes.
+fn parameter_count(sql: &str) -> usize {
+    sql.split('$')
+        .skip(1)
+        .filter_map(|rest| {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse::<usize>().ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 async fn consume(
     conn: &mut PgConnection,
     id: &ChallengeId,
     expected_attempts: u32,
     now: OffsetDateTime,
 ) -> StoreResult<bool> {
-    let done = sqlx::query(
-        "UPDATE challenges SET status = 'approved', resolved_at = $3 \
-         WHERE id = $1 AND attempts = $2 AND status = 'pending' AND expires_at > $3",
-    )
-    .bind(id.as_str())
-    .bind(i64::from(expected_attempts))
-    .bind(ms(now))
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
+    let done = sqlx::query(CONSUME_CHALLENGE)
+        .bind(id.as_str())
+        .bind(i64::from(expected_attempts))
+        .bind(ms(now))
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -250,6 +345,63 @@ fn sealed_table(kind: SealedKind) -> &'static str {
         SealedKind::TotpFactor => "totp_factors",
         SealedKind::JwtKey => "tenant_keys",
         SealedKind::ServerSecret => "server_secrets",
+    }
+}
+
+impl PgStore {
+    /// The common login (a ticket and its SMS or e-mail code, nothing else to spend or mark) in
+    /// one statement, so one round trip and no explicit transaction: the challenge is consumed
+    /// only while the ticket is still unspent, the ticket spent only if the challenge was, and
+    /// the failure reset, the session and the audit events written only if both were. A
+    /// statement is atomic, so either all of it commits or none. The ticket and its challenge
+    /// change together everywhere, and a concurrent consumer waits on the challenge's row lock
+    /// and then finds it approved, so "consumed but not spent" cannot happen; were it to, the
+    /// answer is still `false` (fail closed).
+    async fn complete_code_login(
+        &self,
+        done: &LoginCompletion,
+        ticket: &[u8; 32],
+    ) -> StoreResult<bool> {
+        let sql = format!(
+            "WITH consumed AS ( \
+                 UPDATE challenges SET status = 'approved', resolved_at = $12 \
+                 WHERE id = $13 AND attempts = $14 AND status = 'pending' AND expires_at > $12 \
+                 AND EXISTS (SELECT 1 FROM login_tickets \
+                     WHERE hash = $15 AND used_at IS NULL AND expires_at > $12) \
+                 RETURNING 1), \
+             spent AS ( \
+                 UPDATE login_tickets SET used_at = $12 \
+                 WHERE hash = $15 AND used_at IS NULL AND expires_at > $12 \
+                 AND EXISTS (SELECT 1 FROM consumed) RETURNING 1), \
+             reset AS ( \
+                 UPDATE users SET failed_logins = 0, locked_until = NULL \
+                 WHERE tenant_id = $10 AND id = $11 \
+                 AND (failed_logins <> 0 OR locked_until IS NOT NULL) \
+                 AND EXISTS (SELECT 1 FROM spent)), \
+             session AS ( \
+                 INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
+                 SELECT $16, $10, $11, $17, $18 \
+                 WHERE $16::bytea IS NOT NULL AND EXISTS (SELECT 1 FROM spent)), \
+             audit AS ({INSERT_AUDIT} WHERE EXISTS (SELECT 1 FROM spent)) \
+             SELECT EXISTS (SELECT 1 FROM spent)"
+        );
+        let session = done.session.as_ref();
+        let done_ok: bool = bind_audit(sqlx::query(AssertSqlSafe(sql)), &done.audit)
+            .bind(done.tenant_id.as_str())
+            .bind(done.user_id.as_str())
+            .bind(ms(done.now))
+            .bind(done.challenge_id.as_str())
+            .bind(i64::from(done.expected_attempts))
+            .bind(ticket.as_slice())
+            .bind(session.map(|s| s.hash.to_vec()))
+            .bind(session.map(|s| ms(s.created_at)))
+            .bind(session.map(|s| ms(s.expires_at)))
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)?;
+        Ok(done_ok)
     }
 }
 
@@ -713,6 +865,13 @@ impl Store for PgStore {
     }
 
     async fn complete_login(&self, done: &LoginCompletion) -> StoreResult<bool> {
+        if let Some(ticket) = &done.ticket_hash
+            && done.recovery_code.is_none()
+            && done.totp_step.is_none()
+            && done.verified.is_none()
+        {
+            return self.complete_code_login(done, ticket).await;
+        }
         // Few round trips: each costs more here than the work of its statement. Returning
         // false drops the transaction, which rolls back whatever it did.
         let mut tx = self.begin().await?;
@@ -1365,36 +1524,13 @@ impl Store for PgStore {
         batch: u32,
     ) -> StoreResult<u64> {
         let (now, old, batch) = (ms(now), ms(now - retention), i64::from(batch));
-        let statements: [(&str, i64); 5] = [
-            (
-                "DELETE FROM revoked_tokens WHERE jti IN (SELECT jti FROM revoked_tokens \
-                 WHERE expires_at <= $1 LIMIT $2)",
-                now,
-            ),
-            (
-                "DELETE FROM login_tickets WHERE hash IN (SELECT hash FROM login_tickets \
-                 WHERE expires_at <= $1 OR used_at IS NOT NULL LIMIT $2)",
-                now,
-            ),
-            (
-                "DELETE FROM sessions WHERE hash IN (SELECT hash FROM sessions \
-                 WHERE expires_at <= $1 OR revoked_at IS NOT NULL LIMIT $2)",
-                now,
-            ),
-            (
-                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox \
-                 WHERE status <> 'queued' AND created_at < $1 LIMIT $2)",
-                old,
-            ),
-            (
-                "DELETE FROM challenges WHERE id IN (SELECT c.id FROM challenges c \
-                 WHERE c.expires_at < $1 \
-                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.challenge_id = c.id) \
-                 AND NOT EXISTS (SELECT 1 FROM login_tickets t WHERE t.challenge_id = c.id) \
-                 LIMIT $2)",
-                old,
-            ),
-        ];
+        let statements = SWEEP_STATEMENTS.map(|(_, sql, cutoff)| {
+            let cutoff = match cutoff {
+                SweepCutoff::Now => now,
+                SweepCutoff::RetentionAgo => old,
+            };
+            (sql, cutoff)
+        });
         let mut gone = 0;
         for (sql, cutoff) in statements {
             gone += sqlx::query(sql)
@@ -1406,6 +1542,61 @@ impl Store for PgStore {
                 .rows_affected();
         }
         Ok(gone)
+    }
+
+    async fn insert_challenges(&self, challenges: &[Challenge]) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        for challenge in challenges {
+            insert_challenge(&mut tx, challenge).await?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn query_plans(&self) -> StoreResult<Vec<QueryPlan>> {
+        // The generic plan (the one a prepared statement settles on, parameters unknown), with
+        // sequential scans priced out: on a small table the planner would rightly pick one, and
+        // what this shows is whether an index can serve the statement at all. Nothing runs:
+        // EXPLAIN without ANALYZE only plans, and the transaction is rolled back.
+        let mut tx = self.begin().await?;
+        sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("SET LOCAL enable_seqscan = off")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let statements = HOT_STATEMENTS
+            .into_iter()
+            .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)));
+        let mut plans = Vec::new();
+        for (purpose, sql) in statements {
+            sqlx::raw_sql(AssertSqlSafe(format!("PREPARE otpgate_plan AS {sql}")))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            let nulls = vec!["NULL"; parameter_count(sql)].join(", ");
+            let explain = if nulls.is_empty() {
+                "EXPLAIN EXECUTE otpgate_plan".to_owned()
+            } else {
+                format!("EXPLAIN EXECUTE otpgate_plan({nulls})")
+            };
+            let steps: Vec<String> = sqlx::query_scalar(AssertSqlSafe(explain))
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+            sqlx::raw_sql("DEALLOCATE otpgate_plan")
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            plans.push(QueryPlan {
+                purpose,
+                full_scan: steps.iter().any(|step| step.contains("Seq Scan")),
+                plan: steps.join("\n"),
+            });
+        }
+        tx.rollback().await.map_err(db)?;
+        Ok(plans)
     }
 
     async fn ensure_server_secret(&self, name: &str, candidate: &[u8]) -> StoreResult<Vec<u8>> {

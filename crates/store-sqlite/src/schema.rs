@@ -15,6 +15,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0005_send_origin.sql"),
     include_str!("../migrations/0006_range_outcomes.sql"),
     include_str!("../migrations/0007_server_secrets.sql"),
+    include_str!("../migrations/0008_sweep_indexes.sql"),
 ];
 
 /// The schema version this build expects.

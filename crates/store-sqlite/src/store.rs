@@ -8,8 +8,8 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SealedKind,
-    SealedSecret, SendScope, Store, StoreResult,
+    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, QueryPlan, RangeOutcomes,
+    SealedKind, SealedSecret, SendScope, Store, StoreResult,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
@@ -161,6 +161,93 @@ fn sealed_table(kind: SealedKind) -> &'static str {
         SealedKind::ServerSecret => "server_secrets",
     }
 }
+
+const CONSUME_CHALLENGE: &str = "UPDATE challenges SET status = 'approved', resolved_at = ?3 \
+     WHERE id = ?1 AND attempts = ?2 AND status = 'pending' AND expires_at > ?3";
+const SPEND_TICKET: &str = "UPDATE login_tickets SET used_at = ?2 \
+     WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2";
+
+/// The statements of the hot paths whose plans [`Store::query_plans`] shows: the writes as
+/// they run, the reads with the `WHERE` they run with (their column lists change no plan).
+const HOT_STATEMENTS: [(&str, &str); 8] = [
+    (
+        "login ticket by hash",
+        "SELECT * FROM login_tickets WHERE hash = ?1",
+    ),
+    (
+        "user by id",
+        "SELECT * FROM users WHERE tenant_id = ?1 AND id = ?2",
+    ),
+    (
+        "challenge by id",
+        "SELECT * FROM challenges WHERE tenant_id = ?1 AND id = ?2",
+    ),
+    (
+        "pending challenge of a destination",
+        "SELECT * FROM challenges WHERE tenant_id = ?1 AND destination = ?2 AND purpose = ?3 \
+         AND status = 'pending' AND expires_at > ?4 ORDER BY created_at DESC LIMIT 1",
+    ),
+    ("session by hash", "SELECT * FROM sessions WHERE hash = ?1"),
+    ("consume a challenge", CONSUME_CHALLENGE),
+    ("spend a login ticket", SPEND_TICKET),
+    (
+        "sends to a destination",
+        "SELECT COUNT(*) FROM outbox WHERE tenant_id = ?1 AND destination = ?2 AND created_at > ?3",
+    ),
+];
+
+const SWEEP_PURPOSES: [&str; 5] = [
+    "sweep revocations",
+    "sweep login tickets",
+    "sweep sessions",
+    "sweep settled messages",
+    "sweep challenges",
+];
+
+/// Which moment a sweep statement's `?1` is.
+#[derive(Clone, Copy)]
+pub(crate) enum SweepCutoff {
+    /// Rows that expired by now: tickets, sessions and revocations are dead at expiry.
+    Now,
+    /// Rows settled longer ago than the retention: challenges and messages are kept that long
+    /// for delivery status and send budgets.
+    RetentionAgo,
+}
+
+/// The sweeper's deletes, `?2` rows at most each. Every one finds its rows through an index
+/// (`tests/plans.rs` checks the plans): a sweep costs what it deletes, never the table's size.
+/// Spent tickets and revoked sessions wait for their expiry (minutes, hours): a spent or
+/// revoked row is refused all the same, and an `OR used_at IS NOT NULL` would scan the table.
+pub(crate) const SWEEP_STATEMENTS: [(&str, SweepCutoff); 5] = [
+    (
+        "DELETE FROM revoked_tokens WHERE rowid IN (SELECT rowid FROM revoked_tokens \
+         WHERE expires_at <= ?1 LIMIT ?2)",
+        SweepCutoff::Now,
+    ),
+    (
+        "DELETE FROM login_tickets WHERE rowid IN (SELECT rowid FROM login_tickets \
+         WHERE expires_at <= ?1 LIMIT ?2)",
+        SweepCutoff::Now,
+    ),
+    (
+        "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions \
+         WHERE expires_at <= ?1 LIMIT ?2)",
+        SweepCutoff::Now,
+    ),
+    (
+        "DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox \
+         WHERE status <> 'queued' AND created_at < ?1 LIMIT ?2)",
+        SweepCutoff::RetentionAgo,
+    ),
+    (
+        "DELETE FROM challenges WHERE rowid IN (SELECT rowid FROM challenges c \
+         WHERE c.expires_at < ?1 \
+         AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.challenge_id = c.id) \
+         AND NOT EXISTS (SELECT 1 FROM login_tickets t WHERE t.challenge_id = c.id) \
+         LIMIT ?2)",
+        SweepCutoff::RetentionAgo,
+    ),
+];
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -659,11 +746,7 @@ impl Store for SqliteStore {
         self.write(move |c| {
             let now = ms(done.now);
             if let Some(ticket) = &done.ticket_hash {
-                require_one(exec(c,
-                    "UPDATE login_tickets SET used_at = ?2 \
-                     WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2",
-                    params![ticket.as_slice(), now],
-                )?)?;
+                require_one(exec(c, SPEND_TICKET, params![ticket.as_slice(), now])?)?;
             }
             require_one(consume(
                 c,
@@ -1266,47 +1349,64 @@ impl Store for SqliteStore {
         retention: std::time::Duration,
         batch: u32,
     ) -> StoreResult<u64> {
-        let now_ms = ms(now);
-        let old = ms(now - retention);
+        let (now_ms, old) = (ms(now), ms(now - retention));
         self.write(move |c| {
             let mut gone = 0usize;
-            gone += exec(
-                c,
-                "DELETE FROM revoked_tokens WHERE rowid IN (SELECT rowid FROM revoked_tokens \
-                 WHERE expires_at <= ?1 LIMIT ?2)",
-                params![now_ms, batch],
-            )?;
-            gone += exec(
-                c,
-                "DELETE FROM login_tickets WHERE rowid IN (SELECT rowid FROM login_tickets \
-                 WHERE expires_at <= ?1 OR used_at IS NOT NULL LIMIT ?2)",
-                params![now_ms, batch],
-            )?;
-            gone += exec(
-                c,
-                "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions \
-                 WHERE expires_at <= ?1 OR revoked_at IS NOT NULL LIMIT ?2)",
-                params![now_ms, batch],
-            )?;
-            gone += exec(
-                c,
-                "DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox \
-                 WHERE status <> 'queued' AND created_at < ?1 LIMIT ?2)",
-                params![old, batch],
-            )?;
-            gone += exec(
-                c,
-                "DELETE FROM challenges WHERE rowid IN (SELECT rowid FROM challenges c \
-                 WHERE c.expires_at < ?1 \
-                 AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.challenge_id = c.id) \
-                 AND NOT EXISTS (SELECT 1 FROM login_tickets t WHERE t.challenge_id = c.id) \
-                 LIMIT ?2)",
-                params![old, batch],
-            )?;
+            for (sql, cutoff) in SWEEP_STATEMENTS {
+                let cutoff = match cutoff {
+                    SweepCutoff::Now => now_ms,
+                    SweepCutoff::RetentionAgo => old,
+                };
+                gone += exec(c, sql, params![cutoff, batch])?;
+            }
             Ok(gone as u64)
         })
         .await?
         .map_err(|_| StoreError::Other("sweep refused".into()))
+    }
+
+    async fn insert_challenges(&self, challenges: &[Challenge]) -> StoreResult<()> {
+        let all = challenges.to_vec();
+        self.write(move |c| {
+            for challenge in &all {
+                insert_challenge(c, challenge)?;
+            }
+            Ok(())
+        })
+        .await?
+        .map_err(|_| StoreError::Other("challenge insert refused".into()))
+    }
+
+    async fn query_plans(&self) -> StoreResult<Vec<QueryPlan>> {
+        let statements: Vec<(&'static str, &'static str)> = HOT_STATEMENTS
+            .into_iter()
+            .chain(
+                SWEEP_PURPOSES
+                    .into_iter()
+                    .zip(SWEEP_STATEMENTS.map(|(sql, _)| sql)),
+            )
+            .collect();
+        self.scan(move |c| {
+            statements
+                .into_iter()
+                .map(|(purpose, sql)| {
+                    let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                    let steps = stmt
+                        .query_map([], |row| row.get::<_, String>(3))?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    // "SCAN t" reads every row of t; "SEARCH t USING …" goes through a key.
+                    let full_scan = steps.iter().any(|step| {
+                        step.starts_with("SCAN ") && !step.starts_with("SCAN CONSTANT ROW")
+                    });
+                    Ok(QueryPlan {
+                        purpose,
+                        plan: steps.join("\n"),
+                        full_scan,
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn ensure_server_secret(&self, name: &str, candidate: &[u8]) -> StoreResult<Vec<u8>> {
@@ -1413,9 +1513,9 @@ fn consume(
     expected_attempts: u32,
     now: OffsetDateTime,
 ) -> Result<usize, JobError> {
-    Ok(c.prepare_cached(
-        "UPDATE challenges SET status = 'approved', resolved_at = ?3 \
-         WHERE id = ?1 AND attempts = ?2 AND status = 'pending' AND expires_at > ?3",
-    )?
-    .execute(params![id.as_str(), expected_attempts, ms(now)])?)
+    Ok(c.prepare_cached(CONSUME_CHALLENGE)?.execute(params![
+        id.as_str(),
+        expected_attempts,
+        ms(now)
+    ])?)
 }

@@ -359,6 +359,12 @@ impl Otpgate {
         Ok(tenant)
     }
 
+    /// The store's plan of each hot and sweep statement (diagnostics; see
+    /// [`Store::query_plans`]).
+    pub async fn query_plans(&self) -> CoreResult<Vec<crate::store::QueryPlan>> {
+        Ok(self.store.query_plans().await?)
+    }
+
     /// The default tenant, created on first use.
     pub async fn default_tenant(&self) -> CoreResult<Tenant> {
         let candidate = Tenant {

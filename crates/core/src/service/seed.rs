@@ -10,7 +10,8 @@ use crate::code::OtpCode;
 use crate::identity::{E164Phone, Username};
 use crate::message::normalize_locale;
 use crate::model::{
-    Challenge, Channel, FactorId, Purpose, RequestContext, Role, TenantId, TotpFactor, User, UserId,
+    Challenge, ChallengeStatus, Channel, FactorId, Purpose, RequestContext, Role, TenantId,
+    TotpFactor, User, UserId,
 };
 use crate::otp::TotpParams;
 use crate::service::{CoreResult, Otpgate, new_ticket, totp_destination};
@@ -110,6 +111,48 @@ impl Otpgate {
             .insert_login_ticket(&ticket, &challenge, None, &[])
             .await?;
         Ok(minted.secret)
+    }
+
+    /// `count` challenges that can no longer be used, written in bulk: half expired two days
+    /// ago (past the sweeper's retention, so it deletes them), half approved within the last
+    /// hour (kept for the retention). What a busy database holds besides its live codes: the
+    /// benchmark checks that codes are checked as fast with them as without.
+    pub async fn seed_dead_challenges(&self, tenant: &TenantId, count: usize) -> CoreResult<()> {
+        const CHUNK: usize = 2_000;
+        let policy = self.policy_for(tenant).await?;
+        let now = self.clock.now();
+        let mut written = 0;
+        while written < count {
+            let chunk = CHUNK.min(count - written);
+            let mut challenges = Vec::with_capacity(chunk);
+            for i in written..written + chunk {
+                let expired = i % 2 == 0;
+                let created = if expired {
+                    now - time::Duration::days(2)
+                } else {
+                    now - time::Duration::minutes(30)
+                };
+                let (mut challenge, _message) = self.challenge_with_code(
+                    &policy,
+                    tenant,
+                    None,
+                    Purpose::Verify,
+                    Channel::Sms,
+                    format!("+98913{:07}", i % 10_000_000),
+                    normalize_locale(None),
+                    &OtpCode::generate(policy.code_length)?,
+                    &RequestContext::default(),
+                    created,
+                )?;
+                if !expired {
+                    challenge.status = ChallengeStatus::Approved;
+                }
+                challenges.push(challenge);
+            }
+            self.store.insert_challenges(&challenges).await?;
+            written += chunk;
+        }
+        Ok(())
     }
 
     /// The challenge the real operations would build, with `code`; its message is dropped.

@@ -232,3 +232,32 @@ fn the_cli_creates_tenants_users_and_factors_as_json() {
         .unwrap();
     assert!(!unknown.status.success());
 }
+
+#[test]
+fn query_plans_show_every_hot_and_sweep_statement_served_by_an_index() {
+    // Arrange: a new SQLite database in an empty directory.
+    let dir = tempfile::tempdir().unwrap();
+    // Act
+    let out = otpgate(dir.path())
+        .args(["--json", "query-plans"])
+        .output()
+        .unwrap();
+    // Assert: it exits 0 (no full scan), and lists the hot reads, writes and sweeps.
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let plans = listed["plans"].as_array().unwrap();
+    assert!(plans.len() >= 13, "{listed}");
+    assert!(plans.iter().all(|p| p["full_scan"] == false), "{listed}");
+    assert!(
+        plans.iter().any(|p| p["purpose"] == "sweep challenges"
+            && p["plan"]
+                .as_str()
+                .unwrap()
+                .contains("login_tickets_by_challenge")),
+        "{listed}"
+    );
+}
