@@ -13,7 +13,7 @@ use otpgate_core::store::{
 };
 use sqlx::postgres::PgRow;
 // Dynamic SQL here is built only from the constant column lists in `rows`; every value is bound.
-use sqlx::{AssertSqlSafe, PgConnection, Postgres, Transaction};
+use sqlx::{AssertSqlSafe, PgConnection, Postgres, Row as _, Transaction};
 use time::OffsetDateTime;
 
 use crate::rows::{self, ms};

@@ -1391,8 +1391,12 @@ impl Store for SqliteStore {
                 .into_iter()
                 .map(|(purpose, sql)| {
                     let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                    // Unbound parameters plan like any value: the plan is the same for all.
+                    let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
                     let steps = stmt
-                        .query_map([], |row| row.get::<_, String>(3))?
+                        .query_map(rusqlite::params_from_iter(nulls), |row| {
+                            row.get::<_, String>(3)
+                        })?
                         .collect::<Result<Vec<_>, _>>()?;
                     // "SCAN t" reads every row of t; "SEARCH t USING …" goes through a key.
                     let full_scan = steps.iter().any(|step| {
