@@ -21,6 +21,11 @@ pub struct SweepPolicy {
     pub batch: u32,
     /// Statements per round at most, so one round never holds the database long.
     pub max_batches_per_round: u32,
+    /// Pause between two batches of a round. A backlog (a million dead challenges) is then
+    /// deleted in small steps between the requests' own writes, instead of holding the
+    /// database's writer for seconds: on SQLite a batch is one job of the group commit, and
+    /// every request that shares its commit waits for it.
+    pub pause: Duration,
 }
 
 impl Default for SweepPolicy {
@@ -28,8 +33,9 @@ impl Default for SweepPolicy {
         SweepPolicy {
             interval: Duration::from_secs(60),
             retention: Duration::from_secs(24 * 60 * 60),
-            batch: 500,
-            max_batches_per_round: 20,
+            batch: 100,
+            max_batches_per_round: 100,
+            pause: Duration::from_millis(20),
         }
     }
 }
@@ -63,6 +69,7 @@ impl Sweeper {
             if gone < u64::from(self.policy.batch) {
                 break;
             }
+            tokio::time::sleep(self.policy.pause).await;
         }
         Ok(total)
     }
