@@ -258,6 +258,9 @@ const SWEEP_STATEMENTS: [(&str, &str, SweepCutoff); 5] = [
     ),
 ];
 
+/// Numbers the statements [`Store::query_plans`] prepares.
+static PLAN_NAMES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The highest `$n` in `sql`: how many parameters a prepared copy of it takes.
 fn parameter_count(sql: &str) -> usize {
     sql.split('$')
@@ -1571,21 +1574,27 @@ impl Store for PgStore {
             .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)));
         let mut plans = Vec::new();
         for (purpose, sql) in statements {
-            sqlx::raw_sql(AssertSqlSafe(format!("PREPARE otpgate_plan AS {sql}")))
+            // A name of its own each time: a statement left prepared by a failed call (PREPARE
+            // outlives the rolled-back transaction) never collides with the next one.
+            let name = format!(
+                "otpgate_plan_{}",
+                PLAN_NAMES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            );
+            sqlx::raw_sql(AssertSqlSafe(format!("PREPARE {name} AS {sql}")))
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
             let nulls = vec!["NULL"; parameter_count(sql)].join(", ");
             let explain = if nulls.is_empty() {
-                "EXPLAIN EXECUTE otpgate_plan".to_owned()
+                format!("EXPLAIN EXECUTE {name}")
             } else {
-                format!("EXPLAIN EXECUTE otpgate_plan({nulls})")
+                format!("EXPLAIN EXECUTE {name}({nulls})")
             };
             let steps: Vec<String> = sqlx::query_scalar(AssertSqlSafe(explain))
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(db)?;
-            sqlx::raw_sql("DEALLOCATE otpgate_plan")
+            sqlx::raw_sql(AssertSqlSafe(format!("DEALLOCATE {name}")))
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
