@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark of BENCHMARKS.md: all scenarios on SQLite and on PostgreSQL at 100
 # connections, then baseline and acl-confirm against the connection count, and draws the plot.
-# Each run is bounded (--duration); the whole script takes about a quarter of an hour.
+# Each run is bounded (--duration); the whole script takes about half an hour.
 # Usage: bench/run-all.sh [postgres-url]   (default: the local server, TLS off on loopback)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,12 @@ timeout 900 $BENCH run --scenarios "$ALL" --connections 100 --duration 10 \
   --fixtures 100000 --json "$OUT/sqlite.json"
 timeout 1200 $BENCH run --postgres "$PG_URL" --scenarios "$ALL" --connections 100 \
   --duration 10 --fixtures 30000 --json "$OUT/postgres.json"
+# The same checks with a million dead challenges in the table (written in bulk first; on
+# PostgreSQL that takes several minutes), and the plans of every hot and sweep statement.
+timeout 900 $BENCH run --scenarios v1-check,acl-confirm --connections 100 --duration 10 \
+  --fixtures 100000 --dead-challenges 1000000 --plans --json "$OUT/sqlite-dead.json"
+timeout 1500 $BENCH run --postgres "$PG_URL" --scenarios v1-check --connections 100 \
+  --duration 10 --fixtures 30000 --dead-challenges 1000000 --plans --json "$OUT/postgres-dead.json"
 timeout 900 $BENCH run --scenarios baseline,acl-confirm --connections 1,10,50,100,200 \
   --duration 5 --fixtures 60000 --json "$OUT/sweep-sqlite.json"
 timeout 1200 $BENCH run --postgres "$PG_URL" --scenarios baseline,acl-confirm \
