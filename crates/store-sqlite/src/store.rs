@@ -196,17 +196,9 @@ const HOT_STATEMENTS: [(&str, &str); 8] = [
     ),
 ];
 
-const SWEEP_PURPOSES: [&str; 5] = [
-    "sweep revocations",
-    "sweep login tickets",
-    "sweep sessions",
-    "sweep settled messages",
-    "sweep challenges",
-];
-
 /// Which moment a sweep statement's `?1` is.
 #[derive(Clone, Copy)]
-pub(crate) enum SweepCutoff {
+enum SweepCutoff {
     /// Rows that expired by now: tickets, sessions and revocations are dead at expiry.
     Now,
     /// Rows settled longer ago than the retention: challenges and messages are kept that long
@@ -215,31 +207,37 @@ pub(crate) enum SweepCutoff {
 }
 
 /// The sweeper's deletes, `?2` rows at most each. Every one finds its rows through an index
-/// (`tests/plans.rs` checks the plans): a sweep costs what it deletes, never the table's size.
+/// (`query_plans` shows it, the contract suite checks it): a sweep costs what it deletes,
+/// never the table's size.
 /// Spent tickets and revoked sessions wait for their expiry (minutes, hours): a spent or
 /// revoked row is refused all the same, and an `OR used_at IS NOT NULL` would scan the table.
-pub(crate) const SWEEP_STATEMENTS: [(&str, SweepCutoff); 5] = [
+const SWEEP_STATEMENTS: [(&str, &str, SweepCutoff); 5] = [
     (
+        "sweep revocations",
         "DELETE FROM revoked_tokens WHERE rowid IN (SELECT rowid FROM revoked_tokens \
          WHERE expires_at <= ?1 LIMIT ?2)",
         SweepCutoff::Now,
     ),
     (
+        "sweep login tickets",
         "DELETE FROM login_tickets WHERE rowid IN (SELECT rowid FROM login_tickets \
          WHERE expires_at <= ?1 LIMIT ?2)",
         SweepCutoff::Now,
     ),
     (
+        "sweep sessions",
         "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions \
          WHERE expires_at <= ?1 LIMIT ?2)",
         SweepCutoff::Now,
     ),
     (
+        "sweep settled messages",
         "DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox \
          WHERE status <> 'queued' AND created_at < ?1 LIMIT ?2)",
         SweepCutoff::RetentionAgo,
     ),
     (
+        "sweep challenges",
         "DELETE FROM challenges WHERE rowid IN (SELECT rowid FROM challenges c \
          WHERE c.expires_at < ?1 \
          AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.challenge_id = c.id) \
@@ -1352,7 +1350,7 @@ impl Store for SqliteStore {
         let (now_ms, old) = (ms(now), ms(now - retention));
         self.write(move |c| {
             let mut gone = 0usize;
-            for (sql, cutoff) in SWEEP_STATEMENTS {
+            for (_, sql, cutoff) in SWEEP_STATEMENTS {
                 let cutoff = match cutoff {
                     SweepCutoff::Now => now_ms,
                     SweepCutoff::RetentionAgo => old,
@@ -1380,11 +1378,7 @@ impl Store for SqliteStore {
     async fn query_plans(&self) -> StoreResult<Vec<QueryPlan>> {
         let statements: Vec<(&'static str, &'static str)> = HOT_STATEMENTS
             .into_iter()
-            .chain(
-                SWEEP_PURPOSES
-                    .into_iter()
-                    .zip(SWEEP_STATEMENTS.map(|(sql, _)| sql)),
-            )
+            .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)))
             .collect();
         self.scan(move |c| {
             statements
