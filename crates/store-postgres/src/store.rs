@@ -177,7 +177,7 @@ const CONSUME_CHALLENGE: &str = "UPDATE challenges SET status = 'approved', reso
 
 /// The statements of the hot paths whose plans [`Store::query_plans`] shows: the writes as
 /// they run, the reads with the `WHERE` they run with (their column lists change no plan).
-const HOT_STATEMENTS: [(&str, &str); 8] = [
+const HOT_STATEMENTS: [(&str, &str); 7] = [
     (
         "login ticket by hash",
         "SELECT * FROM login_tickets WHERE hash = $1",
@@ -198,14 +198,37 @@ const HOT_STATEMENTS: [(&str, &str); 8] = [
     ("session by hash", "SELECT * FROM sessions WHERE hash = $1"),
     ("consume a challenge", CONSUME_CHALLENGE),
     (
-        "spend a login ticket",
-        "UPDATE login_tickets SET used_at = $2 WHERE hash = $1 AND used_at IS NULL AND expires_at > $2",
-    ),
-    (
         "sends to a destination",
         "SELECT COUNT(*) FROM outbox WHERE tenant_id = $1 AND destination = $2 AND created_at > $3",
     ),
 ];
+
+/// The usual login's completion as one statement (see `PgStore::complete_code_login`).
+fn code_login_statement() -> String {
+    format!(
+        "WITH consumed AS ( \
+                 UPDATE challenges SET status = 'approved', resolved_at = $12 \
+                 WHERE id = $13 AND attempts = $14 AND status = 'pending' AND expires_at > $12 \
+                 AND EXISTS (SELECT 1 FROM login_tickets \
+                     WHERE hash = $15 AND used_at IS NULL AND expires_at > $12) \
+                 RETURNING 1), \
+             spent AS ( \
+                 UPDATE login_tickets SET used_at = $12 \
+                 WHERE hash = $15 AND used_at IS NULL AND expires_at > $12 \
+                 AND EXISTS (SELECT 1 FROM consumed) RETURNING 1), \
+             reset AS ( \
+                 UPDATE users SET failed_logins = 0, locked_until = NULL \
+                 WHERE tenant_id = $10 AND id = $11 \
+                 AND (failed_logins <> 0 OR locked_until IS NOT NULL) \
+                 AND EXISTS (SELECT 1 FROM spent)), \
+             session AS ( \
+                 INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
+                 SELECT $16, $10, $11, $17, $18 \
+                 WHERE $16::bytea IS NOT NULL AND EXISTS (SELECT 1 FROM spent)), \
+             audit AS ({INSERT_AUDIT} WHERE EXISTS (SELECT 1 FROM spent)) \
+             SELECT EXISTS (SELECT 1 FROM spent)"
+    )
+}
 
 /// Which moment a sweep statement's `$1` is.
 #[derive(Clone, Copy)]
@@ -365,29 +388,7 @@ impl PgStore {
         done: &LoginCompletion,
         ticket: &[u8; 32],
     ) -> StoreResult<bool> {
-        let sql = format!(
-            "WITH consumed AS ( \
-                 UPDATE challenges SET status = 'approved', resolved_at = $12 \
-                 WHERE id = $13 AND attempts = $14 AND status = 'pending' AND expires_at > $12 \
-                 AND EXISTS (SELECT 1 FROM login_tickets \
-                     WHERE hash = $15 AND used_at IS NULL AND expires_at > $12) \
-                 RETURNING 1), \
-             spent AS ( \
-                 UPDATE login_tickets SET used_at = $12 \
-                 WHERE hash = $15 AND used_at IS NULL AND expires_at > $12 \
-                 AND EXISTS (SELECT 1 FROM consumed) RETURNING 1), \
-             reset AS ( \
-                 UPDATE users SET failed_logins = 0, locked_until = NULL \
-                 WHERE tenant_id = $10 AND id = $11 \
-                 AND (failed_logins <> 0 OR locked_until IS NOT NULL) \
-                 AND EXISTS (SELECT 1 FROM spent)), \
-             session AS ( \
-                 INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
-                 SELECT $16, $10, $11, $17, $18 \
-                 WHERE $16::bytea IS NOT NULL AND EXISTS (SELECT 1 FROM spent)), \
-             audit AS ({INSERT_AUDIT} WHERE EXISTS (SELECT 1 FROM spent)) \
-             SELECT EXISTS (SELECT 1 FROM spent)"
-        );
+        let sql = code_login_statement();
         let session = done.session.as_ref();
         let done_ok: bool = bind_audit(sqlx::query(AssertSqlSafe(sql)), &done.audit)
             .bind(done.tenant_id.as_str())
@@ -1569,8 +1570,10 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
+        let code_login = code_login_statement();
         let statements = HOT_STATEMENTS
             .into_iter()
+            .chain([("complete a code login", code_login.as_str())])
             .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)));
         let mut plans = Vec::new();
         for (purpose, sql) in statements {
