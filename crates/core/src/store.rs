@@ -26,6 +26,14 @@ pub struct QueryPlan {
     pub full_scan: bool,
 }
 
+impl std::fmt::Display for QueryPlan {
+    /// `-- purpose (index)` or `-- purpose (FULL SCAN)`, then the plan's lines.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verdict = if self.full_scan { "FULL SCAN" } else { "index" };
+        write!(f, "-- {} ({verdict})\n{}", self.purpose, self.plan)
+    }
+}
+
 /// A new code for a pending challenge (a resend).
 #[derive(Debug, Clone)]
 pub struct CodeReplacement {

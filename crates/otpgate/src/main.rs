@@ -249,13 +249,7 @@ async fn run(cli: Cli) -> Result<(), AppError> {
                 .filter(|p| p.full_scan)
                 .map(|p| p.purpose)
                 .collect();
-            let human = plans
-                .iter()
-                .map(|p| {
-                    let verdict = if p.full_scan { "FULL SCAN" } else { "index" };
-                    format!("-- {} ({verdict})\n{}\n", p.purpose, p.plan)
-                })
-                .collect::<String>();
+            let human = plans.iter().map(|p| format!("{p}\n")).collect::<String>();
             let listed: Vec<_> = plans
                 .iter()
                 .map(|p| json!({"purpose": p.purpose, "plan": p.plan, "full_scan": p.full_scan}))

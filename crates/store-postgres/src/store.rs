@@ -203,7 +203,10 @@ const HOT_STATEMENTS: [(&str, &str); 7] = [
     ),
 ];
 
-/// The usual login's completion as one statement (see `PgStore::complete_code_login`).
+/// The usual login's completion as one statement (see `PgStore::complete_code_login`), built
+/// once: it runs on every login.
+static CODE_LOGIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(code_login_statement);
+
 fn code_login_statement() -> String {
     format!(
         "WITH consumed AS ( \
@@ -388,7 +391,7 @@ impl PgStore {
         done: &LoginCompletion,
         ticket: &[u8; 32],
     ) -> StoreResult<bool> {
-        let sql = code_login_statement();
+        let sql: &'static str = CODE_LOGIN.as_str();
         let session = done.session.as_ref();
         let done_ok: bool = bind_audit(sqlx::query(AssertSqlSafe(sql)), &done.audit)
             .bind(done.tenant_id.as_str())
@@ -1570,10 +1573,9 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        let code_login = code_login_statement();
         let statements = HOT_STATEMENTS
             .into_iter()
-            .chain([("complete a code login", code_login.as_str())])
+            .chain([("complete a code login", CODE_LOGIN.as_str())])
             .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)));
         let mut plans = Vec::new();
         for (purpose, sql) in statements {
