@@ -25,11 +25,13 @@ pub struct Policy {
     pub send_window: Duration,
     /// Sends allowed to one destination per day.
     pub max_sends_per_day: u32,
-    /// Sends allowed per client IP address (IPv6: per /64) per hour.
+    /// Sends allowed per client IP address (IPv6: per /64) per hour; 0 turns the limit off
+    /// (a deployment whose sends all come from its own backends' few addresses).
     pub max_sends_per_ip_per_hour: u32,
-    /// Sends allowed per account per hour.
+    /// Sends allowed per account per hour; 0 turns the limit off.
     pub max_sends_per_account_per_hour: u32,
-    /// Sends allowed to one country calling code per hour (an SMS pumping budget).
+    /// Sends allowed to one country calling code per hour (an SMS pumping budget); 0 turns the
+    /// limit off.
     pub max_sends_per_country_per_hour: u32,
     /// Country calling codes SMS may go to (`+98`, `+1`); `None` allows all.
     pub allowed_country_codes: Option<Vec<String>>,
@@ -152,13 +154,13 @@ pub struct PolicyOverrides {
     /// Sends per destination per day.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sends_per_day: Option<u32>,
-    /// Sends per client IP (IPv6 /64) per hour.
+    /// Sends per client IP (IPv6 /64) per hour; 0 is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sends_per_ip_per_hour: Option<u32>,
-    /// Sends per account per hour.
+    /// Sends per account per hour; 0 is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sends_per_account_per_hour: Option<u32>,
-    /// Sends per country calling code per hour.
+    /// Sends per country calling code per hour; 0 is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sends_per_country_per_hour: Option<u32>,
     /// Country calling codes SMS may go to (`["+98", "+1"]`); unset allows all.
@@ -209,18 +211,6 @@ impl PolicyOverrides {
                 self.max_sends_per_window.map(u64::from),
             ),
             ("max_sends_per_day", self.max_sends_per_day.map(u64::from)),
-            (
-                "max_sends_per_ip_per_hour",
-                self.max_sends_per_ip_per_hour.map(u64::from),
-            ),
-            (
-                "max_sends_per_account_per_hour",
-                self.max_sends_per_account_per_hour.map(u64::from),
-            ),
-            (
-                "max_sends_per_country_per_hour",
-                self.max_sends_per_country_per_hour.map(u64::from),
-            ),
         ];
         for (field, value) in positive {
             if value == Some(0) || value.is_some_and(|v| v > 366 * 24 * 3600) {

@@ -270,12 +270,15 @@ pub trait Store: Send + Sync + 'static {
         now: OffsetDateTime,
         audit: &[AuditEvent],
     ) -> StoreResult<bool>;
-    /// Messages queued within `scope` since `since` (for the send limits).
+    /// Messages queued within `scope` since `since` (for the send limits), counted up to
+    /// `at_most`: a limit only asks whether it is reached, and a busy scope (every send from
+    /// one backend's IP, a whole country) would otherwise cost a walk over all of its sends.
     async fn count_sends(
         &self,
         tenant: &TenantId,
         scope: &SendScope,
         since: OffsetDateTime,
+        at_most: u32,
     ) -> StoreResult<u32>;
 
     /// Outcomes of SMS challenges to numbers starting with `prefix`, created after `since`,

@@ -231,18 +231,12 @@ impl Settings {
         if !(4..=10).contains(&p.code_length) {
             return Err(ConfigError("policy.code_length must be 4 to 10".into()));
         }
-        if [
-            p.max_checks,
-            p.max_sends_per_window,
-            p.max_sends_per_day,
-            p.max_sends_per_ip_per_hour,
-            p.max_sends_per_account_per_hour,
-            p.max_sends_per_country_per_hour,
-        ]
-        .contains(&0)
-        {
+        // The per-IP, per-account and per-country limits may be 0 (off); a destination's never.
+        if [p.max_checks, p.max_sends_per_window, p.max_sends_per_day].contains(&0) {
             return Err(ConfigError(
-                "policy.max_checks and every policy.max_sends_* must be positive".into(),
+                "policy.max_checks, policy.max_sends_per_window and policy.max_sends_per_day \
+                 must be positive"
+                    .into(),
             ));
         }
         if p.pumping_min_verified_percent > 100 || p.pumping_prefix_digits > 6 {

@@ -442,7 +442,8 @@ pub async fn a_resend_wins_only_against_the_send_count_it_saw(store: Arc<dyn Sto
             .count_sends(
                 &t.id,
                 &SendScope::Destination(ch.destination.clone()),
-                t0() - Duration::from_secs(1)
+                t0() - Duration::from_secs(1),
+                100
             )
             .await
             .unwrap(),
@@ -471,7 +472,8 @@ pub async fn challenges_are_isolated_by_tenant(store: Arc<dyn Store>) {
             .count_sends(
                 &b.id,
                 &SendScope::Destination(ch.destination.clone()),
-                t0() - Duration::from_secs(1)
+                t0() - Duration::from_secs(1),
+                100
             )
             .await
             .unwrap(),
@@ -859,7 +861,8 @@ pub async fn sends_are_counted_per_destination(store: Arc<dyn Store>) {
             .count_sends(
                 &t.id,
                 &SendScope::Destination("+989121234567".into()),
-                since
+                since,
+                100
             )
             .await
             .unwrap(),
@@ -868,7 +871,12 @@ pub async fn sends_are_counted_per_destination(store: Arc<dyn Store>) {
     let count = |scope: SendScope| {
         let store = Arc::clone(&store);
         let tenant = t.id.clone();
-        async move { store.count_sends(&tenant, &scope, since).await.unwrap() }
+        async move {
+            store
+                .count_sends(&tenant, &scope, since, 100)
+                .await
+                .unwrap()
+        }
     };
     assert_eq!(
         count(SendScope::Destination("+989121234567".into())).await,
@@ -879,16 +887,34 @@ pub async fn sends_are_counted_per_destination(store: Arc<dyn Store>) {
     assert_eq!(count(SendScope::CountryPrefix("+1".into())).await, 0);
     assert_eq!(count(SendScope::Ip("203.0.113.7".into())).await, 4);
     assert_eq!(count(SendScope::Ip("203.0.113.8".into())).await, 0);
+    // Counted only up to the limit asked about, and exactly below it.
+    for (at_most, counted) in [(2, 2), (4, 4), (5, 4)] {
+        let n = store
+            .count_sends(
+                &t.id,
+                &SendScope::CountryPrefix("+98".into()),
+                since,
+                at_most,
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, counted, "at most {at_most}");
+    }
     let stranger = tenant(&store, "other-sends").await;
     let same_ip = SendScope::Ip("203.0.113.7".into());
     let elsewhere = store
-        .count_sends(&stranger.id, &same_ip, since)
+        .count_sends(&stranger.id, &same_ip, since, 100)
         .await
         .unwrap();
     assert_eq!(elsewhere, 0);
     assert_eq!(
         store
-            .count_sends(&t.id, &SendScope::Destination("+989121234567".into()), t0())
+            .count_sends(
+                &t.id,
+                &SendScope::Destination("+989121234567".into()),
+                t0(),
+                100
+            )
             .await
             .unwrap(),
         0

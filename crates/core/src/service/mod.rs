@@ -723,8 +723,12 @@ impl Otpgate {
                 policy.max_sends_per_country_per_hour,
             ));
         }
-        for (rule, scope, window, max) in limits {
-            let sent = self.store.count_sends(tenant, &scope, now - window).await?;
+        // A limit of 0 is off (only the per-destination ones are always on).
+        for (rule, scope, window, max) in limits.into_iter().filter(|limit| limit.3 > 0) {
+            let sent = self
+                .store
+                .count_sends(tenant, &scope, now - window, max)
+                .await?;
             if sent >= max {
                 return Ok(Some(SendRefusal {
                     rule,

@@ -181,6 +181,7 @@ impl TestApp {
                 &self.tenant,
                 &otpgate_core::store::SendScope::Destination(to.to_owned()),
                 since,
+                u32::MAX,
             )
             .await
             .unwrap()

@@ -62,6 +62,8 @@ async fn invalid_settings_are_refused_and_change_nothing() {
     for (body, status) in [
         (json!({"code_length": 3}), 400),
         (json!({"max_checks": 0}), 400),
+        (json!({"max_sends_per_window": 0}), 400),
+        (json!({"max_sends_per_day": 0}), 400),
         (json!({"colour": "red"}), 422),
         (json!({"code_length": "eight"}), 422),
     ] {
@@ -109,6 +111,20 @@ async fn sends_are_limited_per_ip_and_nothing_is_queued_over_the_limit() {
     assert_eq!(refused.body["retry_after"], 3600);
     assert_eq!(refused.headers["retry-after"], "3600");
     assert_eq!(app.sends_to("+989120000009").await, 0);
+}
+
+#[tokio::test]
+async fn a_per_ip_limit_of_zero_is_off() {
+    // The default allows 30 sends an hour from one address: a backend that sends every code
+    // of its product from one address turns the limit off instead.
+    let app = spawn_app().await;
+    set(&app, json!({"max_sends_per_ip_per_hour": 0})).await;
+    for i in 0..35 {
+        let answer = app.start_sms(&format!("+9891200001{i:02}")).await;
+        assert_eq!(answer.status, 201, "send {i}: {:?}", answer.body);
+    }
+    set(&app, json!({"max_sends_per_ip_per_hour": 35})).await;
+    assert_eq!(app.start_sms("+989120000199").await.status, 429);
 }
 
 #[tokio::test]
