@@ -158,10 +158,14 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreErro
     // (1 GiB / page size), and the commit after it then walks every slot of the writer's page
     // cache (pcache1TruncateUnsafe): with a 32 MiB cache that walk was a quarter of the
     // writer's time under load. 4 MiB keeps the hot upper levels of every index.
+    // The writer checkpoints the WAL into the database itself, after the commit that crossed
+    // the mark, while every request of the next batch waits: 1,000 pages (1 MiB) make each
+    // checkpoint short. At 4,000 pages acl-confirm's p99 was 26-28 ms, at 1,000 16 ms, at the
+    // same throughput (BENCHMARKS.md, 2026-11-30 evening).
     let tuning = if read_only {
         "PRAGMA cache_size = -1024;"
     } else {
-        "PRAGMA cache_size = -4096; PRAGMA wal_autocheckpoint = 4000;"
+        "PRAGMA cache_size = -4096; PRAGMA wal_autocheckpoint = 1000;"
     };
     conn.execute_batch(tuning)
         .map_err(|e| map_error(e, "connection"))?;
