@@ -220,6 +220,18 @@ const HOT_STATEMENTS: [(&str, &str); 10] = [
 /// once: it runs on every login.
 static CODE_LOGIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(code_login_statement);
 
+/// A code check's consumption with its audit events, as one statement (built once).
+static CONSUME_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH consumed AS ( \
+             UPDATE challenges SET status = 'approved', resolved_at = $12 \
+             WHERE id = $10 AND attempts = $11 AND status = 'pending' AND expires_at > $12 \
+             RETURNING 1), \
+         audit AS ({INSERT_AUDIT} WHERE EXISTS (SELECT 1 FROM consumed)) \
+         SELECT EXISTS (SELECT 1 FROM consumed)"
+    )
+});
+
 fn code_login_statement() -> String {
     format!(
         "WITH consumed AS ( \
@@ -753,13 +765,18 @@ impl Store for PgStore {
         now: OffsetDateTime,
         audit: &[AuditEvent],
     ) -> StoreResult<bool> {
-        let mut tx = self.begin().await?;
-        if !consume(&mut tx, id, expected_attempts, now).await? {
-            return Ok(false);
-        }
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db)?;
-        Ok(true)
+        // One statement, so one round trip and no explicit transaction (BEGIN, UPDATE,
+        // INSERT, COMMIT were four): its audit rows are written only if it consumed.
+        let sql: &'static str = CONSUME_WITH_AUDIT.as_str();
+        bind_audit(sqlx::query(AssertSqlSafe(sql)), audit)
+            .bind(id.as_str())
+            .bind(i64::from(expected_attempts))
+            .bind(ms(now))
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)
     }
 
     async fn cancel_challenge(
@@ -1576,7 +1593,10 @@ impl Store for PgStore {
             .map_err(db)?;
         let statements = HOT_STATEMENTS
             .into_iter()
-            .chain([("complete a code login", CODE_LOGIN.as_str())])
+            .chain([
+                ("complete a code login", CODE_LOGIN.as_str()),
+                ("consume a code with its audit", CONSUME_WITH_AUDIT.as_str()),
+            ])
             .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)));
         let mut plans = Vec::new();
         for (purpose, sql) in statements {
