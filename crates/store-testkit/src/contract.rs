@@ -1059,6 +1059,19 @@ pub async fn every_hot_and_sweep_statement_goes_through_an_index(store: Arc<dyn 
             "{purpose} missing"
         );
     }
+    // The send limits' counts each through their own index: any index led by the tenant alone
+    // would serve them too, and walk all of the tenant's recent sends.
+    for (purpose, index) in [
+        ("sends to a destination", "outbox_by_destination"),
+        ("sends from an address", "outbox_by_ip"),
+        ("sends of an account", "outbox_by_user"),
+    ] {
+        let plan = plans.iter().find(|p| p.purpose == purpose);
+        assert!(
+            plan.is_some_and(|p| p.plan.contains(index)),
+            "{purpose} not through {index}: {plan:?}"
+        );
+    }
     for plan in &plans {
         assert!(!plan.plan.is_empty(), "{} has no plan", plan.purpose);
         assert!(
