@@ -245,14 +245,8 @@ const HOT_STATEMENTS: [(&str, &str); 10] = [
         "login ticket by hash",
         "SELECT * FROM login_tickets WHERE hash = $1",
     ),
-    (
-        "user by id",
-        "SELECT * FROM users WHERE tenant_id = $1 AND id = $2",
-    ),
-    (
-        "challenge by id",
-        "SELECT * FROM challenges WHERE tenant_id = $1 AND id = $2",
-    ),
+    ("user by id", "SELECT * FROM users WHERE id = $1"),
+    ("challenge by id", "SELECT * FROM challenges WHERE id = $1"),
     (
         "pending challenge of a destination",
         "SELECT * FROM challenges WHERE tenant_id = $1 AND destination = $2 AND purpose = $3 \
@@ -599,17 +593,17 @@ impl Store for PgStore {
     }
 
     async fn get_user(&self, tenant: &TenantId, id: &UserId) -> StoreResult<Option<User>> {
-        let sql = format!(
-            "SELECT {} FROM users WHERE tenant_id = $1 AND id = $2",
-            rows::USER_COLUMNS
-        );
-        self.fetch_optional(
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(tenant.as_str())
-                .bind(id.as_str()),
-            rows::user,
-        )
-        .await
+        // By the primary key alone, the tenant checked on the row: with `tenant_id = $1` in the
+        // WHERE, a prepared statement planned while the table was empty could settle on the
+        // (tenant_id, username) index and later walk every user of the tenant.
+        let sql = format!("SELECT {} FROM users WHERE id = $1", rows::USER_COLUMNS);
+        Ok(self
+            .fetch_optional(
+                sqlx::query(AssertSqlSafe(sql)).bind(id.as_str()),
+                rows::user,
+            )
+            .await?
+            .filter(|user| user.tenant_id == *tenant))
     }
 
     async fn record_login_failure(
@@ -732,17 +726,18 @@ impl Store for PgStore {
         tenant: &TenantId,
         id: &ChallengeId,
     ) -> StoreResult<Option<Challenge>> {
+        // By the primary key alone, the tenant checked on the row (as for a user by id).
         let sql = format!(
-            "SELECT {} FROM challenges WHERE tenant_id = $1 AND id = $2",
+            "SELECT {} FROM challenges WHERE id = $1",
             rows::CHALLENGE_COLUMNS
         );
-        self.fetch_optional(
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(tenant.as_str())
-                .bind(id.as_str()),
-            rows::challenge,
-        )
-        .await
+        Ok(self
+            .fetch_optional(
+                sqlx::query(AssertSqlSafe(sql)).bind(id.as_str()),
+                rows::challenge,
+            )
+            .await?
+            .filter(|challenge| challenge.tenant_id == *tenant))
     }
 
     async fn find_pending_challenge(

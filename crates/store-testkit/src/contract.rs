@@ -1063,6 +1063,7 @@ pub async fn every_hot_and_sweep_statement_goes_through_an_index(store: Arc<dyn 
     // would serve them too, and walk all of the tenant's recent sends.
     for (purpose, index) in [
         ("sends to a destination", "outbox_by_destination"),
+        ("sends to a country", "outbox_by_destination"),
         ("sends from an address", "outbox_by_ip"),
         ("sends of an account", "outbox_by_user"),
     ] {
@@ -1072,6 +1073,12 @@ pub async fn every_hot_and_sweep_statement_goes_through_an_index(store: Arc<dyn 
             "{purpose} not through {index}: {plan:?}"
         );
     }
+    // A user by its key, never by walking the tenant's usernames.
+    let user = plans.iter().find(|p| p.purpose == "user by id");
+    assert!(
+        user.is_some_and(|p| !p.plan.contains("username")),
+        "{user:?}"
+    );
     for plan in &plans {
         assert!(!plan.plan.is_empty(), "{} has no plan", plan.purpose);
         assert!(
