@@ -150,11 +150,22 @@ static NEW_CHALLENGE: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::ne
     ]
 });
 
-async fn insert_challenge(conn: &mut PgConnection, c: &Challenge) -> StoreResult<()> {
-    let sql = format!(
+/// One challenge, and one outbox message, each alone (built once).
+static INSERT_CHALLENGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
         "INSERT INTO challenges ({CHALLENGE_INSERT_COLUMNS}) VALUES ({})",
         placeholders(1, 15)
-    );
+    )
+});
+static INSERT_MESSAGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "INSERT INTO outbox ({MESSAGE_INSERT_COLUMNS}) VALUES ({})",
+        placeholders(1, 15)
+    )
+});
+
+async fn insert_challenge(conn: &mut PgConnection, c: &Challenge) -> StoreResult<()> {
+    let sql: &'static str = INSERT_CHALLENGE.as_str();
     bind_challenge(sqlx::query(AssertSqlSafe(sql)), c)
         .execute(&mut *conn)
         .await
@@ -163,10 +174,7 @@ async fn insert_challenge(conn: &mut PgConnection, c: &Challenge) -> StoreResult
 }
 
 async fn insert_message(conn: &mut PgConnection, m: &OutboxMessage) -> StoreResult<()> {
-    let sql = format!(
-        "INSERT INTO outbox ({MESSAGE_INSERT_COLUMNS}) VALUES ({})",
-        placeholders(1, 15)
-    );
+    let sql: &'static str = INSERT_MESSAGE.as_str();
     bind_message(sqlx::query(AssertSqlSafe(sql)), m)
         .execute(&mut *conn)
         .await
