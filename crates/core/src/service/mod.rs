@@ -724,7 +724,8 @@ impl Otpgate {
             ));
         }
         // A limit of 0 is off (only the per-destination ones are always on).
-        for (rule, scope, window, max) in limits.into_iter().filter(|limit| limit.3 > 0) {
+        let in_force = limits.into_iter().filter(|(_, _, _, max)| *max > 0);
+        for (rule, scope, window, max) in in_force {
             let sent = self
                 .store
                 .count_sends(tenant, &scope, now - window, max)
