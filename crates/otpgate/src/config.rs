@@ -384,4 +384,23 @@ mod tests {
         s.delivery.sms = vec!["carrier-pigeon".into()];
         assert!(s.delivery.policy().is_err());
     }
+
+    #[test]
+    fn only_the_address_account_and_country_send_limits_can_be_off() {
+        let mut s = Settings::default();
+        s.policy.max_sends_per_ip_per_hour = 0;
+        s.policy.max_sends_per_account_per_hour = 0;
+        s.policy.max_sends_per_country_per_hour = 0;
+        let p = s.policy().expect("0 turns these three off");
+        assert_eq!(p.max_sends_per_ip_per_hour, 0);
+        for off in [
+            |s: &mut Settings| s.policy.max_sends_per_window = 0,
+            |s: &mut Settings| s.policy.max_sends_per_day = 0,
+            |s: &mut Settings| s.policy.max_checks = 0,
+        ] {
+            let mut s = Settings::default();
+            off(&mut s);
+            assert!(s.policy().is_err());
+        }
+    }
 }

@@ -342,3 +342,40 @@ fn run_batch(conn: &Connection, batch: Vec<Job>) -> Vec<Reply> {
     }
     replies
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::StatementStatus;
+
+    #[test]
+    fn cached_statements_are_not_planned_again_on_each_bind() {
+        // Arrange: a migrated database, and the connection settings every store connection gets.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("otpgate.db");
+        drop(SqliteStore::open(&path).unwrap());
+        let conn = open_connection(&path, false).unwrap();
+        // Act: the consume of a fresh code (`attempts = 0`) and a send count (`LIMIT ?`), each
+        // run with new values, as under load; SQLite would otherwise re-prepare both every time.
+        for round in 0..3_i64 {
+            exec(
+                &conn,
+                store::CONSUME_CHALLENGE,
+                rusqlite::params![format!("ch-{round}"), 0_i64, round],
+            )
+            .unwrap();
+            let _: i64 = query_row_cached(
+                &conn,
+                store::SENDS_TO_DESTINATION,
+                rusqlite::params!["t", "+989121234567", round, 5 + round],
+                |r| r.get(0),
+            )
+            .unwrap();
+        }
+        // Assert
+        for sql in [store::CONSUME_CHALLENGE, store::SENDS_TO_DESTINATION] {
+            let stmt = conn.prepare_cached(sql).unwrap();
+            assert_eq!(stmt.get_status(StatementStatus::RePrepare), 0, "{sql}");
+        }
+    }
+}

@@ -162,14 +162,14 @@ fn sealed_table(kind: SealedKind) -> &'static str {
     }
 }
 
-const CONSUME_CHALLENGE: &str = "UPDATE challenges SET status = 'approved', resolved_at = ?3 \
+pub(crate) const CONSUME_CHALLENGE: &str = "UPDATE challenges SET status = 'approved', resolved_at = ?3 \
      WHERE id = ?1 AND attempts = ?2 AND status = 'pending' AND expires_at > ?3";
 const SPEND_TICKET: &str = "UPDATE login_tickets SET used_at = ?2 \
      WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2";
 
 /// The send limits' counts: each stops at the limit (`?4`), so a busy scope costs no more
 /// than its limit.
-const SENDS_TO_DESTINATION: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM outbox \
+pub(crate) const SENDS_TO_DESTINATION: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM outbox \
      WHERE tenant_id = ?1 AND destination = ?2 AND created_at > ?3 LIMIT ?4) AS sends";
 /// A range on the destination index: every number that starts with the prefix.
 const SENDS_TO_COUNTRY: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM outbox \
