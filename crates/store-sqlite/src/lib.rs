@@ -1,11 +1,12 @@
 //! The SQLite store: the embedded, zero-set-up default.
 //!
 //! Writes go to one writer thread that owns the only writing connection. It takes every job
-//! waiting in its queue, runs each inside its own savepoint of one `BEGIN IMMEDIATE`
-//! transaction, commits once (one fsync with `synchronous=FULL`), and only then answers each
-//! caller. So a success is never answered before it is durable, and concurrent requests share a
-//! commit (group commit) instead of paying one fsync each. Reads use a small pool of read-only
-//! connections on the blocking pool; WAL mode lets them run beside the writer.
+//! waiting in its queue, runs them all in one `BEGIN IMMEDIATE` transaction, commits once (one
+//! fsync with `synchronous=FULL`), and only then answers each caller. So a success is never
+//! answered before it is durable, and concurrent requests share a commit (group commit) instead
+//! of paying one fsync each. A job that fails must not take the others down: when one does, the
+//! transaction is rolled back and the batch runs again with each job in its own savepoint.
+//! Reads use a small pool of read-only connections; WAL mode lets them run beside the writer.
 
 mod rows;
 mod schema;
@@ -22,10 +23,51 @@ use tokio::sync::oneshot;
 /// The most jobs one transaction takes, so one commit's latency stays bounded.
 const MAX_BATCH: usize = 512;
 
-type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
-/// A write job: runs on the writer's connection (or learns why it cannot) and returns whether
-/// its savepoint is kept, plus its reply, called once the commit's fate is known.
-type Job = Box<dyn FnOnce(Result<&Connection, StoreError>) -> (bool, Reply) + Send>;
+/// A write job of the group commit, as the writer thread sees it.
+trait WriteJob: Send {
+    /// Runs the job on the writer's connection; returns whether its changes are to be kept.
+    /// It may run twice: a second time, in a savepoint, after another job of its batch failed
+    /// and the first attempt was rolled back.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Answers the caller, once the transaction's fate (`commit`) is known.
+    fn answer(self: Box<Self>, commit: Result<(), &StoreError>);
+}
+
+/// A caller's job, its last outcome, and where the answer goes.
+struct PendingWrite<T, F> {
+    job: F,
+    outcome: Option<Result<T, JobError>>,
+    reply: oneshot::Sender<Result<Result<T, ConditionFailed>, StoreError>>,
+}
+
+impl<T, F> WriteJob for PendingWrite<T, F>
+where
+    T: Send,
+    F: Fn(&Connection) -> Result<T, JobError> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let outcome = (self.job)(conn);
+        let keep = outcome.is_ok();
+        self.outcome = Some(outcome);
+        keep
+    }
+
+    fn answer(self: Box<Self>, commit: Result<(), &StoreError>) {
+        let answer = match (commit, self.outcome) {
+            // A condition seen inside a transaction that did not commit proves nothing.
+            (Err(e), None | Some(Ok(_) | Err(JobError::Condition))) => {
+                Err(StoreError::Unavailable(e.to_string()))
+            }
+            (Ok(()), None) => Err(StoreError::Other("write job did not run".into())),
+            (_, Some(Ok(value))) => Ok(Ok(value)),
+            (_, Some(Err(JobError::Condition))) => Ok(Err(ConditionFailed)),
+            (_, Some(Err(JobError::Store(e)))) => Err(e),
+        };
+        let _ = self.reply.send(answer);
+    }
+}
+
+type Job = Box<dyn WriteJob>;
 
 /// Raised inside a write job when a condition no longer holds: the job's savepoint is rolled
 /// back and the caller gets `Ok(false)`.
@@ -232,33 +274,23 @@ impl SqliteStore {
 
     /// Runs `job` in the next group commit; answers after the commit is durable. A job that
     /// fails (or returns `JobError::Condition`) is rolled back alone, the others still commit.
+    /// `job` may run twice (see [`WriteJob::run`]), so it must not change what it captured.
     pub(crate) async fn write<T, F>(&self, job: F) -> Result<Result<T, ConditionFailed>, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, JobError> + Send + 'static,
+        F: Fn(&Connection) -> Result<T, JobError> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel::<Result<Result<T, ConditionFailed>, StoreError>>();
-        let boxed: Job = Box::new(move |conn: Result<&Connection, StoreError>| {
-            let outcome = match conn {
-                Ok(conn) => job(conn),
-                Err(e) => Err(JobError::Store(e)),
-            };
-            let keep = outcome.is_ok();
-            let reply: Reply = Box::new(move |commit: Result<(), StoreError>| {
-                let answer = match (commit, outcome) {
-                    (Err(e), Ok(_)) => Err(e),
-                    (_, Ok(value)) => Ok(Ok(value)),
-                    (_, Err(JobError::Condition)) => Ok(Err(ConditionFailed)),
-                    (_, Err(JobError::Store(e))) => Err(e),
-                };
-                let _ = tx.send(answer);
-            });
-            (keep, reply)
+        let (reply, answer) = oneshot::channel();
+        let pending: Job = Box::new(PendingWrite {
+            job,
+            outcome: None,
+            reply,
         });
         self.writer
-            .send(boxed)
+            .send(pending)
             .map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?;
-        rx.await
+        answer
+            .await
             .map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?
     }
 
@@ -294,59 +326,166 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let replies = run_batch(&conn, batch);
-        let commit = exec(&conn, "COMMIT", [])
-            .map(|_| ())
-            .map_err(|e| map_error(e, "commit"));
+        let commit = run_batch(&conn, &mut batch);
         if commit.is_err() {
             let _ = conn.execute_batch("ROLLBACK");
         }
-        for reply in replies {
-            reply(match &commit {
-                Ok(()) => Ok(()),
-                Err(e) => Err(StoreError::Unavailable(e.to_string())),
-            });
+        for job in batch {
+            job.answer(commit.as_ref().map(|_| ()));
         }
     }
     tracing::debug!("sqlite writer stopped");
 }
 
-/// Runs each job in its own savepoint of one transaction; returns their replies, to be called
-/// once the transaction's fate is known.
-fn run_batch(conn: &Connection, batch: Vec<Job>) -> Vec<Reply> {
-    let mut replies = Vec::with_capacity(batch.len());
-    if let Err(e) = exec(conn, "BEGIN IMMEDIATE", []) {
-        let error = map_error(e, "begin");
-        for job in batch {
-            let (_, reply) = job(Err(StoreError::Unavailable(error.to_string())));
-            replies.push(reply);
-        }
-        return replies;
+/// Runs a batch in one transaction and commits it. Every job first runs bare: a savepoint per
+/// job costs two more statements and a copy of every page the job touches (SQLite's
+/// sub-journal), and almost every job succeeds. If one fails, the transaction is rolled back
+/// and the batch runs again with each job in its own savepoint, so the failure is undone alone.
+fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), StoreError> {
+    exec(conn, "BEGIN IMMEDIATE", []).map_err(|e| map_error(e, "begin"))?;
+    if batch.iter_mut().all(|job| job.run(conn)) {
+        return commit(conn);
     }
-    for job in batch {
-        if let Err(e) = exec(conn, "SAVEPOINT job", []) {
-            let (_, reply) = job(Err(map_error(e, "savepoint")));
-            replies.push(reply);
-            continue;
-        }
-        let (keep, reply) = job(Ok(conn));
-        let end = if keep {
+    exec(conn, "ROLLBACK", []).map_err(|e| map_error(e, "rollback"))?;
+    if let [_only] = batch {
+        // Nothing else to keep: its failed outcome is its answer.
+        return Ok(());
+    }
+    exec(conn, "BEGIN IMMEDIATE", []).map_err(|e| map_error(e, "begin"))?;
+    for job in batch.iter_mut() {
+        exec(conn, "SAVEPOINT job", []).map_err(|e| map_error(e, "savepoint"))?;
+        let end = if job.run(conn) {
             exec(conn, "RELEASE job", [])
         } else {
             exec(conn, "ROLLBACK TO job", []).and_then(|_| exec(conn, "RELEASE job", []))
         };
-        if let Err(e) = end {
-            tracing::error!(error = %e, "savepoint end failed");
-        }
-        replies.push(reply);
+        end.map_err(|e| map_error(e, "savepoint"))?;
     }
-    replies
+    commit(conn)
+}
+
+fn commit(conn: &Connection) -> Result<(), StoreError> {
+    exec(conn, "COMMIT", [])
+        .map(|_| ())
+        .map_err(|e| map_error(e, "commit"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rusqlite::StatementStatus;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    type Answer = oneshot::Receiver<Result<Result<i64, ConditionFailed>, StoreError>>;
+
+    /// A job that inserts `value` into `t`, counts its runs, and fails its condition if asked.
+    fn insert_job(value: i64, fails: bool, runs: &Arc<AtomicUsize>) -> (Job, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let runs = Arc::clone(runs);
+        let job = move |c: &Connection| {
+            runs.fetch_add(1, Ordering::SeqCst);
+            exec(c, "INSERT INTO t (x) VALUES (?1)", [value])?;
+            if fails {
+                return Err(JobError::Condition);
+            }
+            Ok(value)
+        };
+        let pending: Job = Box::new(PendingWrite {
+            job,
+            outcome: None,
+            reply,
+        });
+        (pending, answer)
+    }
+
+    fn scratch_connection(dir: &tempfile::TempDir) -> Connection {
+        let conn = open_connection(&dir.path().join("scratch.db"), false).unwrap();
+        conn.execute_batch("CREATE TABLE t (x INTEGER NOT NULL)")
+            .unwrap();
+        conn
+    }
+
+    fn rows_of_t(conn: &Connection) -> Vec<i64> {
+        let mut stmt = conn.prepare("SELECT x FROM t ORDER BY x").unwrap();
+        stmt.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_failing_job_is_undone_alone_and_the_rest_of_its_batch_commits() {
+        // Arrange: three jobs in one batch; the middle one writes, then fails its condition.
+        let dir = tempfile::tempdir().unwrap();
+        let conn = scratch_connection(&dir);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (first, first_answer) = insert_job(1, false, &runs);
+        let (failing, failing_answer) = insert_job(2, true, &runs);
+        let (last, last_answer) = insert_job(3, false, &runs);
+        let mut batch = vec![first, failing, last];
+        // Act
+        let commit = run_batch(&conn, &mut batch);
+        for job in batch {
+            job.answer(commit.as_ref().map(|_| ()));
+        }
+        // Assert: the failed job's row is gone, the others' rows committed, every caller told.
+        assert!(commit.is_ok());
+        assert_eq!(rows_of_t(&conn), vec![1, 3]);
+        assert!(matches!(first_answer.blocking_recv(), Ok(Ok(Ok(1)))));
+        assert!(matches!(
+            failing_answer.blocking_recv(),
+            Ok(Ok(Err(ConditionFailed)))
+        ));
+        assert!(matches!(last_answer.blocking_recv(), Ok(Ok(Ok(3)))));
+        // The bare attempt stopped at the failure (two runs), then all three ran in savepoints.
+        assert_eq!(runs.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn a_batch_that_succeeds_runs_each_job_once() {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let conn = scratch_connection(&dir);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (jobs, answers): (Vec<Job>, Vec<Answer>) =
+            (1..=4).map(|v| insert_job(v, false, &runs)).unzip();
+        let mut batch = jobs;
+        // Act
+        let commit = run_batch(&conn, &mut batch);
+        for job in batch {
+            job.answer(commit.as_ref().map(|_| ()));
+        }
+        // Assert
+        assert!(commit.is_ok());
+        assert_eq!(rows_of_t(&conn), vec![1, 2, 3, 4]);
+        assert_eq!(runs.load(Ordering::SeqCst), 4);
+        for (expected, answer) in (1..=4).zip(answers) {
+            assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(v))) if v == expected));
+        }
+    }
+
+    #[test]
+    fn a_lone_failing_job_leaves_nothing_behind() {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let conn = scratch_connection(&dir);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (job, answer) = insert_job(7, true, &runs);
+        let mut batch = vec![job];
+        // Act
+        let commit = run_batch(&conn, &mut batch);
+        for job in batch {
+            job.answer(commit.as_ref().map(|_| ()));
+        }
+        // Assert
+        assert!(commit.is_ok());
+        assert!(rows_of_t(&conn).is_empty());
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert!(matches!(
+            answer.blocking_recv(),
+            Ok(Ok(Err(ConditionFailed)))
+        ));
+    }
 
     #[test]
     fn cached_statements_are_not_planned_again_on_each_bind() {

@@ -17,26 +17,44 @@ use time::OffsetDateTime;
 use crate::rows::{self, ms};
 use crate::{ConditionFailed, JobError, SqliteStore, exec, map_error, query_row_cached};
 
+const INSERT_AUDIT: &str = "INSERT INTO audit_events \
+     (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
+/// Two events in one statement: `audit_events` counts its ids with AUTOINCREMENT, which reads
+/// and rewrites its `sqlite_sequence` row once per statement, and a login writes two events.
+const INSERT_AUDIT_PAIR: &str = "INSERT INTO audit_events \
+     (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9), (?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
+
 fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), JobError> {
-    if events.is_empty() {
-        return Ok(());
+    fn bind(
+        stmt: &mut rusqlite::Statement<'_>,
+        first: usize,
+        e: &AuditEvent,
+    ) -> rusqlite::Result<()> {
+        stmt.raw_bind_parameter(first, e.tenant_id.as_str())?;
+        stmt.raw_bind_parameter(first + 1, e.user_id.as_ref().map(|u| u.as_str()))?;
+        stmt.raw_bind_parameter(first + 2, e.kind.as_str())?;
+        stmt.raw_bind_parameter(first + 3, &e.detail)?;
+        stmt.raw_bind_parameter(first + 4, &e.context.ip)?;
+        stmt.raw_bind_parameter(first + 5, e.context.latitude)?;
+        stmt.raw_bind_parameter(first + 6, e.context.longitude)?;
+        stmt.raw_bind_parameter(first + 7, &e.context.mode)?;
+        stmt.raw_bind_parameter(first + 8, ms(e.at))
     }
-    let mut stmt = conn.prepare_cached(
-        "INSERT INTO audit_events (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
-    for e in events {
-        stmt.execute(params![
-            e.tenant_id.as_str(),
-            e.user_id.as_ref().map(|u| u.as_str()),
-            e.kind.as_str(),
-            e.detail,
-            e.context.ip,
-            e.context.latitude,
-            e.context.longitude,
-            e.context.mode,
-            ms(e.at),
-        ])?;
+    let mut pairs = events.chunks_exact(2);
+    for pair in pairs.by_ref() {
+        if let [a, b] = pair {
+            let mut stmt = conn.prepare_cached(INSERT_AUDIT_PAIR)?;
+            bind(&mut stmt, 1, a)?;
+            bind(&mut stmt, 10, b)?;
+            stmt.raw_execute()?;
+        }
+    }
+    for e in pairs.remainder() {
+        let mut stmt = conn.prepare_cached(INSERT_AUDIT)?;
+        bind(&mut stmt, 1, e)?;
+        stmt.raw_execute()?;
     }
     Ok(())
 }

@@ -268,10 +268,28 @@ pub struct Otpgate {
     outbox_wake: Arc<Notify>,
     templates: Templates,
     policies: std::sync::Mutex<HashMap<TenantId, (std::time::Instant, Policy)>>,
+    api_keys: std::sync::Mutex<ApiKeyCache>,
 }
 
 /// How long a tenant's rules are used before they are read again.
 pub const POLICY_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// How long a valid API key is trusted before it is read again. A key revoked through this
+/// instance is refused at once; one revoked through another instance, within this time.
+pub const API_KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// Valid API keys seen lately, by the hash of the key. Only keys that exist and are not
+/// revoked are kept, so unknown keys (guesses) neither fill it nor skip the store.
+#[derive(Default)]
+struct ApiKeyCache {
+    valid: HashMap<[u8; 32], (std::time::Instant, TenantId)>,
+    /// Raised by every revocation, so that a read that began before a revocation committed
+    /// cannot put the key back after the revocation emptied the cache.
+    revocations: u64,
+}
+
+/// The most keys the cache holds; past it, it starts over (a deployment has a few keys).
+const API_KEY_CACHE_LIMIT: usize = 10_000;
 
 pub use keys::{Resealed, rotate_master_key};
 
@@ -296,6 +314,7 @@ impl Otpgate {
             outbox_wake: Arc::new(Notify::new()),
             templates: Templates::default(),
             policies: std::sync::Mutex::default(),
+            api_keys: std::sync::Mutex::default(),
         })
     }
 
@@ -578,9 +597,40 @@ impl Otpgate {
         if text.is_empty() || text.len() > 200 {
             return Err(CoreError::Unauthorized);
         }
-        match self.store.find_api_key(&hash_token(text)).await? {
-            Some(key) if key.revoked_at.is_none() => Ok(key.tenant_id),
+        let hash = hash_token(text);
+        let revocations = match self.api_keys.lock() {
+            Ok(cache) => {
+                if let Some((read_at, tenant)) = cache.valid.get(&hash)
+                    && read_at.elapsed() < API_KEY_CACHE_TTL
+                {
+                    return Ok(tenant.clone());
+                }
+                Some(cache.revocations)
+            }
+            Err(_) => None,
+        };
+        let read_at = std::time::Instant::now();
+        match self.store.find_api_key(&hash).await? {
+            Some(key) if key.revoked_at.is_none() => {
+                if let Ok(mut cache) = self.api_keys.lock()
+                    && Some(cache.revocations) == revocations
+                {
+                    if cache.valid.len() >= API_KEY_CACHE_LIMIT {
+                        cache.valid.clear();
+                    }
+                    cache.valid.insert(hash, (read_at, key.tenant_id.clone()));
+                }
+                Ok(key.tenant_id)
+            }
             _ => Err(CoreError::Unauthorized),
+        }
+    }
+
+    /// Forgets every cached API key; called once a revocation has committed.
+    fn forget_api_keys(&self) {
+        if let Ok(mut cache) = self.api_keys.lock() {
+            cache.revocations += 1;
+            cache.valid.clear();
         }
     }
 

@@ -473,6 +473,7 @@ impl Otpgate {
             now,
         )];
         if self.store.revoke_api_key(tenant, &id, now, &audit).await? {
+            self.forget_api_keys();
             Ok(())
         } else {
             Err(CoreError::NotFound)

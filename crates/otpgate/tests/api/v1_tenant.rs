@@ -225,3 +225,29 @@ async fn sms_goes_only_to_allowed_country_codes() {
         .await;
     assert_eq!(invalid.status, 400);
 }
+
+#[tokio::test]
+async fn a_key_in_use_is_refused_right_after_its_revocation() {
+    // Arrange: a second key of the tenant, just used (so it is trusted for a moment).
+    let app = spawn_app().await;
+    let (key, secret) = app.core.create_api_key(&app.tenant, "temp").await.unwrap();
+    let secret = secrecy::ExposeSecret::expose_secret(&secret).to_owned();
+    let settings = |bearer: &str| {
+        app.client
+            .get(app.url("/v1/tenant/settings"))
+            .bearer_auth(bearer.to_owned())
+    };
+    assert_eq!(app.send(settings(&secret)).await.status, 200);
+    // Act
+    let revoked = app
+        .send(
+            app.client
+                .delete(app.url(&format!("/v1/api_keys/{}", key.id)))
+                .bearer_auth(&app.api_key),
+        )
+        .await;
+    // Assert: refused on the very next request, the other key still works.
+    assert_eq!(revoked.status, 204);
+    assert_eq!(app.send(settings(&secret)).await.status, 401);
+    assert_eq!(app.send(settings(&app.api_key)).await.status, 200);
+}
