@@ -3,13 +3,16 @@
 //! if its attempts are still N"), never a read-then-write in the core. Audit events passed to a
 //! write are committed in the same transaction, so the trail cannot disagree with the state.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
 use crate::error::StoreError;
 use crate::model::{
-    ApiKey, ApiKeyId, AuditEvent, Challenge, ChallengeId, Device, FactorId, JwtKey, LoginTicket,
-    MessageId, OutboxMessage, Session, Tenant, TenantId, TotpFactor, User, UserId,
+    ApiKey, ApiKeyId, AuditEvent, Challenge, ChallengeId, ChallengeStatus, Device, FactorId,
+    JwtKey, LoginTicket, MessageId, OutboxMessage, Session, Tenant, TenantId, TotpFactor, User,
+    UserId,
 };
 
 /// Result of store operations.
@@ -33,6 +36,44 @@ impl std::fmt::Display for QueryPlan {
         write!(f, "-- {} ({verdict})\n{}", self.purpose, self.plan)
     }
 }
+
+/// What a code check decided about the challenge it was shown, for [`Store::settle_challenge`].
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// The code matched: consume the challenge (pending, unexpired, attempts unchanged).
+    Consume {
+        /// The time of the check.
+        now: OffsetDateTime,
+        /// Written with the change.
+        audit: Vec<AuditEvent>,
+    },
+    /// The code did not match: count one wrong attempt (the last allowed one kills it).
+    CountFailure {
+        /// The time of the check.
+        now: OffsetDateTime,
+        /// Written with the change.
+        audit: Vec<AuditEvent>,
+    },
+    /// The challenge is no longer pending (its status then): nothing to change.
+    Leave(ChallengeStatus),
+}
+
+/// Decides what a code check does to a challenge, given the challenge as read in the same
+/// atomic step. It holds the rule (the core's); the store only carries the verdict out. It
+/// may be called more than once for one check, each time with a newer read.
+pub type ChallengeJudge = Arc<dyn Fn(&Challenge) -> Verdict + Send + Sync>;
+
+/// A challenge as [`Store::settle_challenge`] read it, and the verdict that was carried out.
+#[derive(Debug, Clone)]
+pub struct Settled {
+    /// The challenge before the change.
+    pub challenge: Challenge,
+    /// What was done.
+    pub verdict: Verdict,
+}
+
+/// How often the default [`Store::settle_challenge`] reads again after losing a race.
+const SETTLE_RETRIES: usize = 16;
 
 /// A new code for a pending challenge (a resend).
 #[derive(Debug, Clone)]
@@ -263,6 +304,43 @@ pub trait Store: Send + Sync + 'static {
         now: OffsetDateTime,
         audit: &[AuditEvent],
     ) -> StoreResult<bool>;
+    /// Reads the tenant's challenge, lets `judge` decide, and carries the verdict out, as one
+    /// atomic step: no other check counts between the read and the change. `None` when the
+    /// tenant has no such challenge.
+    ///
+    /// This default reads, then changes the challenge only if its attempts are still those it
+    /// read, and reads again when another check got there first. A store that can do it all in
+    /// one step without the extra round trip should (SQLite does it inside its writer).
+    async fn settle_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        judge: ChallengeJudge,
+    ) -> StoreResult<Option<Settled>> {
+        for _ in 0..SETTLE_RETRIES {
+            let Some(challenge) = self.get_challenge(tenant, id).await? else {
+                return Ok(None);
+            };
+            let verdict = judge(&challenge);
+            let carried_out = match &verdict {
+                Verdict::Consume { now, audit } => {
+                    self.consume_challenge(id, challenge.attempts, *now, audit)
+                        .await?
+                }
+                Verdict::CountFailure { now, audit } => {
+                    self.record_failed_check(id, challenge.attempts, *now, audit)
+                        .await?
+                }
+                Verdict::Leave(_) => true,
+            };
+            if carried_out {
+                return Ok(Some(Settled { challenge, verdict }));
+            }
+        }
+        Err(StoreError::Other(
+            "challenge kept changing under the check".into(),
+        ))
+    }
     /// Cancels a pending challenge; false if it was no longer pending.
     async fn cancel_challenge(
         &self,

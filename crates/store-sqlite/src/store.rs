@@ -8,8 +8,8 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, QueryPlan, RangeOutcomes,
-    SealedKind, SealedSecret, SendScope, Store, StoreResult,
+    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, PhoneCompletion, QueryPlan,
+    RangeOutcomes, SealedKind, SealedSecret, SendScope, Settled, Store, StoreResult, Verdict,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
@@ -606,13 +606,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<bool> {
         let (id, audit) = (id.clone(), audit.to_vec());
         self.write(move |c| {
-            require_one(exec(c,
-                "UPDATE challenges SET attempts = attempts + 1, \
-                 status = CASE WHEN attempts + 1 >= max_attempts THEN 'max_attempts_reached' ELSE status END, \
-                 resolved_at = CASE WHEN attempts + 1 >= max_attempts THEN ?3 ELSE resolved_at END \
-                 WHERE id = ?1 AND attempts = ?2 AND status = 'pending' AND expires_at > ?3",
-                params![id.as_str(), expected_attempts, ms(now)],
-            )?)?;
+            require_one(count_failure(c, &id, expected_attempts, now)?)?;
             insert_audit(c, &audit)
         })
         .await
@@ -633,6 +627,48 @@ impl Store for SqliteStore {
         })
         .await
         .map(flag)
+    }
+
+    /// One job of the writer: the read, the judge and the change share its transaction, and
+    /// the read costs next to nothing there, as the change needs the same pages anyway (a
+    /// reader would load them again: a read-only connection starts every read with an empty
+    /// cache while the writer commits).
+    async fn settle_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        judge: ChallengeJudge,
+    ) -> StoreResult<Option<Settled>> {
+        let (tenant, id) = (tenant.clone(), id.clone());
+        let read = format!(
+            "SELECT {} FROM challenges WHERE tenant_id = ?1 AND id = ?2",
+            rows::CHALLENGE_COLUMNS
+        );
+        self.write(move |c| {
+            let Some(challenge) = c
+                .prepare_cached(&read)?
+                .query_row(params![tenant.as_str(), id.as_str()], rows::challenge)
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let verdict = judge(&challenge);
+            match &verdict {
+                Verdict::Consume { now, audit } => {
+                    require_one(consume(c, &id, challenge.attempts, *now)?)?;
+                    insert_audit(c, audit)?;
+                }
+                Verdict::CountFailure { now, audit } => {
+                    require_one(count_failure(c, &id, challenge.attempts, *now)?)?;
+                    insert_audit(c, audit)?;
+                }
+                Verdict::Leave(_) => {}
+            }
+            Ok(Some(Settled { challenge, verdict }))
+        })
+        .await?
+        // The challenge cannot change between the read and the write of one transaction.
+        .map_err(|_| StoreError::Other("challenge changed inside its own transaction".into()))
     }
 
     async fn cancel_challenge(
@@ -1531,6 +1567,22 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// The one statement that counts a wrong code: pending, unexpired, attempts unchanged.
+fn count_failure(
+    c: &Connection,
+    id: &ChallengeId,
+    expected_attempts: u32,
+    now: OffsetDateTime,
+) -> Result<usize, JobError> {
+    Ok(c.prepare_cached(
+        "UPDATE challenges SET attempts = attempts + 1, \
+         status = CASE WHEN attempts + 1 >= max_attempts THEN 'max_attempts_reached' ELSE status END, \
+         resolved_at = CASE WHEN attempts + 1 >= max_attempts THEN ?3 ELSE resolved_at END \
+         WHERE id = ?1 AND attempts = ?2 AND status = 'pending' AND expires_at > ?3",
+    )?
+    .execute(params![id.as_str(), expected_attempts, ms(now)])?)
 }
 
 /// The one statement that consumes a challenge: pending, unexpired, attempts unchanged.

@@ -24,8 +24,8 @@ use otpgate_core::password::PasswordHasher;
 use otpgate_core::policy::Policy;
 use otpgate_core::service::{NewUser, StartVerification};
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes, SealedKind,
-    SendScope, Store,
+    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes,
+    SealedKind, SendScope, Store, Verdict,
 };
 use otpgate_core::{Otpgate, StoreError};
 use secrecy::SecretString;
@@ -54,6 +54,7 @@ macro_rules! store_contract_tests {
             a_resend_wins_only_against_the_send_count_it_saw,
             challenges_are_isolated_by_tenant,
             fifty_concurrent_consumes_give_exactly_one_success,
+            a_settled_check_sees_the_challenge_and_changes_it_once,
             a_failed_login_completion_changes_nothing,
             a_login_completion_spends_ticket_challenge_and_step,
             totp_steps_only_move_forward,
@@ -497,6 +498,80 @@ pub async fn fifty_concurrent_consumes_give_exactly_one_success(store: Arc<dyn S
         wins += usize::from(task.await.unwrap());
     }
     assert_eq!(wins, 1);
+}
+
+/// A judge that counts a wrong code, or consumes, while the challenge is pending.
+fn judge(consume: bool) -> ChallengeJudge {
+    Arc::new(move |c: &Challenge| match c.status_at(t0()) {
+        ChallengeStatus::Pending if consume => Verdict::Consume {
+            now: t0(),
+            audit: vec![],
+        },
+        ChallengeStatus::Pending => Verdict::CountFailure {
+            now: t0(),
+            audit: vec![],
+        },
+        other => Verdict::Leave(other),
+    })
+}
+
+pub async fn a_settled_check_sees_the_challenge_and_changes_it_once(store: Arc<dyn Store>) {
+    // Arrange
+    let t = tenant(&store, "settle").await;
+    let other = tenant(&store, "settle-other").await;
+    let ch = challenge(&t, "+989121234567");
+    store.insert_challenge(&ch, None, &[]).await.unwrap();
+    // Unknown, or another tenant's: nothing to judge.
+    let unknown = ChallengeId::generate().unwrap();
+    assert!(
+        store
+            .settle_challenge(&t.id, &unknown, judge(true))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .settle_challenge(&other.id, &ch.id, judge(true))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A wrong code: the judge saw 0 attempts, the store counted one.
+    let failed = store
+        .settle_challenge(&t.id, &ch.id, judge(false))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failed.challenge.attempts, 0);
+    assert!(matches!(failed.verdict, Verdict::CountFailure { .. }));
+    // Act: twenty right codes at once.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (store, tenant, id) = (Arc::clone(&store), t.id.clone(), ch.id.clone());
+            tokio::spawn(async move { store.settle_challenge(&tenant, &id, judge(true)).await })
+        })
+        .collect();
+    let mut consumed = 0;
+    let mut left_approved = 0;
+    for task in tasks {
+        let settled = task.await.unwrap().unwrap().unwrap();
+        match settled.verdict {
+            Verdict::Consume { .. } => {
+                assert_eq!(settled.challenge.attempts, 1, "judged a stale read");
+                consumed += 1;
+            }
+            Verdict::Leave(ChallengeStatus::Approved) => left_approved += 1,
+            other => panic!("unexpected verdict {other:?}"),
+        }
+    }
+    // Assert: exactly one consumed it; every other one saw it approved.
+    assert_eq!((consumed, left_approved), (1, 19));
+    let stored = store.get_challenge(&t.id, &ch.id).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.status, stored.attempts),
+        (ChallengeStatus::Approved, 1)
+    );
 }
 
 async fn login_fixture(store: &Arc<dyn Store>) -> (Tenant, User, Challenge, LoginTicket) {

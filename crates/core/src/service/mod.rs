@@ -28,7 +28,9 @@ use crate::model::{
 use crate::otp::{TotpParams, otpauth_uri, secret_to_base32};
 use crate::password::PasswordHasher;
 use crate::policy::Policy;
-use crate::store::{CodeReplacement, LoginCompletion, SendScope, Store};
+use crate::store::{
+    ChallengeJudge, CodeReplacement, LoginCompletion, SendScope, Settled, Store, Verdict,
+};
 use crate::token::{hash_token, mint_api_key, mint_hex_token};
 
 mod keys;
@@ -257,6 +259,31 @@ impl SendRefusal {
     }
 }
 
+/// An audit event, not yet counted (see [`count_event`]): for decisions that may be taken
+/// more than once before one of them is carried out.
+fn audit_event(
+    tenant: &TenantId,
+    user: Option<&UserId>,
+    kind: AuditKind,
+    detail: impl Into<String>,
+    ctx: &RequestContext,
+    at: OffsetDateTime,
+) -> AuditEvent {
+    AuditEvent {
+        tenant_id: tenant.clone(),
+        user_id: user.cloned(),
+        kind,
+        detail: detail.into(),
+        context: ctx.clone(),
+        at,
+    }
+}
+
+/// Counts an event that was written, by kind, in the metrics.
+fn count_event(kind: AuditKind) {
+    metrics::counter!("otpgate_events_total", "kind" => kind.as_str()).increment(1);
+}
+
 /// The core service.
 pub struct Otpgate {
     store: Arc<dyn Store>,
@@ -348,15 +375,8 @@ impl Otpgate {
         ctx: &RequestContext,
         at: OffsetDateTime,
     ) -> AuditEvent {
-        metrics::counter!("otpgate_events_total", "kind" => kind.as_str()).increment(1);
-        AuditEvent {
-            tenant_id: tenant.clone(),
-            user_id: user.cloned(),
-            kind,
-            detail: detail.into(),
-            context: ctx.clone(),
-            at,
-        }
+        count_event(kind);
+        audit_event(tenant, user, kind, detail, ctx, at)
     }
 
     // ---------------------------------------------------------------- tenants
@@ -1103,71 +1123,63 @@ impl Otpgate {
         let id = ChallengeId::parse(id)?;
         // Parse before any read: malformed codes never touch a counter.
         let code = OtpCode::parse(raw_code, Some(usize::from(policy.code_length)))?;
-        for _ in 0..MAX_RACE_RETRIES {
-            let challenge = self.get_verification(tenant, id.as_str()).await?;
-            let now = self.clock.now();
-            match challenge.status_at(now) {
-                ChallengeStatus::Pending => {}
-                ChallengeStatus::Approved => {
-                    return Err(CoreError::Conflict(
-                        "verification was already approved".into(),
-                    ));
+        let judge: ChallengeJudge = {
+            let (clock, code_key) = (Arc::clone(&self.clock), self.code_key);
+            let (tenant, ctx) = (tenant.clone(), ctx.clone());
+            Arc::new(move |challenge: &Challenge| {
+                let now = clock.now();
+                match challenge.status_at(now) {
+                    ChallengeStatus::Pending => {}
+                    other => return Verdict::Leave(other),
                 }
-                other => {
-                    return Ok(CheckOutcome {
-                        status: other,
-                        attempts_left: 0,
-                    });
+                let matched = code.matches(&code_key, challenge.id.as_str(), &challenge.code_hash);
+                let kind = if matched {
+                    AuditKind::OtpAccepted
+                } else {
+                    AuditKind::OtpRejected
+                };
+                let detail = format!("verification {}", challenge.id);
+                let audit = vec![audit_event(&tenant, None, kind, detail, &ctx, now)];
+                if matched {
+                    Verdict::Consume { now, audit }
+                } else {
+                    Verdict::CountFailure { now, audit }
                 }
+            })
+        };
+        let Settled { challenge, verdict } = self
+            .store
+            .settle_challenge(tenant, &id, judge)
+            .await?
+            .ok_or(CoreError::NotFound)?;
+        match verdict {
+            Verdict::Consume { audit, .. } => {
+                audit.iter().for_each(|e| count_event(e.kind));
+                Ok(CheckOutcome {
+                    status: ChallengeStatus::Approved,
+                    attempts_left: 0,
+                })
             }
-            if code.matches(&self.code_key, id.as_str(), &challenge.code_hash) {
-                let audit = [self.event(
-                    tenant,
-                    None,
-                    AuditKind::OtpAccepted,
-                    format!("verification {id}"),
-                    ctx,
-                    now,
-                )];
-                if self
-                    .store
-                    .consume_challenge(&id, challenge.attempts, now, &audit)
-                    .await?
-                {
-                    return Ok(CheckOutcome {
-                        status: ChallengeStatus::Approved,
-                        attempts_left: 0,
-                    });
-                }
-            } else {
-                let audit = [self.event(
-                    tenant,
-                    None,
-                    AuditKind::OtpRejected,
-                    format!("verification {id}"),
-                    ctx,
-                    now,
-                )];
-                if self
-                    .store
-                    .record_failed_check(&id, challenge.attempts, now, &audit)
-                    .await?
-                {
-                    let left = challenge.attempts_left().saturating_sub(1);
-                    return Ok(CheckOutcome {
-                        status: if left == 0 {
-                            ChallengeStatus::MaxAttemptsReached
-                        } else {
-                            ChallengeStatus::Pending
-                        },
-                        attempts_left: left,
-                    });
-                }
+            Verdict::CountFailure { audit, .. } => {
+                audit.iter().for_each(|e| count_event(e.kind));
+                let left = challenge.attempts_left().saturating_sub(1);
+                Ok(CheckOutcome {
+                    status: if left == 0 {
+                        ChallengeStatus::MaxAttemptsReached
+                    } else {
+                        ChallengeStatus::Pending
+                    },
+                    attempts_left: left,
+                })
             }
+            Verdict::Leave(ChallengeStatus::Approved) => Err(CoreError::Conflict(
+                "verification was already approved".into(),
+            )),
+            Verdict::Leave(status) => Ok(CheckOutcome {
+                status,
+                attempts_left: 0,
+            }),
         }
-        Err(CoreError::Internal(
-            "challenge kept changing under the check".into(),
-        ))
     }
 
     /// Cancels a pending verification.
