@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0010_no_session_user_index.sql"),
     include_str!("../migrations/0011_room_for_hot_updates.sql"),
     include_str!("../migrations/0012_unambiguous_send_indexes.sql"),
+    include_str!("../migrations/0013_challenges_by_destination.sql"),
 ];
 
 /// An arbitrary constant naming otpgate's migration lock.

@@ -17,6 +17,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0007_server_secrets.sql"),
     include_str!("../migrations/0008_sweep_indexes.sql"),
     include_str!("../migrations/0009_no_session_user_index.sql"),
+    include_str!("../migrations/0010_challenges_by_destination.sql"),
 ];
 
 /// The schema version this build expects.
