@@ -46,7 +46,17 @@ where
     F: Fn(&Connection) -> Result<T, JobError> + Send,
 {
     fn run(&mut self, conn: &Connection) -> bool {
-        let outcome = (self.job)(conn);
+        // One thread writes for the whole process, and jobs carry the core's judges: a job
+        // that panics fails alone (its changes rolled back like any failed job's) instead of
+        // ending every write of the process.
+        let job = &self.job;
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)))
+            .unwrap_or_else(|_| {
+                tracing::error!("a write job panicked; its changes are rolled back");
+                Err(JobError::Store(StoreError::Other(
+                    "write job panicked".into(),
+                )))
+            });
         let keep = outcome.is_ok();
         self.outcome = Some(outcome);
         keep
@@ -439,6 +449,49 @@ mod tests {
         assert!(matches!(last_answer.blocking_recv(), Ok(Ok(Ok(3)))));
         // The bare attempt stopped at the failure (two runs), then all three ran in savepoints.
         assert_eq!(runs.load(Ordering::SeqCst), 5);
+    }
+
+    #[test]
+    fn a_panicking_job_fails_alone_and_the_writer_keeps_writing() {
+        // Arrange: a job that writes, then panics, between two good ones.
+        let dir = tempfile::tempdir().unwrap();
+        let conn = scratch_connection(&dir);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (first, first_answer) = insert_job(1, false, &runs);
+        let (last, last_answer) = insert_job(3, false, &runs);
+        let (reply, panicking_answer) = oneshot::channel();
+        let panicking: Job = Box::new(PendingWrite {
+            job: |c: &Connection| -> Result<i64, JobError> {
+                exec(c, "INSERT INTO t (x) VALUES (2)", [])?;
+                panic!("a bug in a job");
+            },
+            outcome: None,
+            reply,
+        });
+        let mut batch = vec![first, panicking, last];
+        // Act
+        let commit = run_batch(&conn, &mut batch);
+        for job in batch {
+            job.answer(commit.as_ref().map(|_| ()));
+        }
+        // Assert: its row is gone, its caller told, the others committed.
+        assert!(commit.is_ok());
+        assert_eq!(rows_of_t(&conn), vec![1, 3]);
+        assert!(matches!(
+            panicking_answer.blocking_recv(),
+            Ok(Err(StoreError::Other(_)))
+        ));
+        assert!(matches!(first_answer.blocking_recv(), Ok(Ok(Ok(1)))));
+        assert!(matches!(last_answer.blocking_recv(), Ok(Ok(Ok(3)))));
+        // And the next batch is written as usual.
+        let (next, next_answer) = insert_job(4, false, &runs);
+        let mut batch = vec![next];
+        assert!(run_batch(&conn, &mut batch).is_ok());
+        for job in batch {
+            job.answer(Ok(()));
+        }
+        assert!(matches!(next_answer.blocking_recv(), Ok(Ok(Ok(4)))));
+        assert_eq!(rows_of_t(&conn), vec![1, 3, 4]);
     }
 
     #[test]
