@@ -72,9 +72,6 @@ pub struct Settled {
     pub verdict: Verdict,
 }
 
-/// How often the default [`Store::settle_challenge`] reads again after losing a race.
-const SETTLE_RETRIES: usize = 16;
-
 /// A new code for a pending challenge (a resend).
 #[derive(Debug, Clone)]
 pub struct CodeReplacement {
@@ -317,7 +314,7 @@ pub trait Store: Send + Sync + 'static {
         id: &ChallengeId,
         judge: ChallengeJudge,
     ) -> StoreResult<Option<Settled>> {
-        for _ in 0..SETTLE_RETRIES {
+        for _ in 0..crate::service::MAX_RACE_RETRIES {
             let Some(challenge) = self.get_challenge(tenant, id).await? else {
                 return Ok(None);
             };

@@ -336,15 +336,22 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let commit = run_batch(&conn, &mut batch);
-        if commit.is_err() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        for job in batch {
-            job.answer(commit.as_ref().map(|_| ()));
-        }
+        write_batch(&conn, batch);
     }
     tracing::debug!("sqlite writer stopped");
+}
+
+/// Runs a batch, commits it (or rolls it back), and answers every caller; returns whether it
+/// committed.
+fn write_batch(conn: &Connection, mut batch: Vec<Job>) -> bool {
+    let commit = run_batch(conn, &mut batch);
+    if commit.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for job in batch {
+        job.answer(commit.as_ref().map(|_| ()));
+    }
+    commit.is_ok()
 }
 
 /// Runs a batch in one transaction and commits it. Every job first runs bare: a savepoint per
@@ -432,14 +439,10 @@ mod tests {
         let (first, first_answer) = insert_job(1, false, &runs);
         let (failing, failing_answer) = insert_job(2, true, &runs);
         let (last, last_answer) = insert_job(3, false, &runs);
-        let mut batch = vec![first, failing, last];
         // Act
-        let commit = run_batch(&conn, &mut batch);
-        for job in batch {
-            job.answer(commit.as_ref().map(|_| ()));
-        }
+        let committed = write_batch(&conn, vec![first, failing, last]);
         // Assert: the failed job's row is gone, the others' rows committed, every caller told.
-        assert!(commit.is_ok());
+        assert!(committed);
         assert_eq!(rows_of_t(&conn), vec![1, 3]);
         assert!(matches!(first_answer.blocking_recv(), Ok(Ok(Ok(1)))));
         assert!(matches!(
@@ -468,14 +471,10 @@ mod tests {
             outcome: None,
             reply,
         });
-        let mut batch = vec![first, panicking, last];
         // Act
-        let commit = run_batch(&conn, &mut batch);
-        for job in batch {
-            job.answer(commit.as_ref().map(|_| ()));
-        }
+        let committed = write_batch(&conn, vec![first, panicking, last]);
         // Assert: its row is gone, its caller told, the others committed.
-        assert!(commit.is_ok());
+        assert!(committed);
         assert_eq!(rows_of_t(&conn), vec![1, 3]);
         assert!(matches!(
             panicking_answer.blocking_recv(),
@@ -485,11 +484,7 @@ mod tests {
         assert!(matches!(last_answer.blocking_recv(), Ok(Ok(Ok(3)))));
         // And the next batch is written as usual.
         let (next, next_answer) = insert_job(4, false, &runs);
-        let mut batch = vec![next];
-        assert!(run_batch(&conn, &mut batch).is_ok());
-        for job in batch {
-            job.answer(Ok(()));
-        }
+        assert!(write_batch(&conn, vec![next]));
         assert!(matches!(next_answer.blocking_recv(), Ok(Ok(Ok(4)))));
         assert_eq!(rows_of_t(&conn), vec![1, 3, 4]);
     }
@@ -502,14 +497,10 @@ mod tests {
         let runs = Arc::new(AtomicUsize::new(0));
         let (jobs, answers): (Vec<Job>, Vec<Answer>) =
             (1..=4).map(|v| insert_job(v, false, &runs)).unzip();
-        let mut batch = jobs;
         // Act
-        let commit = run_batch(&conn, &mut batch);
-        for job in batch {
-            job.answer(commit.as_ref().map(|_| ()));
-        }
+        let committed = write_batch(&conn, jobs);
         // Assert
-        assert!(commit.is_ok());
+        assert!(committed);
         assert_eq!(rows_of_t(&conn), vec![1, 2, 3, 4]);
         assert_eq!(runs.load(Ordering::SeqCst), 4);
         for (expected, answer) in (1..=4).zip(answers) {
@@ -524,14 +515,10 @@ mod tests {
         let conn = scratch_connection(&dir);
         let runs = Arc::new(AtomicUsize::new(0));
         let (job, answer) = insert_job(7, true, &runs);
-        let mut batch = vec![job];
         // Act
-        let commit = run_batch(&conn, &mut batch);
-        for job in batch {
-            job.answer(commit.as_ref().map(|_| ()));
-        }
+        let committed = write_batch(&conn, vec![job]);
         // Assert
-        assert!(commit.is_ok());
+        assert!(committed);
         assert!(rows_of_t(&conn).is_empty());
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(matches!(

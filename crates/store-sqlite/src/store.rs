@@ -185,6 +185,14 @@ pub(crate) const CONSUME_CHALLENGE: &str = "UPDATE challenges SET status = 'appr
 const SPEND_TICKET: &str = "UPDATE login_tickets SET used_at = ?2 \
      WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2";
 
+/// A challenge by tenant and id (built once: checks read it on every request).
+static CHALLENGE_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM challenges WHERE tenant_id = ?1 AND id = ?2",
+        rows::CHALLENGE_COLUMNS
+    )
+});
+
 /// The send limits' counts: each stops at the limit (`?4`), so a busy scope costs no more
 /// than its limit.
 pub(crate) const SENDS_TO_DESTINATION: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM outbox \
@@ -532,12 +540,8 @@ impl Store for SqliteStore {
         id: &ChallengeId,
     ) -> StoreResult<Option<Challenge>> {
         let (tenant, id) = (tenant.clone(), id.clone());
-        let sql = format!(
-            "SELECT {} FROM challenges WHERE tenant_id = ?1 AND id = ?2",
-            rows::CHALLENGE_COLUMNS
-        );
         self.read(move |c| {
-            c.prepare_cached(&sql)?
+            c.prepare_cached(&CHALLENGE_BY_ID)?
                 .query_row(params![tenant.as_str(), id.as_str()], rows::challenge)
                 .optional()
         })
@@ -640,13 +644,9 @@ impl Store for SqliteStore {
         judge: ChallengeJudge,
     ) -> StoreResult<Option<Settled>> {
         let (tenant, id) = (tenant.clone(), id.clone());
-        let read = format!(
-            "SELECT {} FROM challenges WHERE tenant_id = ?1 AND id = ?2",
-            rows::CHALLENGE_COLUMNS
-        );
         self.write(move |c| {
             let Some(challenge) = c
-                .prepare_cached(&read)?
+                .prepare_cached(&CHALLENGE_BY_ID)?
                 .query_row(params![tenant.as_str(), id.as_str()], rows::challenge)
                 .optional()?
             else {

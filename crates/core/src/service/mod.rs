@@ -46,7 +46,7 @@ pub type CoreResult<T> = Result<T, CoreError>;
 
 /// How many times a conditional update is retried after losing a race. Each loss means the
 /// challenge moved on (attempts only grow, statuses only leave `pending`), so this bounds work.
-const MAX_RACE_RETRIES: usize = 16;
+pub(crate) const MAX_RACE_RETRIES: usize = 16;
 
 /// TOTP window: one step either side (RFC 6238 §5.2).
 const TOTP_WINDOW: i64 = 1;
