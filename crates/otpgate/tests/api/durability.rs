@@ -1,7 +1,8 @@
 //! Durability under a crash: the real binary confirms logins under concurrent load and is killed
 //! with SIGKILL mid-run. After a restart every success it answered still holds (the session
 //! works, the ticket is spent), and no ticket spent before the crash works again, whether its
-//! answer got out or not. On SQLite (group commit, synchronous=FULL) and on PostgreSQL.
+//! answer got out or not. On SQLite (group commit, the WAL synced before
+//! answers) and on PostgreSQL.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
