@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 /// What went wrong in a store: adapters convert their driver errors into this.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// A uniqueness constraint refused the write (the named thing already exists).
     #[error("{0} already exists")]

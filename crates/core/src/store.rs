@@ -305,38 +305,15 @@ pub trait Store: Send + Sync + 'static {
     /// atomic step: no other check counts between the read and the change. `None` when the
     /// tenant has no such challenge.
     ///
-    /// This default reads, then changes the challenge only if its attempts are still those it
-    /// read, and reads again when another check got there first. A store that can do it all in
-    /// one step without the extra round trip should (SQLite does it inside its writer).
+    /// The default is [`settle_by_read_and_write`]. A store that can do better should: SQLite
+    /// settles inside its writer, PostgreSQL settles many concurrent checks per statement.
     async fn settle_challenge(
         &self,
         tenant: &TenantId,
         id: &ChallengeId,
         judge: ChallengeJudge,
     ) -> StoreResult<Option<Settled>> {
-        for _ in 0..crate::service::MAX_RACE_RETRIES {
-            let Some(challenge) = self.get_challenge(tenant, id).await? else {
-                return Ok(None);
-            };
-            let verdict = judge(&challenge);
-            let carried_out = match &verdict {
-                Verdict::Consume { now, audit } => {
-                    self.consume_challenge(id, challenge.attempts, *now, audit)
-                        .await?
-                }
-                Verdict::CountFailure { now, audit } => {
-                    self.record_failed_check(id, challenge.attempts, *now, audit)
-                        .await?
-                }
-                Verdict::Leave(_) => true,
-            };
-            if carried_out {
-                return Ok(Some(Settled { challenge, verdict }));
-            }
-        }
-        Err(StoreError::Other(
-            "challenge kept changing under the check".into(),
-        ))
+        settle_by_read_and_write(self, tenant, id, &judge).await
     }
     /// Cancels a pending challenge; false if it was no longer pending.
     async fn cancel_challenge(
@@ -577,4 +554,40 @@ pub trait Store: Send + Sync + 'static {
         user: Option<&UserId>,
         limit: u32,
     ) -> StoreResult<Vec<AuditEvent>>;
+}
+
+/// [`Store::settle_challenge`] from the store's other methods: reads, then changes the challenge
+/// only if its attempts are still those it read, and reads again when another check got there
+/// first. The trait's default, and a batching store's way for a check that lost its race.
+pub async fn settle_by_read_and_write<S: Store + ?Sized>(
+    store: &S,
+    tenant: &TenantId,
+    id: &ChallengeId,
+    judge: &ChallengeJudge,
+) -> StoreResult<Option<Settled>> {
+    for _ in 0..crate::service::MAX_RACE_RETRIES {
+        let Some(challenge) = store.get_challenge(tenant, id).await? else {
+            return Ok(None);
+        };
+        let verdict = judge(&challenge);
+        let carried_out = match &verdict {
+            Verdict::Consume { now, audit } => {
+                store
+                    .consume_challenge(id, challenge.attempts, *now, audit)
+                    .await?
+            }
+            Verdict::CountFailure { now, audit } => {
+                store
+                    .record_failed_check(id, challenge.attempts, *now, audit)
+                    .await?
+            }
+            Verdict::Leave(_) => true,
+        };
+        if carried_out {
+            return Ok(Some(Settled { challenge, verdict }));
+        }
+    }
+    Err(StoreError::Other(
+        "challenge kept changing under the check".into(),
+    ))
 }

@@ -6,6 +6,7 @@
 
 mod rows;
 mod schema;
+mod settle;
 mod store;
 
 use std::str::FromStr;
@@ -43,6 +44,8 @@ impl PgSettings {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Code checks waiting to be settled in a batch (see the `settle` module).
+    settles: tokio::sync::mpsc::UnboundedSender<settle::SettleRequest>,
 }
 
 /// Maps a driver error; unique violations become `Conflict(what)`, lost connections
@@ -95,7 +98,10 @@ impl PgStore {
             .await
             .map_err(db)?;
         schema::migrate(&pool).await?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            settles: settle::start(),
+        })
     }
 
     /// The pool (for tests and diagnostics).

@@ -8,8 +8,8 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    CodeReplacement, Contact, LoginCompletion, PhoneCompletion, QueryPlan, RangeOutcomes,
-    SealedKind, SealedSecret, SendScope, Store, StoreResult,
+    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, PhoneCompletion, QueryPlan,
+    RangeOutcomes, SealedKind, SealedSecret, SendScope, Settled, Store, StoreResult,
 };
 use sqlx::postgres::PgRow;
 // Dynamic SQL here is built only from the constant column lists in `rows`; every value is bound.
@@ -28,7 +28,7 @@ const INSERT_AUDIT: &str = "INSERT INTO audit_events \
      $6::float8[], $7::float8[], $8::text[], $9::int8[])";
 
 /// Binds `events` as the nine arrays `INSERT_AUDIT` (or a statement ending with it) takes first.
-fn bind_audit<'q>(
+pub(crate) fn bind_audit<'q>(
     query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
     events: &[AuditEvent],
 ) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
@@ -842,6 +842,25 @@ impl Store for PgStore {
             .map_err(db)?
             .try_get(0)
             .map_err(db)
+    }
+
+    async fn settle_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        judge: ChallengeJudge,
+    ) -> StoreResult<Option<Settled>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = crate::settle::SettleRequest {
+            store: self.clone(),
+            tenant: tenant.clone(),
+            id: id.clone(),
+            judge,
+            reply,
+        };
+        let stopped = || StoreError::Unavailable("the code check batcher stopped".into());
+        self.settles.send(request).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn cancel_challenge(
@@ -1661,6 +1680,11 @@ impl Store for PgStore {
             .chain([
                 ("complete a code login", CODE_LOGIN.as_str()),
                 ("consume a code with its audit", CONSUME_WITH_AUDIT.as_str()),
+                (
+                    "challenges of a batch of checks",
+                    crate::settle::CHALLENGES_BY_ID.as_str(),
+                ),
+                ("settle a batch of checks", crate::settle::CARRY_OUT),
             ])
             .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)));
         let mut plans = Vec::new();

@@ -55,6 +55,7 @@ macro_rules! store_contract_tests {
             challenges_are_isolated_by_tenant,
             fifty_concurrent_consumes_give_exactly_one_success,
             a_settled_check_sees_the_challenge_and_changes_it_once,
+            concurrent_checks_of_many_challenges_each_settle_once,
             a_failed_login_completion_changes_nothing,
             a_login_completion_spends_ticket_challenge_and_step,
             totp_steps_only_move_forward,
@@ -572,6 +573,113 @@ pub async fn a_settled_check_sees_the_challenge_and_changes_it_once(store: Arc<d
         (stored.status, stored.attempts),
         (ChallengeStatus::Approved, 1)
     );
+}
+
+/// A judge that consumes or counts a failure, with one audit event naming the challenge.
+fn audited_judge(tenant: &Tenant, consume: bool) -> ChallengeJudge {
+    let tenant = tenant.clone();
+    Arc::new(move |c: &Challenge| {
+        let detail = format!("challenge {}", c.id);
+        match c.status_at(t0()) {
+            ChallengeStatus::Pending if consume => Verdict::Consume {
+                now: t0(),
+                audit: vec![event(&tenant, AuditKind::OtpAccepted, &detail)],
+            },
+            ChallengeStatus::Pending => Verdict::CountFailure {
+                now: t0(),
+                audit: vec![event(&tenant, AuditKind::OtpRejected, &detail)],
+            },
+            other => Verdict::Leave(other),
+        }
+    })
+}
+
+pub async fn concurrent_checks_of_many_challenges_each_settle_once(store: Arc<dyn Store>) {
+    // Arrange: thirty challenges; ten get the right code, ten a wrong one, ten a wrong one at
+    // their last attempt. Beside them, checks of another tenant's challenges and of unknown ids.
+    let t = tenant(&store, "many").await;
+    let other = tenant(&store, "many-other").await;
+    let mut checks = Vec::new();
+    for n in 0..30 {
+        let mut ch = challenge(&t, &format!("+9891212{n:05}"));
+        if n >= 20 {
+            ch.attempts = ch.max_attempts - 1;
+        }
+        store.insert_challenge(&ch, None, &[]).await.unwrap();
+        checks.push((t.id.clone(), ch, n < 10));
+    }
+    let foreign = challenge(&other, "+989121299999");
+    store.insert_challenge(&foreign, None, &[]).await.unwrap();
+    let strays: Vec<ChallengeId> = (0..5)
+        .map(|n| {
+            if n == 0 {
+                foreign.id.clone()
+            } else {
+                ChallengeId::generate().unwrap()
+            }
+        })
+        .collect();
+    // Act: all at once.
+    let tasks: Vec<_> = checks
+        .iter()
+        .map(|(tenant, ch, right)| {
+            let (store, tenant, id) = (Arc::clone(&store), tenant.clone(), ch.id.clone());
+            let judge = audited_judge(&t, *right);
+            tokio::spawn(async move { store.settle_challenge(&tenant, &id, judge).await })
+        })
+        .collect();
+    let stray_tasks: Vec<_> = strays
+        .iter()
+        .map(|id| {
+            let (store, tenant, id) = (Arc::clone(&store), t.id.clone(), id.clone());
+            tokio::spawn(async move { store.settle_challenge(&tenant, &id, judge(true)).await })
+        })
+        .collect();
+    // Assert: every check got its own challenge's verdict, and the store holds exactly that.
+    for ((_, ch, right), task) in checks.iter().zip(tasks) {
+        let settled = task.await.unwrap().unwrap().unwrap();
+        assert_eq!(settled.challenge.id, ch.id);
+        assert_eq!(settled.challenge.attempts, ch.attempts);
+        let now = stored(&store, ch).await;
+        if *right {
+            assert!(matches!(settled.verdict, Verdict::Consume { .. }));
+            assert_eq!((now.status, now.attempts), (ChallengeStatus::Approved, 0));
+        } else {
+            assert!(matches!(settled.verdict, Verdict::CountFailure { .. }));
+            let status = if ch.attempts + 1 >= ch.max_attempts {
+                ChallengeStatus::MaxAttemptsReached
+            } else {
+                ChallengeStatus::Pending
+            };
+            assert_eq!((now.status, now.attempts), (status, ch.attempts + 1));
+        }
+    }
+    for task in stray_tasks {
+        assert!(task.await.unwrap().unwrap().is_none());
+    }
+    assert_eq!(
+        stored(&store, &foreign).await.status,
+        ChallengeStatus::Pending
+    );
+    // One audit event per check, each naming its own challenge with its own verdict.
+    let events = store.list_audit(&t.id, None, 100).await.unwrap();
+    assert_eq!(events.len(), 30);
+    for (_, ch, right) in &checks {
+        let kind = if *right {
+            AuditKind::OtpAccepted
+        } else {
+            AuditKind::OtpRejected
+        };
+        let detail = format!("challenge {}", ch.id);
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| e.detail == detail && e.kind == kind)
+                .count(),
+            1,
+            "{detail}"
+        );
+    }
 }
 
 async fn login_fixture(store: &Arc<dyn Store>) -> (Tenant, User, Challenge, LoginTicket) {

@@ -1,0 +1,255 @@
+//! Code checks settled in batches. Each check used to be two round trips of its own (read the
+//! challenge, then a conditional change with its audit rows), and PostgreSQL spent most of its
+//! time starting, planning and committing those tiny statements. Here the checks that arrive
+//! together share them: one `SELECT … WHERE id = ANY` reads every challenge, the core's judge
+//! decides each, and one statement changes them all (arrays bound per column, `UNNEST`) with
+//! their audit rows, in one commit.
+//!
+//! The rules stay the core's and the guarantees stay the single-check ones: the change of each
+//! challenge is conditional on the attempts the judge saw (READ COMMITTED re-checks the
+//! condition after waiting for a concurrent writer of the row), and a check whose condition no
+//! longer held — another check, here or on another instance, got there first — is settled
+//! alone again by [`settle_by_read_and_write`], as it would have been without the batch. So is
+//! the second check of one challenge in the same batch.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use otpgate_core::StoreError;
+use otpgate_core::model::{AuditEvent, Challenge, ChallengeId, TenantId};
+use otpgate_core::store::{
+    ChallengeJudge, Settled, StoreResult, Verdict, settle_by_read_and_write,
+};
+use sqlx::AssertSqlSafe;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::rows::{self, ms};
+use crate::store::bind_audit;
+use crate::{PgStore, db};
+
+/// The most checks one batch takes, so one statement stays small.
+const MAX_BATCH: usize = 256;
+
+/// Batches in flight at once: while one waits for its commit, the next is read and judged.
+const BATCHERS: usize = 2;
+
+/// One caller's check, waiting for its batch.
+pub(crate) struct SettleRequest {
+    /// The store to settle in (the batchers hold none of their own, so they end with the last
+    /// store).
+    pub store: PgStore,
+    pub tenant: TenantId,
+    pub id: ChallengeId,
+    pub judge: ChallengeJudge,
+    pub reply: oneshot::Sender<StoreResult<Option<Settled>>>,
+}
+
+/// Starts the batchers; checks go into the returned queue.
+pub(crate) fn start() -> mpsc::UnboundedSender<SettleRequest> {
+    let (queue, requests) = mpsc::unbounded_channel();
+    let requests = Arc::new(Mutex::new(requests));
+    for _ in 0..BATCHERS {
+        tokio::spawn(run_batcher(Arc::clone(&requests)));
+    }
+    queue
+}
+
+async fn run_batcher(requests: Arc<Mutex<mpsc::UnboundedReceiver<SettleRequest>>>) {
+    loop {
+        let mut batch = Vec::new();
+        {
+            let mut requests = requests.lock().await;
+            if requests.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                return;
+            }
+        }
+        settle_batch(batch).await;
+    }
+}
+
+/// A check the core judged, to be carried out.
+struct Judged {
+    request: SettleRequest,
+    challenge: Challenge,
+    verdict: Verdict,
+}
+
+async fn settle_batch(batch: Vec<SettleRequest>) {
+    let Some(store) = batch.first().map(|r| r.store.clone()) else {
+        return;
+    };
+    let mut first_of_each = HashSet::new();
+    let (batch, repeats): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .partition(|r| first_of_each.insert(r.id.clone()));
+    let ids: Vec<&str> = batch.iter().map(|r| r.id.as_str()).collect();
+    let mut challenges = match store.challenges_by_id(&ids).await {
+        Ok(found) => found,
+        Err(e) => return fail_all(batch.into_iter().chain(repeats), &e),
+    };
+    let mut judged = Vec::new();
+    for request in batch {
+        let Some(challenge) = challenges
+            .remove(&request.id)
+            .filter(|c| c.tenant_id == request.tenant)
+        else {
+            let _ = request.reply.send(Ok(None));
+            continue;
+        };
+        // Judges are the core's code running on a task other checks share: one that panics
+        // fails its own check only.
+        let judge = &request.judge;
+        let verdict =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| judge(&challenge))) {
+                Ok(verdict) => verdict,
+                Err(_) => {
+                    tracing::error!("a code check's judge panicked");
+                    let _ = request
+                        .reply
+                        .send(Err(StoreError::Other("judge panicked".into())));
+                    continue;
+                }
+            };
+        if let Verdict::Leave(_) = verdict {
+            let _ = request.reply.send(Ok(Some(Settled { challenge, verdict })));
+            continue;
+        }
+        judged.push(Judged {
+            request,
+            challenge,
+            verdict,
+        });
+    }
+    if !judged.is_empty() {
+        match store.carry_out(&judged).await {
+            Ok(changed) => {
+                for Judged {
+                    request,
+                    challenge,
+                    verdict,
+                } in judged
+                {
+                    if changed.contains(request.id.as_str()) {
+                        let _ = request.reply.send(Ok(Some(Settled { challenge, verdict })));
+                    } else {
+                        settle_alone(request);
+                    }
+                }
+            }
+            Err(e) => fail_all(judged.into_iter().map(|j| j.request), &e),
+        }
+    }
+    for request in repeats {
+        settle_alone(request);
+    }
+}
+
+/// Settles one check on its own task, as a store without batches would.
+fn settle_alone(request: SettleRequest) {
+    tokio::spawn(async move {
+        let SettleRequest {
+            store,
+            tenant,
+            id,
+            judge,
+            reply,
+        } = request;
+        let _ = reply.send(settle_by_read_and_write(&store, &tenant, &id, &judge).await);
+    });
+}
+
+fn fail_all(requests: impl IntoIterator<Item = SettleRequest>, e: &StoreError) {
+    for request in requests {
+        let _ = request.reply.send(Err(e.clone()));
+    }
+}
+
+/// Every consume and every counted failure of a batch, with their audit rows, in one statement.
+/// Each change is conditional as in the single-check statements (`CONSUME_WITH_AUDIT` and
+/// `record_failed_check`); the audit rows of a check are written only if its change was, and
+/// the ids that changed come back.
+pub(crate) const CARRY_OUT: &str = "WITH checks AS ( \
+         SELECT * FROM UNNEST($10::text[], $11::int8[], $12::bool[], $13::int8[]) \
+         AS c(id, attempts, consume, at)), \
+     changed AS ( \
+         UPDATE challenges ch SET \
+             status = CASE WHEN c.consume THEN 'approved' \
+                 WHEN ch.attempts + 1 >= ch.max_attempts THEN 'max_attempts_reached' \
+                 ELSE ch.status END, \
+             attempts = CASE WHEN c.consume THEN ch.attempts ELSE ch.attempts + 1 END, \
+             resolved_at = CASE WHEN c.consume OR ch.attempts + 1 >= ch.max_attempts \
+                 THEN c.at ELSE ch.resolved_at END \
+         FROM checks c \
+         WHERE ch.id = c.id AND ch.attempts = c.attempts AND ch.status = 'pending' \
+         AND ch.expires_at > c.at \
+         RETURNING ch.id), \
+     audit AS ( \
+         INSERT INTO audit_events \
+         (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
+         SELECT e.tenant_id, e.user_id, e.kind, e.detail, e.ip, e.latitude, e.longitude, \
+             e.mode, e.at \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::float8[], $7::float8[], $8::text[], $9::int8[], $14::text[]) \
+         AS e(tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at, challenge) \
+         WHERE e.challenge IN (SELECT id FROM changed)) \
+     SELECT id FROM changed";
+
+/// The statement that reads a batch's challenges (built once).
+pub(crate) static CHALLENGES_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM challenges WHERE id = ANY($1::text[])",
+        rows::CHALLENGE_COLUMNS
+    )
+});
+
+impl PgStore {
+    /// The challenges with these ids, by id (by the primary key; tenants are checked by the
+    /// caller on each row).
+    async fn challenges_by_id(&self, ids: &[&str]) -> StoreResult<HashMap<ChallengeId, Challenge>> {
+        let sql: &'static str = CHALLENGES_BY_ID.as_str();
+        let found = sqlx::query(AssertSqlSafe(sql))
+            .bind(ids)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db)?;
+        found
+            .iter()
+            .map(|row| rows::challenge(row).map(|c| (c.id.clone(), c)).map_err(db))
+            .collect()
+    }
+
+    /// Carries out the judged checks; answers the ids whose change was made.
+    async fn carry_out(&self, judged: &[Judged]) -> StoreResult<HashSet<String>> {
+        let mut audit: Vec<AuditEvent> = Vec::new();
+        let mut audit_of: Vec<&str> = Vec::new();
+        let (mut ids, mut attempts, mut consume, mut at) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for j in judged {
+            let (is_consume, now, events) = match &j.verdict {
+                Verdict::Consume { now, audit } => (true, now, audit),
+                Verdict::CountFailure { now, audit } => (false, now, audit),
+                Verdict::Leave(_) => continue,
+            };
+            ids.push(j.challenge.id.as_str());
+            attempts.push(i64::from(j.challenge.attempts));
+            consume.push(is_consume);
+            at.push(ms(*now));
+            audit.extend(events.iter().cloned());
+            audit_of.extend(events.iter().map(|_| j.challenge.id.as_str()));
+        }
+        let changed: Vec<String> = bind_audit(sqlx::query(CARRY_OUT), &audit)
+            .bind(ids)
+            .bind(attempts)
+            .bind(consume)
+            .bind(at)
+            .bind(audit_of)
+            .fetch_all(self.pool())
+            .await
+            .map_err(db)?
+            .iter()
+            .map(|row| sqlx::Row::try_get(row, 0))
+            .collect::<Result<_, _>>()
+            .map_err(db)?;
+        Ok(changed.into_iter().collect())
+    }
+}
