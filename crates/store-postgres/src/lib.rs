@@ -4,6 +4,9 @@
 //! Conditional `UPDATE`s at READ COMMITTED re-check their `WHERE` after waiting for a concurrent
 //! writer of the same row, so "consume if attempts are still N" succeeds for one caller only.
 
+mod batch;
+mod login;
+mod lookup;
 mod rows;
 mod schema;
 mod settle;
@@ -46,6 +49,12 @@ pub struct PgStore {
     pool: PgPool,
     /// Code checks waiting to be settled in a batch (see the `settle` module).
     settles: tokio::sync::mpsc::UnboundedSender<settle::SettleRequest>,
+    /// Code logins waiting to be completed in a batch (see the `login` module).
+    logins: tokio::sync::mpsc::UnboundedSender<login::LoginRequest>,
+    /// Point reads waiting to share a statement (see the `lookup` module).
+    tickets: lookup::LookupQueue<[u8; 32], otpgate_core::model::LoginTicket>,
+    users: lookup::LookupQueue<String, otpgate_core::model::User>,
+    challenges: lookup::LookupQueue<String, otpgate_core::model::Challenge>,
 }
 
 /// Maps a driver error; unique violations become `Conflict(what)`, lost connections
@@ -101,6 +110,10 @@ impl PgStore {
         Ok(PgStore {
             pool,
             settles: settle::start(),
+            logins: login::start(),
+            tickets: lookup::start(store::fetch_tickets),
+            users: lookup::start(store::fetch_users),
+            challenges: lookup::start(store::fetch_challenges),
         })
     }
 

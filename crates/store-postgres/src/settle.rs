@@ -21,22 +21,15 @@ use otpgate_core::store::{
     ChallengeJudge, Settled, StoreResult, Verdict, settle_by_read_and_write,
 };
 use sqlx::AssertSqlSafe;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::rows::{self, ms};
 use crate::store::bind_audit;
 use crate::{PgStore, db};
 
-/// The most checks one batch takes, so one statement stays small.
-const MAX_BATCH: usize = 256;
-
-/// Batches in flight at once: while one waits for its commit, the next is read and judged.
-const BATCHERS: usize = 2;
-
 /// One caller's check, waiting for its batch.
 pub(crate) struct SettleRequest {
-    /// The store to settle in (the batchers hold none of their own, so they end with the last
-    /// store).
+    /// The store to settle in.
     pub store: PgStore,
     pub tenant: TenantId,
     pub id: ChallengeId,
@@ -46,25 +39,7 @@ pub(crate) struct SettleRequest {
 
 /// Starts the batchers; checks go into the returned queue.
 pub(crate) fn start() -> mpsc::UnboundedSender<SettleRequest> {
-    let (queue, requests) = mpsc::unbounded_channel();
-    let requests = Arc::new(Mutex::new(requests));
-    for _ in 0..BATCHERS {
-        tokio::spawn(run_batcher(Arc::clone(&requests)));
-    }
-    queue
-}
-
-async fn run_batcher(requests: Arc<Mutex<mpsc::UnboundedReceiver<SettleRequest>>>) {
-    loop {
-        let mut batch = Vec::new();
-        {
-            let mut requests = requests.lock().await;
-            if requests.recv_many(&mut batch, MAX_BATCH).await == 0 {
-                return;
-            }
-        }
-        settle_batch(batch).await;
-    }
+    crate::batch::start(Arc::new(|batch| Box::pin(settle_batch(batch))))
 }
 
 /// A check the core judged, to be carried out.

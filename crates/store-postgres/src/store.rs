@@ -249,12 +249,19 @@ const SENDS_OF_USER: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM outbox \
 /// The statements of the hot paths whose plans [`Store::query_plans`] shows: the writes as
 /// they run, the reads with the `WHERE` they run with (their column lists change no plan).
 const HOT_STATEMENTS: [(&str, &str); 10] = [
+    // Read in batches (the `lookup` module): one statement for every key asked at once.
     (
         "login ticket by hash",
-        "SELECT * FROM login_tickets WHERE hash = $1",
+        "SELECT * FROM login_tickets WHERE hash = ANY($1::bytea[])",
     ),
-    ("user by id", "SELECT * FROM users WHERE id = $1"),
-    ("challenge by id", "SELECT * FROM challenges WHERE id = $1"),
+    (
+        "user by id",
+        "SELECT * FROM users WHERE id = ANY($1::text[])",
+    ),
+    (
+        "challenge by id",
+        "SELECT * FROM challenges WHERE id = ANY($1::text[])",
+    ),
     (
         "pending challenge of a destination",
         "SELECT * FROM challenges WHERE tenant_id = $1 AND destination = $2 AND purpose = $3 \
@@ -396,6 +403,60 @@ fn decode<T>(mapper: fn(&PgRow) -> sqlx::Result<T>) -> impl Fn(PgRow) -> StoreRe
     move |row| mapper(&row).map_err(db)
 }
 
+/// Point reads of many keys at once, for the lookup batchers; each statement built once.
+static TICKETS_BY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM login_tickets WHERE hash = ANY($1::bytea[])",
+        rows::TICKET_COLUMNS
+    )
+});
+static USERS_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM users WHERE id = ANY($1::text[])",
+        rows::USER_COLUMNS
+    )
+});
+
+type Fetched<K, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = StoreResult<Vec<(K, T)>>> + Send>>;
+
+pub(crate) fn fetch_tickets(
+    store: PgStore,
+    hashes: Vec<[u8; 32]>,
+) -> Fetched<[u8; 32], LoginTicket> {
+    Box::pin(async move {
+        let hashes: Vec<Vec<u8>> = hashes.iter().map(|h| h.to_vec()).collect();
+        let sql: &'static str = TICKETS_BY_HASH.as_str();
+        let query = sqlx::query(AssertSqlSafe(sql)).bind(hashes);
+        let found = store.fetch_all(query, rows::ticket).await?;
+        Ok(found.into_iter().map(|t| (t.hash, t)).collect())
+    })
+}
+
+pub(crate) fn fetch_users(store: PgStore, ids: Vec<String>) -> Fetched<String, User> {
+    Box::pin(async move {
+        let sql: &'static str = USERS_BY_ID.as_str();
+        let query = sqlx::query(AssertSqlSafe(sql)).bind(ids);
+        let found = store.fetch_all(query, rows::user).await?;
+        Ok(found
+            .into_iter()
+            .map(|u| (u.id.as_str().to_owned(), u))
+            .collect())
+    })
+}
+
+pub(crate) fn fetch_challenges(store: PgStore, ids: Vec<String>) -> Fetched<String, Challenge> {
+    Box::pin(async move {
+        let sql: &'static str = crate::settle::CHALLENGES_BY_ID.as_str();
+        let query = sqlx::query(AssertSqlSafe(sql)).bind(ids);
+        let found = store.fetch_all(query, rows::challenge).await?;
+        Ok(found
+            .into_iter()
+            .map(|c| (c.id.as_str().to_owned(), c))
+            .collect())
+    })
+}
+
 impl PgStore {
     async fn begin(&self) -> StoreResult<Tx> {
         self.pool().begin().await.map_err(db)
@@ -463,7 +524,7 @@ impl PgStore {
     /// change together everywhere, and a concurrent consumer waits on the challenge's row lock
     /// and then finds it approved, so "consumed but not spent" cannot happen; were it to, the
     /// answer is still `false` (fail closed).
-    async fn complete_code_login(
+    pub(crate) async fn complete_code_login(
         &self,
         done: &LoginCompletion,
         ticket: &[u8; 32],
@@ -492,11 +553,31 @@ impl PgStore {
 #[async_trait]
 impl Store for PgStore {
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1")
-            .execute(self.pool())
-            .await
-            .map(|_| ())
-            .map_err(db)
+        // Every idle connection, held at once so that each ping meets another one. Connections
+        // are not tested before use (see `connect`), and the batched statements use only a few
+        // of them, so after a database restart the others would stay in the pool, dead, each
+        // failing one request later; a probe drops them instead, and so heals the pool.
+        // Ready once one connection answers and no idle one is left untried; every connection
+        // of the pool and one new one at most.
+        let mut held = Vec::new();
+        let mut last_error = None;
+        for _ in 0..=self.pool().size() {
+            let mut conn = self.pool().acquire().await.map_err(db)?;
+            match sqlx::Connection::ping(&mut *conn).await {
+                Ok(()) => held.push(conn),
+                Err(e) => {
+                    conn.close_on_drop();
+                    last_error = Some(e);
+                }
+            }
+            if !held.is_empty() && self.pool().num_idle() == 0 {
+                return Ok(());
+            }
+        }
+        match last_error {
+            Some(e) if held.is_empty() => Err(db(e)),
+            _ => Ok(()),
+        }
     }
 
     async fn insert_tenant(&self, t: &Tenant) -> StoreResult<()> {
@@ -604,14 +685,11 @@ impl Store for PgStore {
         // By the primary key alone, the tenant checked on the row: with `tenant_id = $1` in the
         // WHERE, a prepared statement planned while the table was empty could settle on the
         // (tenant_id, username) index and later walk every user of the tenant.
-        let sql = format!("SELECT {} FROM users WHERE id = $1", rows::USER_COLUMNS);
-        Ok(self
-            .fetch_optional(
-                sqlx::query(AssertSqlSafe(sql)).bind(id.as_str()),
-                rows::user,
-            )
-            .await?
-            .filter(|user| user.tenant_id == *tenant))
+        Ok(
+            crate::lookup::look_up(&self.users, self, id.as_str().to_owned())
+                .await?
+                .filter(|user| user.tenant_id == *tenant),
+        )
     }
 
     async fn record_login_failure(
@@ -735,17 +813,11 @@ impl Store for PgStore {
         id: &ChallengeId,
     ) -> StoreResult<Option<Challenge>> {
         // By the primary key alone, the tenant checked on the row (as for a user by id).
-        let sql = format!(
-            "SELECT {} FROM challenges WHERE id = $1",
-            rows::CHALLENGE_COLUMNS
-        );
-        Ok(self
-            .fetch_optional(
-                sqlx::query(AssertSqlSafe(sql)).bind(id.as_str()),
-                rows::challenge,
-            )
-            .await?
-            .filter(|challenge| challenge.tenant_id == *tenant))
+        Ok(
+            crate::lookup::look_up(&self.challenges, self, id.as_str().to_owned())
+                .await?
+                .filter(|challenge| challenge.tenant_id == *tenant),
+        )
     }
 
     async fn find_pending_challenge(
@@ -962,15 +1034,7 @@ impl Store for PgStore {
     }
 
     async fn get_login_ticket(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginTicket>> {
-        let sql = format!(
-            "SELECT {} FROM login_tickets WHERE hash = $1",
-            rows::TICKET_COLUMNS
-        );
-        self.fetch_optional(
-            sqlx::query(AssertSqlSafe(sql)).bind(hash.as_slice()),
-            rows::ticket,
-        )
-        .await
+        crate::lookup::look_up(&self.tickets, self, *hash).await
     }
 
     async fn complete_login(&self, done: &LoginCompletion) -> StoreResult<bool> {
@@ -979,7 +1043,16 @@ impl Store for PgStore {
             && done.totp_step.is_none()
             && done.verified.is_none()
         {
-            return self.complete_code_login(done, ticket).await;
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let request = crate::login::LoginRequest {
+                store: self.clone(),
+                done: done.clone(),
+                ticket: *ticket,
+                reply,
+            };
+            let stopped = || StoreError::Unavailable("the login batcher stopped".into());
+            self.logins.send(request).map_err(|_| stopped())?;
+            return answer.await.map_err(|_| stopped())?;
         }
         // Few round trips: each costs more here than the work of its statement. Returning
         // false drops the transaction, which rolls back whatever it did.
@@ -1680,11 +1753,8 @@ impl Store for PgStore {
             .chain([
                 ("complete a code login", CODE_LOGIN.as_str()),
                 ("consume a code with its audit", CONSUME_WITH_AUDIT.as_str()),
-                (
-                    "challenges of a batch of checks",
-                    crate::settle::CHALLENGES_BY_ID.as_str(),
-                ),
                 ("settle a batch of checks", crate::settle::CARRY_OUT),
+                ("complete a batch of code logins", crate::login::CODE_LOGINS),
             ])
             .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)));
         let mut plans = Vec::new();

@@ -56,8 +56,10 @@ macro_rules! store_contract_tests {
             fifty_concurrent_consumes_give_exactly_one_success,
             a_settled_check_sees_the_challenge_and_changes_it_once,
             concurrent_checks_of_many_challenges_each_settle_once,
+            concurrent_reads_each_get_their_own_row,
             a_failed_login_completion_changes_nothing,
             a_login_completion_spends_ticket_challenge_and_step,
+            concurrent_login_completions_each_complete_once,
             totp_steps_only_move_forward,
             sessions_are_revoked_once,
             outbox_claims_are_leases_and_delivery_erases_the_code,
@@ -682,6 +684,59 @@ pub async fn concurrent_checks_of_many_challenges_each_settle_once(store: Arc<dy
     }
 }
 
+pub async fn concurrent_reads_each_get_their_own_row(store: Arc<dyn Store>) {
+    // Arrange: twenty users and their challenges, another tenant's user.
+    let t = tenant(&store, "reads").await;
+    let other = tenant(&store, "reads-other").await;
+    let mut users = Vec::new();
+    for n in 0..20 {
+        let u = user(&t, &format!("reader{n}"));
+        store.insert_user(&u, &[]).await.unwrap();
+        let ch = challenge(&t, &format!("+9891213{n:05}"));
+        store.insert_challenge(&ch, None, &[]).await.unwrap();
+        users.push((u, ch));
+    }
+    let foreign = user(&other, "reader-other");
+    store.insert_user(&foreign, &[]).await.unwrap();
+    // Act: each user and challenge asked three times at once, beside unknown and foreign keys.
+    let tasks: Vec<_> = (0..3)
+        .flat_map(|_| users.iter())
+        .map(|(u, ch)| {
+            let (store, tenant, uid, cid) = (
+                Arc::clone(&store),
+                t.id.clone(),
+                u.id.clone(),
+                ch.id.clone(),
+            );
+            tokio::spawn(async move {
+                let user = store.get_user(&tenant, &uid).await.unwrap();
+                let challenge = store.get_challenge(&tenant, &cid).await.unwrap();
+                (uid, cid, user, challenge)
+            })
+        })
+        .collect();
+    let strays: Vec<_> = (0..5)
+        .map(|n| {
+            let (store, tenant) = (Arc::clone(&store), t.id.clone());
+            let id = if n == 0 {
+                foreign.id.clone()
+            } else {
+                UserId::generate().unwrap()
+            };
+            tokio::spawn(async move { store.get_user(&tenant, &id).await.unwrap() })
+        })
+        .collect();
+    // Assert
+    for task in tasks {
+        let (uid, cid, user, challenge) = task.await.unwrap();
+        assert_eq!(user.map(|u| u.id), Some(uid));
+        assert_eq!(challenge.map(|c| c.id), Some(cid));
+    }
+    for task in strays {
+        assert!(task.await.unwrap().is_none());
+    }
+}
+
 async fn login_fixture(store: &Arc<dyn Store>) -> (Tenant, User, Challenge, LoginTicket) {
     let t = tenant(store, "login").await;
     let u = user(&t, "ali");
@@ -814,6 +869,85 @@ pub async fn a_login_completion_spends_ticket_challenge_and_step(store: Arc<dyn 
     }
     assert!(!store.complete_login(&again).await.unwrap());
     assert!(store.get_session(&[7; 32]).await.unwrap().is_none());
+}
+
+pub async fn concurrent_login_completions_each_complete_once(store: Arc<dyn Store>) {
+    // Arrange: twenty logins, each with a failed attempt on its account, each completed twice at
+    // once (two sessions competing for one ticket).
+    let t = tenant(&store, "logins").await;
+    let mut logins = Vec::new();
+    for n in 0..20_u8 {
+        let u = user(&t, &format!("login{n}"));
+        store.insert_user(&u, &[]).await.unwrap();
+        store.record_login_failure(&t.id, &u.id, &[]).await.unwrap();
+        let mut ch = challenge(&t, &format!("+9891214{n:05}"));
+        ch.user_id = Some(u.id.clone());
+        ch.purpose = Purpose::Login;
+        let ticket = LoginTicket {
+            hash: [100 + n; 32],
+            tenant_id: t.id.clone(),
+            user_id: u.id.clone(),
+            challenge_id: ch.id.clone(),
+            channel: Channel::Sms,
+            created_at: t0(),
+            expires_at: t0() + Duration::from_secs(300),
+            used_at: None,
+        };
+        store
+            .insert_login_ticket(&ticket, &ch, Some(&message(&ch, t0())), &[])
+            .await
+            .unwrap();
+        logins.push((u, ch, ticket.hash));
+    }
+    // Act
+    let (tenant_ref, store_ref) = (&t, &store);
+    let tasks: Vec<_> = logins
+        .iter()
+        .flat_map(|(u, ch, ticket)| {
+            (0..2_u8).map(move |round| {
+                let (t, store) = (tenant_ref, store_ref);
+                let mut done = completion(u, ch, 0, None);
+                done.ticket_hash = Some(*ticket);
+                if let Some(session) = done.session.as_mut() {
+                    session.hash = [
+                        ticket[0], round, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+                    ];
+                }
+                done.audit = vec![event(t, AuditKind::TokenIssued, &format!("{}", ch.id))];
+                let store = Arc::clone(store);
+                tokio::spawn(async move { store.complete_login(&done).await.unwrap() })
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    // Assert: one completion of each pair won, and everything it changes is changed once.
+    for (pair, (u, ch, ticket)) in outcomes.chunks(2).zip(&logins) {
+        assert_eq!(pair.iter().filter(|won| **won).count(), 1, "{}", ch.id);
+        let spent = store.get_login_ticket(ticket).await.unwrap().unwrap();
+        assert!(spent.used_at.is_some());
+        assert_eq!(stored(&store, ch).await.status, ChallengeStatus::Approved);
+        let mut sessions = 0;
+        for round in 0..2_u8 {
+            let mut hash = [0_u8; 32];
+            (hash[0], hash[1], hash[31]) = (ticket[0], round, 1);
+            if let Some(session) = store.get_session(&hash).await.unwrap() {
+                assert_eq!(session.user_id, u.id);
+                sessions += 1;
+            }
+        }
+        assert_eq!(sessions, 1);
+        let user = store.get_user(&t.id, &u.id).await.unwrap().unwrap();
+        assert_eq!(user.failed_logins, 0);
+    }
+    let events = store.list_audit(&t.id, None, 100).await.unwrap();
+    for (_, ch, _) in &logins {
+        let detail = ch.id.to_string();
+        assert_eq!(events.iter().filter(|e| e.detail == detail).count(), 1);
+    }
 }
 
 fn factor(u: &User, confirmed: bool) -> TotpFactor {

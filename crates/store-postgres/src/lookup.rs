@@ -1,0 +1,91 @@
+//! Point reads by key, batched: the lookups of one kind (a ticket by hash, a user or a challenge
+//! by id) that arrive together share one `WHERE key = ANY($1)` statement. A login step reads a
+//! ticket, a user and a challenge; alone, each read is a round trip in which PostgreSQL spends
+//! far more time on the statement's start, plan and snapshot than on the row.
+//!
+//! A batch's statement is sent after every request in it was made, so each caller still sees
+//! every write that finished before it asked, as with a read of its own.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use otpgate_core::StoreError;
+use otpgate_core::store::StoreResult;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::PgStore;
+
+/// Reads the rows of these keys (each key at most once), with their keys.
+pub(crate) type Fetch<K, T> =
+    fn(PgStore, Vec<K>) -> Pin<Box<dyn Future<Output = StoreResult<Vec<(K, T)>>> + Send>>;
+
+/// One caller's lookup, waiting for its batch.
+pub(crate) struct LookupRequest<K, T> {
+    /// The store to read from (the batchers hold none of their own, so they end with the last
+    /// store).
+    store: PgStore,
+    key: K,
+    reply: oneshot::Sender<StoreResult<Option<T>>>,
+}
+
+/// Where one kind of lookup is queued.
+pub(crate) type LookupQueue<K, T> = mpsc::UnboundedSender<LookupRequest<K, T>>;
+
+/// Starts the batchers of one kind of lookup.
+pub(crate) fn start<K, T>(fetch: Fetch<K, T>) -> LookupQueue<K, T>
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    T: Clone + Send + 'static,
+{
+    crate::batch::start(Arc::new(move |batch| Box::pin(answer(batch, fetch))))
+}
+
+/// Looks `key` up in the next batch of its kind.
+pub(crate) async fn look_up<K, T>(
+    queue: &LookupQueue<K, T>,
+    store: &PgStore,
+    key: K,
+) -> StoreResult<Option<T>> {
+    let (reply, answer) = oneshot::channel();
+    let stopped = || StoreError::Unavailable("the lookup batcher stopped".into());
+    queue
+        .send(LookupRequest {
+            store: store.clone(),
+            key,
+            reply,
+        })
+        .map_err(|_| stopped())?;
+    answer.await.map_err(|_| stopped())?
+}
+
+async fn answer<K, T>(batch: Vec<LookupRequest<K, T>>, fetch: Fetch<K, T>)
+where
+    K: Eq + Hash + Clone + Send + 'static,
+    T: Clone + Send + 'static,
+{
+    let Some(store) = batch.first().map(|r| r.store.clone()) else {
+        return;
+    };
+    let mut distinct = HashSet::new();
+    let keys: Vec<K> = batch
+        .iter()
+        .filter(|r| distinct.insert(r.key.clone()))
+        .map(|r| r.key.clone())
+        .collect();
+    match fetch(store, keys).await {
+        Ok(rows) => {
+            let found: HashMap<K, T> = rows.into_iter().collect();
+            for request in batch {
+                let _ = request.reply.send(Ok(found.get(&request.key).cloned()));
+            }
+        }
+        Err(e) => {
+            for request in batch {
+                let _ = request.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
