@@ -5,7 +5,9 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use otpgate_core::StoreError;
 use tokio::sync::{Mutex, mpsc};
 
 /// The most requests one batch takes, so one statement stays small.
@@ -14,30 +16,140 @@ const MAX_BATCH: usize = 256;
 /// Batches of one kind in flight at once: while one waits for PostgreSQL, the next gathers.
 const BATCHERS: usize = 2;
 
+/// A request waiting in a batch queue.
+pub(crate) trait Request: Send + 'static {
+    /// Answers it with `e`, without running it.
+    fn fail(self, e: &StoreError);
+}
+
 /// Runs one batch and answers every request in it.
 pub(crate) type Handler<R> =
     Arc<dyn Fn(Vec<R>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// Starts the tasks of one kind of batch; requests go into the returned queue. The tasks end
-/// when every sender is gone (requests should carry what the handler needs, the store included,
-/// so that no task keeps the store, and so its senders, alive).
-pub(crate) fn start<R: Send + 'static>(handle: Handler<R>) -> mpsc::UnboundedSender<R> {
-    let (queue, requests) = mpsc::unbounded_channel();
+/// Where requests of one kind wait for their batch.
+pub(crate) struct Queue<R> {
+    sender: mpsc::UnboundedSender<(Instant, R)>,
+}
+
+impl<R> Clone for Queue<R> {
+    fn clone(&self) -> Self {
+        Queue {
+            sender: self.sender.clone(),
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for Queue<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue").finish_non_exhaustive()
+    }
+}
+
+impl<R: Request> Queue<R> {
+    /// Queues `request`; answers it with an error at once if the batchers are gone.
+    pub(crate) fn submit(&self, request: R) {
+        if let Err(mpsc::error::SendError((_, request))) =
+            self.sender.send((Instant::now(), request))
+        {
+            request.fail(&StoreError::Unavailable("the batchers stopped".into()));
+        }
+    }
+}
+
+/// Starts the tasks of one kind of batch. The tasks end when every sender is gone (requests
+/// should carry what the handler needs, the store included, so that no task keeps the store,
+/// and so its queue, alive).
+///
+/// A request that waited longer than `max_wait` (the pool's acquire timeout) fails without
+/// running: the queue has no bound, and while the database does not answer each batch takes a
+/// pool timeout to fail, so without this a request's wait would grow with the queue instead of
+/// staying at about one timeout, as it is without batches.
+pub(crate) fn start<R: Request>(handle: Handler<R>, max_wait: Duration) -> Queue<R> {
+    let (sender, requests) = mpsc::unbounded_channel::<(Instant, R)>();
     let requests = Arc::new(Mutex::new(requests));
     for _ in 0..BATCHERS {
         let (requests, handle) = (Arc::clone(&requests), Arc::clone(&handle));
         tokio::spawn(async move {
             loop {
-                let mut batch = Vec::new();
+                let mut queued = Vec::new();
                 {
                     let mut requests = requests.lock().await;
-                    if requests.recv_many(&mut batch, MAX_BATCH).await == 0 {
+                    if requests.recv_many(&mut queued, MAX_BATCH).await == 0 {
                         return;
                     }
                 }
-                handle(batch).await;
+                let mut batch = Vec::with_capacity(queued.len());
+                for (since, request) in queued {
+                    if since.elapsed() > max_wait {
+                        request.fail(&StoreError::Unavailable(
+                            "the database did not answer in time".into(),
+                        ));
+                    } else {
+                        batch.push(request);
+                    }
+                }
+                if !batch.is_empty() {
+                    handle(batch).await;
+                }
             }
         });
     }
-    queue
+    Queue { sender }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    struct Probe {
+        id: u32,
+        reply: oneshot::Sender<Result<u32, StoreError>>,
+    }
+
+    impl Request for Probe {
+        fn fail(self, e: &StoreError) {
+            let _ = self.reply.send(Err(e.clone()));
+        }
+    }
+
+    fn probe(queue: &Queue<Probe>, id: u32) -> oneshot::Receiver<Result<u32, StoreError>> {
+        let (reply, answer) = oneshot::channel();
+        queue.submit(Probe { id, reply });
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_request_that_waited_past_the_pool_timeout_fails_without_running() {
+        // Arrange: a database that takes 300 ms per batch, and a 50 ms limit on waiting.
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = Arc::clone(&seen);
+        let handler: Handler<Probe> = Arc::new(move |batch: Vec<Probe>| {
+            let recorded = Arc::clone(&recorded);
+            Box::pin(async move {
+                recorded.lock().unwrap().extend(batch.iter().map(|p| p.id));
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                for p in batch {
+                    let _ = p.reply.send(Ok(p.id));
+                }
+            })
+        });
+        let queue = start(handler, Duration::from_millis(50));
+        // Act: one request for each batcher, then three that must wait for them.
+        let first = probe(&queue, 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let second = probe(&queue, 2);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let late: Vec<_> = (3..6).map(|id| probe(&queue, id)).collect();
+        // Assert: the first two ran; the late ones were refused, not run, once they were stale.
+        assert_eq!(first.await.unwrap().unwrap(), 1);
+        assert_eq!(second.await.unwrap().unwrap(), 2);
+        for answer in late {
+            assert!(matches!(
+                answer.await.unwrap(),
+                Err(StoreError::Unavailable(_))
+            ));
+        }
+        assert_eq!(*seen.lock().unwrap(), vec![1, 2]);
+    }
 }

@@ -48,9 +48,9 @@ impl PgSettings {
 pub struct PgStore {
     pool: PgPool,
     /// Code checks waiting to be settled in a batch (see the `settle` module).
-    settles: tokio::sync::mpsc::UnboundedSender<settle::SettleRequest>,
+    settles: batch::Queue<settle::SettleRequest>,
     /// Code logins waiting to be completed in a batch (see the `login` module).
-    logins: tokio::sync::mpsc::UnboundedSender<login::LoginRequest>,
+    logins: batch::Queue<login::LoginRequest>,
     /// Point reads waiting to share a statement (see the `lookup` module).
     tickets: lookup::LookupQueue<[u8; 32], otpgate_core::model::LoginTicket>,
     users: lookup::LookupQueue<String, otpgate_core::model::User>,
@@ -109,11 +109,11 @@ impl PgStore {
         schema::migrate(&pool).await?;
         Ok(PgStore {
             pool,
-            settles: settle::start(),
-            logins: login::start(),
-            tickets: lookup::start(store::fetch_tickets),
-            users: lookup::start(store::fetch_users),
-            challenges: lookup::start(store::fetch_challenges),
+            settles: settle::start(settings.acquire_timeout),
+            logins: login::start(settings.acquire_timeout),
+            tickets: lookup::start(store::fetch_tickets, settings.acquire_timeout),
+            users: lookup::start(store::fetch_users, settings.acquire_timeout),
+            challenges: lookup::start(store::fetch_challenges, settings.acquire_timeout),
         })
     }
 

@@ -10,10 +10,11 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use otpgate_core::model::AuditEvent;
 use otpgate_core::store::{LoginCompletion, StoreResult};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::rows::ms;
 use crate::store::bind_audit;
@@ -28,15 +29,30 @@ pub(crate) struct LoginRequest {
     pub reply: oneshot::Sender<StoreResult<bool>>,
 }
 
+impl crate::batch::Request for LoginRequest {
+    fn fail(self, e: &otpgate_core::StoreError) {
+        let _ = self.reply.send(Err(e.clone()));
+    }
+}
+
 /// Starts the batchers; completions go into the returned queue.
-pub(crate) fn start() -> mpsc::UnboundedSender<LoginRequest> {
-    crate::batch::start(Arc::new(|batch| Box::pin(complete_batch(batch))))
+pub(crate) fn start(max_wait: Duration) -> crate::batch::Queue<LoginRequest> {
+    crate::batch::start(Arc::new(|batch| Box::pin(complete_batch(batch))), max_wait)
 }
 
 async fn complete_batch(batch: Vec<LoginRequest>) {
     let Some(store) = batch.first().map(|r| r.store.clone()) else {
         return;
     };
+    // Alone, the login's own statement is cheaper: PostgreSQL plans the batch statement afresh
+    // for each call (its custom plans), and that costs more than one login's work.
+    // It runs on this task, so the requests that arrive meanwhile form the next batch.
+    if let [_] = batch.as_slice() {
+        for request in batch {
+            complete_one(request).await;
+        }
+        return;
+    }
     let (mut tickets, mut challenges) = (HashSet::new(), HashSet::new());
     let (batch, repeats): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| {
         let new_ticket = tickets.insert(r.ticket);
@@ -59,15 +75,18 @@ async fn complete_batch(batch: Vec<LoginRequest>) {
 
 /// Completes one login with its own statement, on its own task.
 fn complete_alone(request: LoginRequest) {
-    tokio::spawn(async move {
-        let LoginRequest {
-            store,
-            done,
-            ticket,
-            reply,
-        } = request;
-        let _ = reply.send(store.complete_code_login(&done, &ticket).await);
-    });
+    tokio::spawn(complete_one(request));
+}
+
+/// Completes one login with its own statement.
+async fn complete_one(request: LoginRequest) {
+    let LoginRequest {
+        store,
+        done,
+        ticket,
+        reply,
+    } = request;
+    let _ = reply.send(store.complete_code_login(&done, &ticket).await);
 }
 
 /// `CODE_LOGIN` for many logins: the same conditions, each login's row of `logins` standing for

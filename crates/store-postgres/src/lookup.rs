@@ -11,10 +11,11 @@ use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use otpgate_core::StoreError;
 use otpgate_core::store::StoreResult;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::PgStore;
 
@@ -32,15 +33,24 @@ pub(crate) struct LookupRequest<K, T> {
 }
 
 /// Where one kind of lookup is queued.
-pub(crate) type LookupQueue<K, T> = mpsc::UnboundedSender<LookupRequest<K, T>>;
+pub(crate) type LookupQueue<K, T> = crate::batch::Queue<LookupRequest<K, T>>;
+
+impl<K: Send + 'static, T: Send + 'static> crate::batch::Request for LookupRequest<K, T> {
+    fn fail(self, e: &StoreError) {
+        let _ = self.reply.send(Err(e.clone()));
+    }
+}
 
 /// Starts the batchers of one kind of lookup.
-pub(crate) fn start<K, T>(fetch: Fetch<K, T>) -> LookupQueue<K, T>
+pub(crate) fn start<K, T>(fetch: Fetch<K, T>, max_wait: Duration) -> LookupQueue<K, T>
 where
     K: Eq + Hash + Clone + Send + 'static,
     T: Clone + Send + 'static,
 {
-    crate::batch::start(Arc::new(move |batch| Box::pin(answer(batch, fetch))))
+    crate::batch::start(
+        Arc::new(move |batch| Box::pin(answer(batch, fetch))),
+        max_wait,
+    )
 }
 
 /// Looks `key` up in the next batch of its kind.
@@ -48,17 +58,20 @@ pub(crate) async fn look_up<K, T>(
     queue: &LookupQueue<K, T>,
     store: &PgStore,
     key: K,
-) -> StoreResult<Option<T>> {
+) -> StoreResult<Option<T>>
+where
+    K: Send + 'static,
+    T: Send + 'static,
+{
     let (reply, answer) = oneshot::channel();
-    let stopped = || StoreError::Unavailable("the lookup batcher stopped".into());
-    queue
-        .send(LookupRequest {
-            store: store.clone(),
-            key,
-            reply,
-        })
-        .map_err(|_| stopped())?;
-    answer.await.map_err(|_| stopped())?
+    queue.submit(LookupRequest {
+        store: store.clone(),
+        key,
+        reply,
+    });
+    answer
+        .await
+        .map_err(|_| StoreError::Unavailable("the lookup batcher stopped".into()))?
 }
 
 async fn answer<K, T>(batch: Vec<LookupRequest<K, T>>, fetch: Fetch<K, T>)

@@ -14,6 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use otpgate_core::StoreError;
 use otpgate_core::model::{AuditEvent, Challenge, ChallengeId, TenantId};
@@ -21,7 +22,9 @@ use otpgate_core::store::{
     ChallengeJudge, Settled, StoreResult, Verdict, settle_by_read_and_write,
 };
 use sqlx::AssertSqlSafe;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
+
+use crate::batch::Queue;
 
 use crate::rows::{self, ms};
 use crate::store::bind_audit;
@@ -37,9 +40,15 @@ pub(crate) struct SettleRequest {
     pub reply: oneshot::Sender<StoreResult<Option<Settled>>>,
 }
 
+impl crate::batch::Request for SettleRequest {
+    fn fail(self, e: &StoreError) {
+        let _ = self.reply.send(Err(e.clone()));
+    }
+}
+
 /// Starts the batchers; checks go into the returned queue.
-pub(crate) fn start() -> mpsc::UnboundedSender<SettleRequest> {
-    crate::batch::start(Arc::new(|batch| Box::pin(settle_batch(batch))))
+pub(crate) fn start(max_wait: Duration) -> Queue<SettleRequest> {
+    crate::batch::start(Arc::new(|batch| Box::pin(settle_batch(batch))), max_wait)
 }
 
 /// A check the core judged, to be carried out.
@@ -53,6 +62,15 @@ async fn settle_batch(batch: Vec<SettleRequest>) {
     let Some(store) = batch.first().map(|r| r.store.clone()) else {
         return;
     };
+    // Alone, the single-check statements are cheaper: PostgreSQL plans the batch statement
+    // afresh for each call (its custom plans), and that costs more than one check's work.
+    // It runs on this task, so the checks that arrive meanwhile form the next batch.
+    if let [_] = batch.as_slice() {
+        for request in batch {
+            settle_one(request).await;
+        }
+        return;
+    }
     let mut first_of_each = HashSet::new();
     let (batch, repeats): (Vec<_>, Vec<_>) = batch
         .into_iter()
@@ -121,16 +139,19 @@ async fn settle_batch(batch: Vec<SettleRequest>) {
 
 /// Settles one check on its own task, as a store without batches would.
 fn settle_alone(request: SettleRequest) {
-    tokio::spawn(async move {
-        let SettleRequest {
-            store,
-            tenant,
-            id,
-            judge,
-            reply,
-        } = request;
-        let _ = reply.send(settle_by_read_and_write(&store, &tenant, &id, &judge).await);
-    });
+    tokio::spawn(settle_one(request));
+}
+
+/// Settles one check by itself: read, judge, conditional change.
+async fn settle_one(request: SettleRequest) {
+    let SettleRequest {
+        store,
+        tenant,
+        id,
+        judge,
+        reply,
+    } = request;
+    let _ = reply.send(settle_by_read_and_write(&store, &tenant, &id, &judge).await);
 }
 
 fn fail_all(requests: impl IntoIterator<Item = SettleRequest>, e: &StoreError) {

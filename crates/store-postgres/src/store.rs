@@ -930,9 +930,10 @@ impl Store for PgStore {
             judge,
             reply,
         };
-        let stopped = || StoreError::Unavailable("the code check batcher stopped".into());
-        self.settles.send(request).map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.settles.submit(request);
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the code check batcher stopped".into()))?
     }
 
     async fn cancel_challenge(
@@ -1050,9 +1051,10 @@ impl Store for PgStore {
                 ticket: *ticket,
                 reply,
             };
-            let stopped = || StoreError::Unavailable("the login batcher stopped".into());
-            self.logins.send(request).map_err(|_| stopped())?;
-            return answer.await.map_err(|_| stopped())?;
+            self.logins.submit(request);
+            return answer
+                .await
+                .map_err(|_| StoreError::Unavailable("the login batcher stopped".into()))?;
         }
         // Few round trips: each costs more here than the work of its statement. Returning
         // false drops the transaction, which rolls back whatever it did.
