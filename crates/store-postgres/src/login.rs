@@ -113,7 +113,7 @@ pub(crate) const CODE_LOGINS: &str = "WITH logins AS ( \
      reset AS ( \
          UPDATE users u SET failed_logins = 0, locked_until = NULL \
          FROM logins l \
-         WHERE u.tenant_id = l.tenant_id AND u.id = l.user_id \
+         WHERE u.id = l.user_id \
          AND (u.failed_logins <> 0 OR u.locked_until IS NOT NULL) \
          AND l.ticket IN (SELECT hash FROM spent)), \
      session AS ( \

@@ -291,6 +291,9 @@ static CONSUME_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::ne
     )
 });
 
+// A login's user is changed by its primary key alone (the user came with the ticket, of the
+// same tenant): with `tenant_id = …` beside it, the generic plan took the (tenant_id, username)
+// index and walked every user of the tenant on each login.
 fn code_login_statement() -> String {
     format!(
         "WITH consumed AS ( \
@@ -305,7 +308,7 @@ fn code_login_statement() -> String {
                  AND EXISTS (SELECT 1 FROM consumed) RETURNING 1), \
              reset AS ( \
                  UPDATE users SET failed_logins = 0, locked_until = NULL \
-                 WHERE tenant_id = $10 AND id = $11 \
+                 WHERE id = $11 \
                  AND (failed_logins <> 0 OR locked_until IS NOT NULL) \
                  AND EXISTS (SELECT 1 FROM spent)), \
              session AS ( \
@@ -1143,11 +1146,12 @@ impl Store for PgStore {
             .await
             .map_err(db)?;
         }
-        // The failure count reset, the session and the audit events: one statement.
+        // The failure count reset, the session and the audit events: one statement. The user
+        // by its primary key alone, as in `code_login_statement` (`$10` is bound all the same).
         let finish = format!(
             "WITH reset AS ( \
                  UPDATE users SET failed_logins = 0, locked_until = NULL \
-                 WHERE tenant_id = $10 AND id = $11 \
+                 WHERE id = $11 AND $10::text IS NOT NULL \
                  AND (failed_logins <> 0 OR locked_until IS NOT NULL)), \
              session AS ( \
                  INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
