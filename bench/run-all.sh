@@ -12,18 +12,19 @@ cargo build --release -p otpgate -p otpgate-bench
 BENCH=target/release/otpgate-bench
 ALL=baseline,acl-confirm,v1-check,digipay-verify,totp-confirm,wrong-code,login,send
 
+# Enough fixtures that no check scenario runs out of them before its 10 seconds are up.
 timeout 900 $BENCH run --scenarios "$ALL" --connections 100 --duration 10 \
-  --fixtures 100000 --json "$OUT/sqlite.json"
+  --fixtures 250000 --json "$OUT/sqlite.json"
 timeout 1200 $BENCH run --postgres "$PG_URL" --scenarios "$ALL" --connections 100 \
-  --duration 10 --fixtures 30000 --json "$OUT/postgres.json"
+  --duration 10 --fixtures 150000 --json "$OUT/postgres.json"
 # The same checks with a million dead challenges in the table (written in bulk first; on
 # PostgreSQL that takes several minutes), and the plans of every hot and sweep statement.
 timeout 900 $BENCH run --scenarios v1-check,acl-confirm --connections 100 --duration 10 \
   --fixtures 100000 --dead-challenges 1000000 --plans --json "$OUT/sqlite-dead.json"
 timeout 1500 $BENCH run --postgres "$PG_URL" --scenarios v1-check --connections 100 \
-  --duration 10 --fixtures 30000 --dead-challenges 1000000 --plans --json "$OUT/postgres-dead.json"
+  --duration 10 --fixtures 100000 --dead-challenges 1000000 --plans --json "$OUT/postgres-dead.json"
 timeout 900 $BENCH run --scenarios baseline,acl-confirm --connections 1,10,50,100,200 \
   --duration 5 --fixtures 60000 --json "$OUT/sweep-sqlite.json"
 timeout 1200 $BENCH run --postgres "$PG_URL" --scenarios baseline,acl-confirm \
-  --connections 1,10,50,100,200 --duration 5 --fixtures 15000 --json "$OUT/sweep-postgres.json"
+  --connections 1,10,50,100,200 --duration 5 --fixtures 40000 --json "$OUT/sweep-postgres.json"
 $BENCH plot "$OUT/sweep-sqlite.json" "$OUT/sweep-postgres.json" --out bench/plot.svg
