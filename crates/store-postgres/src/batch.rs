@@ -26,6 +26,10 @@ pub(crate) trait Request: Send + 'static {
 pub(crate) type Handler<R> =
     Arc<dyn Fn(Vec<R>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
+/// Runs a request that came alone, with the statements it would use without batches.
+pub(crate) type Single<R> =
+    Arc<dyn Fn(R) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 /// Where requests of one kind wait for their batch.
 pub(crate) struct Queue<R> {
     sender: mpsc::UnboundedSender<(Instant, R)>,
@@ -60,15 +64,25 @@ impl<R: Request> Queue<R> {
 /// should carry what the handler needs, the store included, so that no task keeps the store,
 /// and so its queue, alive).
 ///
+/// A request that arrives alone goes to `single` when there is one: PostgreSQL plans a batch
+/// statement afresh for each call (custom plans), which costs more than one request's work. It
+/// runs on the batcher's task, so what arrives meanwhile forms the next batch (spawning it let
+/// every batch stay at one under load).
+///
 /// A request that waited longer than `max_wait` (the pool's acquire timeout) fails without
 /// running: the queue has no bound, and while the database does not answer each batch takes a
 /// pool timeout to fail, so without this a request's wait would grow with the queue instead of
 /// staying at about one timeout, as it is without batches.
-pub(crate) fn start<R: Request>(handle: Handler<R>, max_wait: Duration) -> Queue<R> {
+pub(crate) fn start<R: Request>(
+    handle: Handler<R>,
+    single: Option<Single<R>>,
+    max_wait: Duration,
+) -> Queue<R> {
     let (sender, requests) = mpsc::unbounded_channel::<(Instant, R)>();
     let requests = Arc::new(Mutex::new(requests));
     for _ in 0..BATCHERS {
-        let (requests, handle) = (Arc::clone(&requests), Arc::clone(&handle));
+        let (requests, handle, single) =
+            (Arc::clone(&requests), Arc::clone(&handle), single.clone());
         tokio::spawn(async move {
             loop {
                 let mut queued = Vec::new();
@@ -88,8 +102,14 @@ pub(crate) fn start<R: Request>(handle: Handler<R>, max_wait: Duration) -> Queue
                         batch.push(request);
                     }
                 }
-                if !batch.is_empty() {
-                    handle(batch).await;
+                match (batch.len(), &single) {
+                    (0, _) => {}
+                    (1, Some(single)) => {
+                        for request in batch {
+                            single(request).await;
+                        }
+                    }
+                    _ => handle(batch).await,
                 }
             }
         });
@@ -120,6 +140,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lone_request_runs_alone_and_requests_together_run_as_a_batch() {
+        // Arrange: handlers that answer with the size of what they were given.
+        let many: Handler<Probe> = Arc::new(|batch: Vec<Probe>| {
+            Box::pin(async move {
+                let size = u32::try_from(batch.len()).unwrap();
+                for p in batch {
+                    let _ = p.reply.send(Ok(size));
+                }
+            })
+        });
+        let single: Single<Probe> = Arc::new(|p: Probe| {
+            Box::pin(async move {
+                let _ = p.reply.send(Ok(p.id * 100));
+            })
+        });
+        let queue = start(many, Some(single), Duration::from_secs(5));
+        // Act: three queued before the batchers run (one task here), then one alone.
+        let together: Vec<_> = (1..4).map(|id| probe(&queue, id)).collect();
+        let mut sizes = Vec::new();
+        for answer in together {
+            sizes.push(answer.await.unwrap().unwrap());
+        }
+        let alone = probe(&queue, 7).await.unwrap().unwrap();
+        // Assert
+        assert_eq!(sizes, vec![3, 3, 3]);
+        assert_eq!(alone, 700);
+    }
+
+    #[tokio::test]
     async fn a_request_that_waited_past_the_pool_timeout_fails_without_running() {
         // Arrange: a database that takes 300 ms per batch, and a 50 ms limit on waiting.
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -134,7 +183,7 @@ mod tests {
                 }
             })
         });
-        let queue = start(handler, Duration::from_millis(50));
+        let queue = start(handler, None, Duration::from_millis(50));
         // Act: one request for each batcher, then three that must wait for them.
         let first = probe(&queue, 1);
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -37,22 +37,17 @@ impl crate::batch::Request for LoginRequest {
 
 /// Starts the batchers; completions go into the returned queue.
 pub(crate) fn start(max_wait: Duration) -> crate::batch::Queue<LoginRequest> {
-    crate::batch::start(Arc::new(|batch| Box::pin(complete_batch(batch))), max_wait)
+    crate::batch::start(
+        Arc::new(|batch| Box::pin(complete_batch(batch))),
+        Some(Arc::new(|request| Box::pin(complete_one(request)))),
+        max_wait,
+    )
 }
 
 async fn complete_batch(batch: Vec<LoginRequest>) {
     let Some(store) = batch.first().map(|r| r.store.clone()) else {
         return;
     };
-    // Alone, the login's own statement is cheaper: PostgreSQL plans the batch statement afresh
-    // for each call (its custom plans), and that costs more than one login's work.
-    // It runs on this task, so the requests that arrive meanwhile form the next batch.
-    if let [_] = batch.as_slice() {
-        for request in batch {
-            complete_one(request).await;
-        }
-        return;
-    }
     let (mut tickets, mut challenges) = (HashSet::new(), HashSet::new());
     let (batch, repeats): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| {
         let new_ticket = tickets.insert(r.ticket);

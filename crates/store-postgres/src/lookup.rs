@@ -49,6 +49,7 @@ where
 {
     crate::batch::start(
         Arc::new(move |batch| Box::pin(answer(batch, fetch))),
+        None,
         max_wait,
     )
 }

@@ -48,7 +48,11 @@ impl crate::batch::Request for SettleRequest {
 
 /// Starts the batchers; checks go into the returned queue.
 pub(crate) fn start(max_wait: Duration) -> Queue<SettleRequest> {
-    crate::batch::start(Arc::new(|batch| Box::pin(settle_batch(batch))), max_wait)
+    crate::batch::start(
+        Arc::new(|batch| Box::pin(settle_batch(batch))),
+        Some(Arc::new(|request| Box::pin(settle_one(request)))),
+        max_wait,
+    )
 }
 
 /// A check the core judged, to be carried out.
@@ -62,15 +66,6 @@ async fn settle_batch(batch: Vec<SettleRequest>) {
     let Some(store) = batch.first().map(|r| r.store.clone()) else {
         return;
     };
-    // Alone, the single-check statements are cheaper: PostgreSQL plans the batch statement
-    // afresh for each call (its custom plans), and that costs more than one check's work.
-    // It runs on this task, so the checks that arrive meanwhile form the next batch.
-    if let [_] = batch.as_slice() {
-        for request in batch {
-            settle_one(request).await;
-        }
-        return;
-    }
     let mut first_of_each = HashSet::new();
     let (batch, repeats): (Vec<_>, Vec<_>) = batch
         .into_iter()
