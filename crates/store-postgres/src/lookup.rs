@@ -18,6 +18,7 @@ use otpgate_core::store::StoreResult;
 use tokio::sync::oneshot;
 
 use crate::PgStore;
+use crate::batch::Request as _;
 
 /// Reads the rows of these keys (each key at most once), with their keys.
 pub(crate) type Fetch<K, T> =
@@ -96,10 +97,6 @@ where
                 let _ = request.reply.send(Ok(found.get(&request.key).cloned()));
             }
         }
-        Err(e) => {
-            for request in batch {
-                let _ = request.reply.send(Err(e.clone()));
-            }
-        }
+        Err(e) => batch.into_iter().for_each(|r| r.fail(&e)),
     }
 }

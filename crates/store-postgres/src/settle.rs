@@ -21,12 +21,11 @@ use otpgate_core::model::{AuditEvent, Challenge, ChallengeId, TenantId};
 use otpgate_core::store::{
     ChallengeJudge, Settled, StoreResult, Verdict, settle_by_read_and_write,
 };
-use sqlx::AssertSqlSafe;
 use tokio::sync::oneshot;
 
-use crate::batch::Queue;
+use crate::batch::{Queue, Request as _};
 
-use crate::rows::{self, ms};
+use crate::rows::ms;
 use crate::store::bind_audit;
 use crate::{PgStore, db};
 
@@ -70,15 +69,19 @@ async fn settle_batch(batch: Vec<SettleRequest>) {
     let (batch, repeats): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .partition(|r| first_of_each.insert(r.id.clone()));
-    let ids: Vec<&str> = batch.iter().map(|r| r.id.as_str()).collect();
-    let mut challenges = match store.challenges_by_id(&ids).await {
-        Ok(found) => found,
-        Err(e) => return fail_all(batch.into_iter().chain(repeats), &e),
-    };
+    let ids: Vec<String> = batch.iter().map(|r| r.id.as_str().to_owned()).collect();
+    let mut challenges: HashMap<String, Challenge> =
+        match crate::store::fetch_challenges(store.clone(), ids).await {
+            Ok(found) => found.into_iter().collect(),
+            Err(e) => {
+                batch.into_iter().chain(repeats).for_each(|r| r.fail(&e));
+                return;
+            }
+        };
     let mut judged = Vec::new();
     for request in batch {
         let Some(challenge) = challenges
-            .remove(&request.id)
+            .remove(request.id.as_str())
             .filter(|c| c.tenant_id == request.tenant)
         else {
             let _ = request.reply.send(Ok(None));
@@ -124,7 +127,7 @@ async fn settle_batch(batch: Vec<SettleRequest>) {
                     }
                 }
             }
-            Err(e) => fail_all(judged.into_iter().map(|j| j.request), &e),
+            Err(e) => judged.into_iter().for_each(|j| j.request.fail(&e)),
         }
     }
     for request in repeats {
@@ -147,12 +150,6 @@ async fn settle_one(request: SettleRequest) {
         reply,
     } = request;
     let _ = reply.send(settle_by_read_and_write(&store, &tenant, &id, &judge).await);
-}
-
-fn fail_all(requests: impl IntoIterator<Item = SettleRequest>, e: &StoreError) {
-    for request in requests {
-        let _ = request.reply.send(Err(e.clone()));
-    }
 }
 
 /// Every consume and every counted failure of a batch, with their audit rows, in one statement.
@@ -185,30 +182,7 @@ pub(crate) const CARRY_OUT: &str = "WITH checks AS ( \
          WHERE e.challenge IN (SELECT id FROM changed)) \
      SELECT id FROM changed";
 
-/// The statement that reads a batch's challenges (built once).
-pub(crate) static CHALLENGES_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "SELECT {} FROM challenges WHERE id = ANY($1::text[])",
-        rows::CHALLENGE_COLUMNS
-    )
-});
-
 impl PgStore {
-    /// The challenges with these ids, by id (by the primary key; tenants are checked by the
-    /// caller on each row).
-    async fn challenges_by_id(&self, ids: &[&str]) -> StoreResult<HashMap<ChallengeId, Challenge>> {
-        let sql: &'static str = CHALLENGES_BY_ID.as_str();
-        let found = sqlx::query(AssertSqlSafe(sql))
-            .bind(ids)
-            .fetch_all(self.pool())
-            .await
-            .map_err(db)?;
-        found
-            .iter()
-            .map(|row| rows::challenge(row).map(|c| (c.id.clone(), c)).map_err(db))
-            .collect()
-    }
-
     /// Carries out the judged checks; answers the ids whose change was made.
     async fn carry_out(&self, judged: &[Judged]) -> StoreResult<HashSet<String>> {
         let mut audit: Vec<AuditEvent> = Vec::new();

@@ -248,20 +248,7 @@ const SENDS_OF_USER: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM outbox \
 
 /// The statements of the hot paths whose plans [`Store::query_plans`] shows: the writes as
 /// they run, the reads with the `WHERE` they run with (their column lists change no plan).
-const HOT_STATEMENTS: [(&str, &str); 10] = [
-    // Read in batches (the `lookup` module): one statement for every key asked at once.
-    (
-        "login ticket by hash",
-        "SELECT * FROM login_tickets WHERE hash = ANY($1::bytea[])",
-    ),
-    (
-        "user by id",
-        "SELECT * FROM users WHERE id = ANY($1::text[])",
-    ),
-    (
-        "challenge by id",
-        "SELECT * FROM challenges WHERE id = ANY($1::text[])",
-    ),
+const HOT_STATEMENTS: [(&str, &str); 7] = [
     (
         "pending challenge of a destination",
         "SELECT * FROM challenges WHERE tenant_id = $1 AND destination = $2 AND purpose = $3 \
@@ -413,6 +400,12 @@ static TICKETS_BY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
         rows::TICKET_COLUMNS
     )
 });
+static CHALLENGES_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM challenges WHERE id = ANY($1::text[])",
+        rows::CHALLENGE_COLUMNS
+    )
+});
 static USERS_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT {} FROM users WHERE id = ANY($1::text[])",
@@ -450,7 +443,7 @@ pub(crate) fn fetch_users(store: PgStore, ids: Vec<String>) -> Fetched<String, U
 
 pub(crate) fn fetch_challenges(store: PgStore, ids: Vec<String>) -> Fetched<String, Challenge> {
     Box::pin(async move {
-        let sql: &'static str = crate::settle::CHALLENGES_BY_ID.as_str();
+        let sql: &'static str = CHALLENGES_BY_ID.as_str();
         let query = sqlx::query(AssertSqlSafe(sql)).bind(ids);
         let found = store.fetch_all(query, rows::challenge).await?;
         Ok(found
@@ -1757,6 +1750,10 @@ impl Store for PgStore {
         let statements = HOT_STATEMENTS
             .into_iter()
             .chain([
+                // Read in batches (the `lookup` module): every key asked at once.
+                ("login ticket by hash", TICKETS_BY_HASH.as_str()),
+                ("user by id", USERS_BY_ID.as_str()),
+                ("challenge by id", CHALLENGES_BY_ID.as_str()),
                 ("complete a code login", CODE_LOGIN.as_str()),
                 ("consume a code with its audit", CONSUME_WITH_AUDIT.as_str()),
                 ("settle a batch of checks", crate::settle::CARRY_OUT),
