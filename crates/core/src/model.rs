@@ -365,6 +365,13 @@ pub struct LoginTicket {
     pub used_at: Option<OffsetDateTime>,
 }
 
+impl LoginTicket {
+    /// Whether it can still be answered: not spent, not expired.
+    pub fn is_live(&self, now: OffsetDateTime) -> bool {
+        self.used_at.is_none() && now < self.expires_at
+    }
+}
+
 /// A session token's record.
 #[derive(Debug, Clone)]
 pub struct Session {

@@ -96,6 +96,15 @@ pub enum Contact {
     Email,
 }
 
+/// A login ticket with the user and the challenge it names, as one read found them (`None` where
+/// the row is gone or belongs to another tenant).
+#[derive(Debug, Clone)]
+pub struct LoginContext {
+    pub ticket: LoginTicket,
+    pub user: Option<User>,
+    pub challenge: Option<Challenge>,
+}
+
 /// Everything a right code changes, in one transaction: the challenge consumed, and as the case
 /// may be a login ticket spent, a TOTP step or recovery code used, a contact marked verified,
 /// the user's failures reset and a session created.
@@ -354,6 +363,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// A login ticket by hash.
     async fn get_login_ticket(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginTicket>>;
+    /// A login ticket by hash with its user and its challenge: what a login's second step
+    /// reads first. A store may read the three at once (one snapshot, one round trip); the
+    /// default reads them one after another.
+    async fn get_login_context(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginContext>> {
+        let Some(ticket) = self.get_login_ticket(hash).await? else {
+            return Ok(None);
+        };
+        let user = self.get_user(&ticket.tenant_id, &ticket.user_id).await?;
+        let challenge = self
+            .get_challenge(&ticket.tenant_id, &ticket.challenge_id)
+            .await?;
+        Ok(Some(LoginContext {
+            ticket,
+            user,
+            challenge,
+        }))
+    }
     /// Applies a right code: everything in [`LoginCompletion`], all or nothing. False when any
     /// condition no longer held.
     async fn complete_login(&self, completion: &LoginCompletion) -> StoreResult<bool>;

@@ -8,8 +8,8 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, PhoneCompletion, QueryPlan,
-    RangeOutcomes, SealedKind, SealedSecret, SendScope, Settled, Store, StoreResult,
+    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, LoginContext, PhoneCompletion,
+    QueryPlan, RangeOutcomes, SealedKind, SealedSecret, SendScope, Settled, Store, StoreResult,
 };
 use sqlx::postgres::PgRow;
 // Dynamic SQL here is built only from the constant column lists in `rows`; every value is bound.
@@ -1032,6 +1032,23 @@ impl Store for PgStore {
 
     async fn get_login_ticket(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginTicket>> {
         crate::lookup::look_up(&self.tickets, self, *hash).await
+    }
+
+    async fn get_login_context(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginContext>> {
+        let Some(ticket) = self.get_login_ticket(hash).await? else {
+            return Ok(None);
+        };
+        // The user and the challenge go into their batches at the same moment: a login waits
+        // for two batches where it waited for three.
+        let (user, challenge) = tokio::try_join!(
+            self.get_user(&ticket.tenant_id, &ticket.user_id),
+            self.get_challenge(&ticket.tenant_id, &ticket.challenge_id)
+        )?;
+        Ok(Some(LoginContext {
+            ticket,
+            user,
+            challenge,
+        }))
     }
 
     async fn complete_login(&self, done: &LoginCompletion) -> StoreResult<bool> {

@@ -8,8 +8,9 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, PhoneCompletion, QueryPlan,
-    RangeOutcomes, SealedKind, SealedSecret, SendScope, Settled, Store, StoreResult, Verdict,
+    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, LoginContext, PhoneCompletion,
+    QueryPlan, RangeOutcomes, SealedKind, SealedSecret, SendScope, Settled, Store, StoreResult,
+    Verdict,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
@@ -184,6 +185,22 @@ pub(crate) const CONSUME_CHALLENGE: &str = "UPDATE challenges SET status = 'appr
      WHERE id = ?1 AND attempts = ?2 AND status = 'pending' AND expires_at > ?3";
 const SPEND_TICKET: &str = "UPDATE login_tickets SET used_at = ?2 \
      WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2";
+
+/// A login ticket by hash (built once, as the two below: logins read them on every request).
+static TICKET_BY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM login_tickets WHERE hash = ?1",
+        rows::TICKET_COLUMNS
+    )
+});
+
+/// A user by tenant and id.
+static USER_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM users WHERE tenant_id = ?1 AND id = ?2",
+        rows::USER_COLUMNS
+    )
+});
 
 /// A challenge by tenant and id (built once: checks read it on every request).
 static CHALLENGE_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -407,12 +424,8 @@ impl Store for SqliteStore {
 
     async fn get_user(&self, tenant: &TenantId, id: &UserId) -> StoreResult<Option<User>> {
         let (tenant, id) = (tenant.clone(), id.clone());
-        let sql = format!(
-            "SELECT {} FROM users WHERE tenant_id = ?1 AND id = ?2",
-            rows::USER_COLUMNS
-        );
         self.read(move |c| {
-            c.prepare_cached(&sql)?
+            c.prepare_cached(&USER_BY_ID)?
                 .query_row(params![tenant.as_str(), id.as_str()], rows::user)
                 .optional()
         })
@@ -782,14 +795,47 @@ impl Store for SqliteStore {
 
     async fn get_login_ticket(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginTicket>> {
         let hash = *hash;
-        let sql = format!(
-            "SELECT {} FROM login_tickets WHERE hash = ?1",
-            rows::TICKET_COLUMNS
-        );
         self.read(move |c| {
-            c.prepare_cached(&sql)?
+            c.prepare_cached(&TICKET_BY_HASH)?
                 .query_row([hash.as_slice()], rows::ticket)
                 .optional()
+        })
+        .await
+    }
+
+    async fn get_login_context(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginContext>> {
+        let hash = *hash;
+        self.read(move |c| {
+            // One read transaction: one snapshot for the three rows, and one look at the WAL
+            // for new commits where three statements alone would each take one.
+            let snapshot = c.unchecked_transaction()?;
+            let Some(ticket) = snapshot
+                .prepare_cached(&TICKET_BY_HASH)?
+                .query_row([hash.as_slice()], rows::ticket)
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let user = snapshot
+                .prepare_cached(&USER_BY_ID)?
+                .query_row(
+                    params![ticket.tenant_id.as_str(), ticket.user_id.as_str()],
+                    rows::user,
+                )
+                .optional()?;
+            let challenge = snapshot
+                .prepare_cached(&CHALLENGE_BY_ID)?
+                .query_row(
+                    params![ticket.tenant_id.as_str(), ticket.challenge_id.as_str()],
+                    rows::challenge,
+                )
+                .optional()?;
+            snapshot.commit()?;
+            Ok(Some(LoginContext {
+                ticket,
+                user,
+                challenge,
+            }))
         })
         .await
     }

@@ -57,6 +57,7 @@ macro_rules! store_contract_tests {
             a_settled_check_sees_the_challenge_and_changes_it_once,
             concurrent_checks_of_many_challenges_each_settle_once,
             concurrent_reads_each_get_their_own_row,
+            a_login_context_holds_the_tickets_own_user_and_challenge,
             a_failed_login_completion_changes_nothing,
             a_login_completion_spends_ticket_challenge_and_step,
             concurrent_login_completions_each_complete_once,
@@ -786,6 +787,54 @@ fn completion(
         }),
         now: t0() + Duration::from_secs(5),
         audit: vec![],
+    }
+}
+
+pub async fn a_login_context_holds_the_tickets_own_user_and_challenge(store: Arc<dyn Store>) {
+    // Arrange: a login, and a ticket of another tenant naming this tenant's user and challenge.
+    let (_, u, ch, ticket) = login_fixture(&store).await;
+    let other = tenant(&store, "login-other").await;
+    let mut foreign_ch = challenge(
+        &store.get_tenant(&u.tenant_id).await.unwrap().unwrap(),
+        "+989121239999",
+    );
+    foreign_ch.purpose = Purpose::Login;
+    let foreign = LoginTicket {
+        hash: [8; 32],
+        tenant_id: other.id.clone(),
+        challenge_id: foreign_ch.id.clone(),
+        ..ticket.clone()
+    };
+    store
+        .insert_login_ticket(&foreign, &foreign_ch, None, &[])
+        .await
+        .unwrap();
+    // Act: each asked ten times at once, beside an unknown ticket.
+    let tasks: Vec<_> = (0..10)
+        .flat_map(|_| [[5u8; 32], [8; 32], [9; 32]])
+        .map(|hash| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { (hash, store.get_login_context(&hash).await.unwrap()) })
+        })
+        .collect();
+    // Assert
+    for task in tasks {
+        match task.await.unwrap() {
+            (hash, Some(found)) if hash == [5; 32] => {
+                assert_eq!(found.ticket.hash, ticket.hash);
+                assert_eq!(found.user.map(|x| x.id), Some(u.id.clone()));
+                assert_eq!(found.challenge.map(|c| c.id), Some(ch.id.clone()));
+            }
+            (hash, Some(found)) if hash == [8; 32] => {
+                assert_eq!(found.ticket.tenant_id, other.id);
+                assert!(found.user.is_none(), "another tenant's user");
+                assert!(found.challenge.is_none(), "another tenant's challenge");
+            }
+            (hash, found) => {
+                assert_eq!(hash, [9; 32]);
+                assert!(found.is_none());
+            }
+        }
     }
 }
 

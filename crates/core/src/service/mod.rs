@@ -140,6 +140,16 @@ pub(crate) fn totp_destination(user: &UserId) -> String {
 }
 
 /// A new session token for `user` (shown once) and the record the store keeps of it.
+/// The stored hash of a presented login ticket; anything that cannot be one is refused before
+/// a read.
+fn ticket_hash(ticket: &SecretString) -> CoreResult<[u8; 32]> {
+    let text = ticket.expose_secret().trim();
+    if text.is_empty() || text.len() > 200 {
+        return Err(CoreError::Unauthorized);
+    }
+    Ok(hash_token(text))
+}
+
 pub(crate) fn new_session(
     policy: &Policy,
     user: &User,
@@ -1462,12 +1472,21 @@ impl Otpgate {
         ticket: &SecretString,
         now: OffsetDateTime,
     ) -> CoreResult<LoginTicket> {
-        let text = ticket.expose_secret().trim();
-        if text.is_empty() || text.len() > 200 {
-            return Err(CoreError::Unauthorized);
+        match self.store.get_login_ticket(&ticket_hash(ticket)?).await? {
+            Some(t) if t.is_live(now) => Ok(t),
+            _ => Err(CoreError::Unauthorized),
         }
-        match self.store.get_login_ticket(&hash_token(text)).await? {
-            Some(t) if t.used_at.is_none() && now < t.expires_at => Ok(t),
+    }
+
+    /// A live ticket with its user and challenge, read together (a login's second step needs
+    /// all three).
+    async fn live_login(
+        &self,
+        ticket: &SecretString,
+        now: OffsetDateTime,
+    ) -> CoreResult<crate::store::LoginContext> {
+        match self.store.get_login_context(&ticket_hash(ticket)?).await? {
+            Some(found) if found.ticket.is_live(now) => Ok(found),
             _ => Err(CoreError::Unauthorized),
         }
     }
@@ -1483,13 +1502,13 @@ impl Otpgate {
         ctx: &RequestContext,
     ) -> CoreResult<SessionIssued> {
         let now = self.clock.now();
-        let ticket = self.live_ticket(ticket, now).await?;
+        let crate::store::LoginContext {
+            ticket,
+            user,
+            challenge,
+        } = self.live_login(ticket, now).await?;
         let policy = self.policy_for(&ticket.tenant_id).await?;
-        let user = self
-            .store
-            .get_user(&ticket.tenant_id, &ticket.user_id)
-            .await?
-            .ok_or(CoreError::Unauthorized)?;
+        let user = user.ok_or(CoreError::Unauthorized)?;
         let factor = match ticket.channel {
             Channel::Totp => Some(
                 self.active_totp_factor(&user.tenant_id, &user.id)
@@ -1508,12 +1527,19 @@ impl Otpgate {
             }
             None => Proof::Code(OtpCode::parse(raw_code, Some(usize::from(code_len)))?),
         };
+        // The first pass judges the challenge read with the ticket; a pass after a lost race
+        // reads it again.
+        let mut first_read = Some(challenge);
         for _ in 0..MAX_RACE_RETRIES {
-            let challenge = self
-                .store
-                .get_challenge(&ticket.tenant_id, &ticket.challenge_id)
-                .await?
-                .ok_or(CoreError::Unauthorized)?;
+            let challenge = match first_read.take() {
+                Some(read) => read,
+                None => {
+                    self.store
+                        .get_challenge(&ticket.tenant_id, &ticket.challenge_id)
+                        .await?
+                }
+            }
+            .ok_or(CoreError::Unauthorized)?;
             let now = self.clock.now();
             if challenge.status_at(now) != ChallengeStatus::Pending {
                 return Err(CoreError::CodeRejected {
