@@ -341,6 +341,17 @@ pub trait Store: Send + Sync + 'static {
         since: OffsetDateTime,
         at_most: u32,
     ) -> StoreResult<u32>;
+    /// [`Store::count_sends`] of one scope for several windows (`(since, at_most)` each), in
+    /// their order: a number's own limits ask about the same sends twice (the short window and
+    /// the day). A store may count them at once; the default counts one after another.
+    async fn count_sends_in_windows(
+        &self,
+        tenant: &TenantId,
+        scope: &SendScope,
+        windows: &[(OffsetDateTime, u32)],
+    ) -> StoreResult<Vec<u32>> {
+        count_sends_one_window_at_a_time(self, tenant, scope, windows).await
+    }
 
     /// Outcomes of SMS challenges to numbers starting with `prefix`, created after `since`,
     /// as of `now` (the SMS pumping circuit breaker's sample).
@@ -580,6 +591,21 @@ pub trait Store: Send + Sync + 'static {
         user: Option<&UserId>,
         limit: u32,
     ) -> StoreResult<Vec<AuditEvent>>;
+}
+
+/// [`Store::count_sends_in_windows`] as one [`Store::count_sends`] per window: the trait's
+/// default, and a store's way for the shapes it does not count at once.
+pub async fn count_sends_one_window_at_a_time<S: Store + ?Sized>(
+    store: &S,
+    tenant: &TenantId,
+    scope: &SendScope,
+    windows: &[(OffsetDateTime, u32)],
+) -> StoreResult<Vec<u32>> {
+    let mut counts = Vec::with_capacity(windows.len());
+    for (since, at_most) in windows {
+        counts.push(store.count_sends(tenant, scope, *since, *at_most).await?);
+    }
+    Ok(counts)
 }
 
 /// [`Store::settle_challenge`] from the store's other methods: reads, then changes the challenge

@@ -246,6 +246,34 @@ const SENDS_FROM_IP: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM outbox \
 const SENDS_OF_USER: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM outbox \
      WHERE tenant_id = $1 AND user_id = $2 AND created_at > $3 LIMIT $4) AS sends";
 
+/// Two windows of one scope counted by one statement: the count above twice, the second with
+/// `$5` and `$6` for its window and limit (`$1`, `$2` are shared).
+fn two_windows(count: &str) -> String {
+    let second = count.replace("$3", "$5").replace("$4", "$6");
+    format!("SELECT ({count}), ({second})")
+}
+
+/// A scope's count statement (one window), its [`two_windows`] form, and the key both bind
+/// as `$2`.
+fn send_count_of(scope: &SendScope) -> (&'static str, &'static str, String) {
+    static TWO_WINDOWS: std::sync::LazyLock<[String; 4]> = std::sync::LazyLock::new(|| {
+        [
+            SENDS_TO_DESTINATION,
+            SENDS_TO_COUNTRY,
+            SENDS_FROM_IP,
+            SENDS_OF_USER,
+        ]
+        .map(two_windows)
+    });
+    let [destination, country, ip, user] = &*TWO_WINDOWS;
+    match scope {
+        SendScope::Destination(d) => (SENDS_TO_DESTINATION, destination, d.clone()),
+        SendScope::CountryPrefix(p) => (SENDS_TO_COUNTRY, country, p.clone()),
+        SendScope::Ip(a) => (SENDS_FROM_IP, ip, a.clone()),
+        SendScope::User(u) => (SENDS_OF_USER, user, u.to_string()),
+    }
+}
+
 /// The statements of the hot paths whose plans [`Store::query_plans`] shows: the writes as
 /// they run, the reads with the `WHERE` they run with (their column lists change no plan).
 const HOT_STATEMENTS: [(&str, &str); 7] = [
@@ -265,6 +293,16 @@ const HOT_STATEMENTS: [(&str, &str); 7] = [
 /// The usual login's completion as one statement (see `PgStore::complete_code_login`), built
 /// once: it runs on every login.
 static CODE_LOGIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(code_login_statement);
+
+/// A message marked sent with its audit events, as one statement (built once).
+static MARK_SENT_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH sent AS ( \
+             UPDATE outbox SET status = 'sent', body = NULL, code = NULL, \
+             provider_message_id = $11, sent_at = $12, last_error = NULL WHERE id = $10) \
+         {INSERT_AUDIT}"
+    )
+});
 
 /// A code check's consumption with its audit events, as one statement (built once).
 static CONSUME_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -957,12 +995,7 @@ impl Store for PgStore {
         since: OffsetDateTime,
         at_most: u32,
     ) -> StoreResult<u32> {
-        let (sql, key) = match scope {
-            SendScope::Destination(d) => (SENDS_TO_DESTINATION, d.clone()),
-            SendScope::CountryPrefix(p) => (SENDS_TO_COUNTRY, p.clone()),
-            SendScope::Ip(ip) => (SENDS_FROM_IP, ip.clone()),
-            SendScope::User(u) => (SENDS_OF_USER, u.to_string()),
-        };
+        let (sql, _, key) = send_count_of(scope);
         let n: i64 = sqlx::query_scalar(sql)
             .bind(tenant.as_str())
             .bind(key)
@@ -972,6 +1005,34 @@ impl Store for PgStore {
             .await
             .map_err(db)?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    async fn count_sends_in_windows(
+        &self,
+        tenant: &TenantId,
+        scope: &SendScope,
+        windows: &[(OffsetDateTime, u32)],
+    ) -> StoreResult<Vec<u32>> {
+        let &[(first_since, first_most), (second_since, second_most)] = windows else {
+            return otpgate_core::store::count_sends_one_window_at_a_time(
+                self, tenant, scope, windows,
+            )
+            .await;
+        };
+        let (_, sql, key) = send_count_of(scope);
+        let (first, second): (i64, i64) = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(tenant.as_str())
+            .bind(key)
+            .bind(ms(first_since))
+            .bind(i64::from(first_most))
+            .bind(ms(second_since))
+            .bind(i64::from(second_most))
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)?;
+        Ok([first, second]
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+            .to_vec())
     }
 
     async fn sms_range_outcomes(
@@ -1648,19 +1709,17 @@ impl Store for PgStore {
         provider_message_id: Option<&str>,
         audit: &[AuditEvent],
     ) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "UPDATE outbox SET status = 'sent', body = NULL, code = NULL, \
-             provider_message_id = $2, sent_at = $3, last_error = NULL WHERE id = $1",
-        )
-        .bind(id.as_str())
-        .bind(provider_message_id)
-        .bind(audit.first().map(|e| ms(e.at)))
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        insert_audit(&mut tx, audit).await?;
-        tx.commit().await.map_err(db)
+        // One statement, not a transaction of two: the delivery worker marks every message it
+        // sends, beside the requests that queue them.
+        let sql: &'static str = MARK_SENT_WITH_AUDIT.as_str();
+        bind_audit(sqlx::query(AssertSqlSafe(sql)), audit)
+            .bind(id.as_str())
+            .bind(provider_message_id)
+            .bind(audit.first().map(|e| ms(e.at)))
+            .execute(self.pool())
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 
     async fn mark_message_retry(
@@ -1775,6 +1834,12 @@ impl Store for PgStore {
                 ("consume a code with its audit", CONSUME_WITH_AUDIT.as_str()),
                 ("settle a batch of checks", crate::settle::CARRY_OUT),
                 ("complete a batch of code logins", crate::login::CODE_LOGINS),
+                ("mark a message sent", MARK_SENT_WITH_AUDIT.as_str()),
+                // A number's two limits, counted at once.
+                (
+                    "sends to a destination in two windows",
+                    send_count_of(&SendScope::Destination(String::new())).1,
+                ),
             ])
             .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)));
         let mut plans = Vec::new();

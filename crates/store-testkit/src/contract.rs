@@ -65,6 +65,7 @@ macro_rules! store_contract_tests {
             sessions_are_revoked_once,
             outbox_claims_are_leases_and_delivery_erases_the_code,
             sends_are_counted_per_destination,
+            sends_in_several_windows_are_each_windows_own_count,
             sms_range_outcomes_count_only_settled_codes_of_the_range,
             sealed_secrets_are_listed_and_resealed_all_or_nothing,
             login_failures_count_up_and_locks_never_shorten,
@@ -1287,6 +1288,53 @@ pub async fn sends_are_counted_per_destination(store: Arc<dyn Store>) {
     );
 }
 
+pub async fn sends_in_several_windows_are_each_windows_own_count(store: Arc<dyn Store>) {
+    // Arrange: three sends ten seconds ago and two half an hour ago, to one number.
+    let t = tenant(&store, "windows").await;
+    let number = "+989121234567";
+    for ago in [10, 10, 10, 1800, 1800] {
+        let at = t0() - Duration::from_secs(ago);
+        let ch = challenge(&t, number);
+        store
+            .insert_challenge(&ch, Some(&message(&ch, at)), &[])
+            .await
+            .unwrap();
+    }
+    let minute = t0() - Duration::from_secs(60);
+    let hour = t0() - Duration::from_secs(3600);
+    let scopes = [
+        SendScope::Destination(number.into()),
+        SendScope::CountryPrefix("+98".into()),
+        SendScope::Ip("203.0.113.7".into()),
+    ];
+    let cases: [&[(OffsetDateTime, u32)]; 5] = [
+        &[(minute, 100), (hour, 100)],
+        &[(hour, 100), (minute, 100)],
+        // Each window stops at its own limit.
+        &[(minute, 2), (hour, 4)],
+        &[(minute, 100), (hour, 5)],
+        &[(minute, 100), (hour, 100), (t0(), 100)],
+    ];
+    let expected: [&[u32]; 5] = [&[3, 5], &[5, 3], &[2, 4], &[3, 5], &[3, 5, 0]];
+    for scope in &scopes {
+        for (windows, want) in cases.iter().zip(expected) {
+            // Act
+            let counts = store
+                .count_sends_in_windows(&t.id, scope, windows)
+                .await
+                .unwrap();
+            // Assert: as many counts as windows, each the window's own.
+            assert_eq!(counts, want, "{scope:?} {windows:?}");
+        }
+    }
+    let stranger = tenant(&store, "windows-other").await;
+    let elsewhere = store
+        .count_sends_in_windows(&stranger.id, &scopes[0], cases[0])
+        .await
+        .unwrap();
+    assert_eq!(elsewhere, [0, 0]);
+}
+
 pub async fn login_failures_count_up_and_locks_never_shorten(store: Arc<dyn Store>) {
     let t = tenant(&store, "lock").await;
     let u = user(&t, "ali");
@@ -1812,6 +1860,7 @@ async fn started(core: &Otpgate, tenant: &TenantId) -> Challenge {
     )
     .await
     .unwrap()
+    .challenge
 }
 
 pub async fn service_fifty_concurrent_right_codes_approve_once(store: Arc<dyn Store>) {

@@ -200,6 +200,14 @@ enum Proof {
 /// Recovery codes issued per user.
 pub const RECOVERY_CODES_PER_USER: usize = 10;
 
+/// A verification as [`Otpgate::start_verification`] left it, with its message's state.
+#[derive(Debug, Clone)]
+pub struct StartedVerification {
+    pub challenge: Challenge,
+    /// The state of the message that carries its code (`None` where nothing is sent).
+    pub delivery: Option<DeliveryState>,
+}
+
 /// A verification's delivery as the native API shows it.
 #[derive(Debug, Clone)]
 pub struct DeliveryState {
@@ -804,18 +812,35 @@ impl Otpgate {
             ));
         }
         // A limit of 0 is off (only the per-destination ones are always on).
-        let in_force = limits.into_iter().filter(|(_, _, _, max)| *max > 0);
-        for (rule, scope, window, max) in in_force {
-            let sent = self
+        limits.retain(|(_, _, _, max)| *max > 0);
+        // The limits of one scope are counted together; the first rule reached refuses.
+        for group in limits.chunk_by(|a, b| a.1 == b.1) {
+            let Some((_, scope, _, _)) = group.first() else {
+                continue;
+            };
+            let windows: Vec<_> = group
+                .iter()
+                .map(|(_, _, window, max)| (now - *window, *max))
+                .collect();
+            let counts = self
                 .store
-                .count_sends(tenant, &scope, now - window, max)
+                .count_sends_in_windows(tenant, scope, &windows)
                 .await?;
-            if sent >= max {
-                return Ok(Some(SendRefusal {
-                    rule,
-                    detail: format!("{sent} of {max} sends in {} s", window.as_secs()),
-                    retry_after: window,
-                }));
+            if counts.len() != windows.len() {
+                // A limit without its count must not pass unchecked.
+                return Err(crate::StoreError::Other(
+                    "send counts do not match their windows".into(),
+                )
+                .into());
+            }
+            for ((rule, _, window, max), sent) in group.iter().zip(counts) {
+                if sent >= *max {
+                    return Ok(Some(SendRefusal {
+                        rule: *rule,
+                        detail: format!("{sent} of {max} sends in {} s", window.as_secs()),
+                        retry_after: *window,
+                    }));
+                }
             }
         }
         if let Some(phone) = phone
@@ -976,7 +1001,7 @@ impl Otpgate {
         tenant: &TenantId,
         request: StartVerification,
         ctx: &RequestContext,
-    ) -> CoreResult<Challenge> {
+    ) -> CoreResult<StartedVerification> {
         let policy = self.policy_for(tenant).await?;
         let destination = Self::parse_destination(request.channel, &request.to)?;
         let locale = normalize_locale(request.locale.as_deref());
@@ -988,11 +1013,16 @@ impl Otpgate {
             && existing.channel == request.channel
         {
             self.resend(&policy, &existing, None, ctx).await?;
-            return self
+            let challenge = self
                 .store
                 .get_challenge(tenant, &existing.id)
                 .await?
-                .ok_or(CoreError::NotFound);
+                .ok_or(CoreError::NotFound)?;
+            let delivery = self.delivery_state(&challenge.id).await?;
+            return Ok(StartedVerification {
+                challenge,
+                delivery,
+            });
         }
         self.check_send_budget(&policy, tenant, &destination, ctx, None, now)
             .await?;
@@ -1023,7 +1053,15 @@ impl Otpgate {
             .insert_challenge(&challenge, message.as_ref(), &audit)
             .await?;
         self.outbox_wake.notify_one();
-        Ok(challenge)
+        // The message was queued by this very write: its state needs no read back.
+        let delivery = message.map(|m| DeliveryState {
+            status: m.status,
+            provider_message_id: m.provider_message_id,
+        });
+        Ok(StartedVerification {
+            challenge,
+            delivery,
+        })
     }
 
     /// Queues a new code for a pending SMS or e-mail challenge.

@@ -418,13 +418,15 @@ async fn start_verification(
     V1Json(body): V1Json<StartRequest>,
 ) -> Result<(StatusCode, Json<VerificationView>), V1Error> {
     let request = StartVerification::try_from(body)?;
-    let challenge = state
+    let started = state
         .core
         .start_verification(&tenant, request, &ctx)
         .await?;
-    let delivery = state.core.delivery_state(&challenge.id).await?;
     let now = state.core.clock().now();
-    Ok((StatusCode::CREATED, Json(view(&challenge, now, delivery))))
+    Ok((
+        StatusCode::CREATED,
+        Json(view(&started.challenge, now, started.delivery)),
+    ))
 }
 
 async fn get_verification(
