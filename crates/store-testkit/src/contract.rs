@@ -58,6 +58,7 @@ macro_rules! store_contract_tests {
             concurrent_checks_of_many_challenges_each_settle_once,
             concurrent_reads_each_get_their_own_row,
             a_login_context_holds_the_tickets_own_user_and_challenge,
+            concurrent_new_challenges_are_each_stored_once,
             a_failed_login_completion_changes_nothing,
             a_login_completion_spends_ticket_challenge_and_step,
             concurrent_login_completions_each_complete_once,
@@ -789,6 +790,70 @@ fn completion(
         now: t0() + Duration::from_secs(5),
         audit: vec![],
     }
+}
+
+pub async fn concurrent_new_challenges_are_each_stored_once(store: Arc<dyn Store>) {
+    // As a busy send endpoint inserts: each stored once with its message and event, and an
+    // insert that breaks a constraint refused alone (a store that shares statements between
+    // inserts must not let one fault take the others down).
+    // Arrange: thirty challenges, two of every three with a message, each with an event; and
+    // one id inserted twice at once.
+    let t = tenant(&store, "inserts").await;
+    let fresh: Vec<(Challenge, Option<OutboxMessage>)> = (0..30)
+        .map(|n| {
+            let ch = challenge(&t, &format!("+9891277{n:05}"));
+            let m = (n % 3 != 0).then(|| message(&ch, t0()));
+            (ch, m)
+        })
+        .collect();
+    let twice = challenge(&t, "+989127799999");
+    let insert = |ch: Challenge, m: Option<OutboxMessage>| {
+        let store = Arc::clone(&store);
+        let audit = [event(&t, AuditKind::OtpSent, &format!("sent {}", ch.id))];
+        tokio::spawn(async move { store.insert_challenge(&ch, m.as_ref(), &audit).await })
+    };
+    // Act: the fresh ones at once, then the repeated id with others beside it.
+    let tasks: Vec<_> = fresh
+        .iter()
+        .map(|(ch, m)| insert(ch.clone(), m.clone()))
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let beside = challenge(&t, "+989127799998");
+    let doubles = [
+        insert(twice.clone(), None),
+        insert(beside.clone(), None),
+        insert(twice.clone(), None),
+    ];
+    // Assert: every fresh one stored with its message and event; the repeated id once, the
+    // other insert refused as a conflict, the one beside them stored.
+    let mut outcomes = Vec::new();
+    for task in doubles {
+        outcomes.push(task.await.unwrap());
+    }
+    assert_eq!(
+        outcomes.iter().filter(|o| o.is_ok()).count(),
+        2,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        stored(&store, &beside).await.destination,
+        beside.destination
+    );
+    assert!(
+        outcomes
+            .iter()
+            .any(|o| matches!(o, Err(StoreError::Conflict(_)))),
+        "{outcomes:?}"
+    );
+    for (ch, m) in &fresh {
+        assert_eq!(stored(&store, ch).await.destination, ch.destination);
+        let queued = store.latest_message_for(&ch.id).await.unwrap();
+        assert_eq!(queued.map(|q| q.id), m.as_ref().map(|m| m.id.clone()));
+    }
+    let events = store.list_audit(&t.id, None, 100).await.unwrap();
+    assert_eq!(events.len(), 32, "one event per stored challenge");
 }
 
 pub async fn a_login_context_holds_the_tickets_own_user_and_challenge(store: Arc<dyn Store>) {
