@@ -1421,6 +1421,32 @@ pub async fn login_failures_count_up_and_locks_never_shorten(store: Arc<dyn Stor
     let found = store.get_user(&t.id, &u.id).await.unwrap().unwrap();
     assert_eq!(found.locked_until, Some(long));
     assert_eq!(found.failed_logins, 2);
+    // Another tenant's id for the same user changes nothing, and its audit event is not kept.
+    let other = tenant(&store, "lock-other").await;
+    let stray = [event(&other, AuditKind::LoginFailed, "stray")];
+    assert!(
+        store
+            .record_login_failure(&other.id, &u.id, &stray)
+            .await
+            .is_err()
+    );
+    store
+        .lock_user(&other.id, &u.id, long + Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert!(!store.unlock_user(&other.id, &u.id, &stray).await.unwrap());
+    let untouched = store.get_user(&t.id, &u.id).await.unwrap().unwrap();
+    assert_eq!(
+        (untouched.failed_logins, untouched.locked_until),
+        (2, Some(long))
+    );
+    assert!(
+        store
+            .list_audit(&other.id, None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(store.unlock_user(&t.id, &u.id, &[]).await.unwrap());
     let unlocked = store.get_user(&t.id, &u.id).await.unwrap().unwrap();
     assert_eq!((unlocked.failed_logins, unlocked.locked_until), (0, None));
@@ -1558,8 +1584,12 @@ pub async fn every_hot_and_sweep_statement_goes_through_an_index(store: Arc<dyn 
         user.is_some_and(|p| !p.plan.contains("username")),
         "{user:?}"
     );
-    // Nor when a login clears the account's failure count.
-    for plan in plans.iter().filter(|p| p.purpose.contains("login")) {
+    // Nor when a login clears the account's failure count, a failure counts, or an account is
+    // locked or unlocked.
+    for plan in plans
+        .iter()
+        .filter(|p| p.purpose.contains("login") || p.purpose.contains("account"))
+    {
         assert!(!plan.plan.contains("username"), "{plan:?}");
     }
     for plan in &plans {
