@@ -315,6 +315,126 @@ const LOCK_ACCOUNT: &str = "UPDATE users SET locked_until = GREATEST(COALESCE(lo
 const UNLOCK_ACCOUNT: &str = "UPDATE users SET failed_logins = 0, locked_until = NULL \
      WHERE id = $2 AND tenant_id IS NOT DISTINCT FROM $1";
 
+/// A phone (or e-mail) verification's whole change as one statement: the challenge consumed,
+/// the user found by phone and type or inserted (verified already), an existing user marked
+/// verified, the device recorded and the events written, each only when the challenge was
+/// consumed. `$1`-`$9` are the events (their user is the one chosen here), `$10`-`$12` the
+/// challenge, its attempts and the moment, `$13`-`$25` the candidate user's columns, `$26`-`$28`
+/// the device. One row comes back: whether the challenge was consumed, and the user after the
+/// change (NULL columns when the statement saw none: a user inserted meanwhile by another
+/// transaction is outside its snapshot). Built once, for a verified phone and a verified e-mail.
+static PHONE_VERIFICATION: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
+    let cols = rows::USER_COLUMNS;
+    let statement = |mark_verified: &str| {
+        format!(
+            "WITH consumed AS ( \
+                 UPDATE challenges SET status = 'approved', resolved_at = $12 \
+                 WHERE id = $10 AND attempts = $11 AND status = 'pending' AND expires_at > $12 \
+                 RETURNING 1), \
+             inserted AS ( \
+                 INSERT INTO users ({cols}) \
+                 SELECT $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25 \
+                 WHERE EXISTS (SELECT 1 FROM consumed) \
+                 ON CONFLICT DO NOTHING RETURNING {cols}), \
+             existing AS ( \
+                 SELECT id FROM users \
+                 WHERE tenant_id = $14 AND phone = $17 AND user_type = $25 \
+                 AND EXISTS (SELECT 1 FROM consumed)), \
+             verified AS ( \
+                 UPDATE users u SET {mark_verified} FROM existing e WHERE u.id = e.id \
+                 RETURNING {}), \
+             chosen AS (SELECT id FROM inserted UNION ALL SELECT id FROM existing), \
+             device AS ( \
+                 INSERT INTO devices (tenant_id, user_id, device_unique_id, device_id, \
+                     device_type, first_seen_at, last_seen_at) \
+                 SELECT $14, c.id, $26, $27, $28, $12, $12 FROM chosen c \
+                 ON CONFLICT (user_id, device_unique_id) DO UPDATE SET \
+                 device_id = excluded.device_id, device_type = excluded.device_type, \
+                 last_seen_at = excluded.last_seen_at), \
+             audit AS ( \
+                 INSERT INTO audit_events \
+                 (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
+                 SELECT e.tenant_id, c.id, e.kind, e.detail, e.ip, e.latitude, e.longitude, \
+                     e.mode, e.at \
+                 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+                     $6::float8[], $7::float8[], $8::text[], $9::int8[]) \
+                 AS e(tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
+                 CROSS JOIN chosen c) \
+             SELECT EXISTS (SELECT 1 FROM consumed) AS consumed, after.* \
+             FROM (SELECT 1) AS one LEFT JOIN \
+                 (SELECT {cols} FROM inserted UNION ALL SELECT {cols} FROM verified) AS after \
+             ON true",
+            cols.split(", ")
+                .map(|c| format!("u.{}", c.trim()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    [
+        statement("mobile_verified_at = COALESCE(u.mobile_verified_at, $12)"),
+        statement(
+            "email_verified_at = COALESCE(u.email_verified_at, $12), \
+             email = COALESCE(u.email, $16)",
+        ),
+    ]
+});
+
+/// How [`phone_verification_at_once`] ended.
+enum AtOnce {
+    Completed(Box<User>),
+    NotConsumed,
+    UserNotSeen,
+}
+
+/// [`PHONE_VERIFICATION`] in `tx`.
+async fn phone_verification_at_once(tx: &mut Tx, done: &PhoneCompletion) -> StoreResult<AtOnce> {
+    let [phone, email] = &*PHONE_VERIFICATION;
+    // A new user is inserted verified already: the statement cannot change a row it inserts.
+    let mut candidate = done.candidate.clone();
+    let sql: &'static str = match done.verified {
+        Contact::Phone => {
+            candidate.mobile_verified_at = candidate.mobile_verified_at.or(Some(done.now));
+            phone
+        }
+        Contact::Email => {
+            candidate.email_verified_at = candidate.email_verified_at.or(Some(done.now));
+            email
+        }
+    };
+    let u = &candidate;
+    let d = &done.device;
+    let row = bind_audit(sqlx::query(AssertSqlSafe(sql)), &done.audit)
+        .bind(done.challenge_id.as_str())
+        .bind(i64::from(done.expected_attempts))
+        .bind(ms(done.now))
+        .bind(u.id.as_str())
+        .bind(u.tenant_id.as_str())
+        .bind(u.username.as_str())
+        .bind(u.email.as_ref().map(|e| e.as_str()))
+        .bind(u.phone.as_ref().map(|p| p.as_str()))
+        .bind(u.role.as_str())
+        .bind(&u.password_hash)
+        .bind(u.mobile_verified_at.map(ms))
+        .bind(u.email_verified_at.map(ms))
+        .bind(i64::from(u.failed_logins))
+        .bind(u.locked_until.map(ms))
+        .bind(ms(u.created_at))
+        .bind(u.user_type.map(i64::from))
+        .bind(&d.device_unique_id)
+        .bind(&d.device_id)
+        .bind(&d.device_type)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(|e| map_error(e, "user"))?;
+    let consumed: bool = sqlx::Row::try_get(&row, "consumed").map_err(db)?;
+    let seen: Option<String> = sqlx::Row::try_get(&row, "id").map_err(db)?;
+    Ok(match (consumed, seen) {
+        (false, _) => AtOnce::NotConsumed,
+        (true, None) => AtOnce::UserNotSeen,
+        (true, Some(_)) => AtOnce::Completed(Box::new(rows::user(&row).map_err(db)?)),
+    })
+}
+
 /// A message marked sent with its audit events, as one statement (built once).
 static MARK_SENT_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
@@ -1491,6 +1611,19 @@ impl Store for PgStore {
         done: &PhoneCompletion,
     ) -> StoreResult<Option<User>> {
         let mut tx = self.begin().await?;
+        match phone_verification_at_once(&mut tx, done).await? {
+            AtOnce::Completed(user) => {
+                tx.commit().await.map_err(db)?;
+                return Ok(Some(*user));
+            }
+            AtOnce::NotConsumed => return Ok(None),
+            // The user was inserted by someone else after this statement's snapshot was taken
+            // (or another constraint held the insert back): undone, and done step by step.
+            AtOnce::UserNotSeen => {
+                tx.rollback().await.map_err(db)?;
+                tx = self.begin().await?;
+            }
+        }
         if !consume(
             &mut tx,
             &done.challenge_id,

@@ -78,6 +78,7 @@ macro_rules! store_contract_tests {
             removing_totp_takes_factors_and_recovery_codes,
             service_recovery_codes_log_in_once,
             a_phone_verification_finds_or_creates_one_user_per_phone_and_type,
+            concurrent_phone_verifications_of_a_new_number_make_one_user,
             jwt_keys_rotate_and_retiring_keys_verify_until_their_time,
             jtis_and_api_keys_are_revoked_once,
             service_fifty_concurrent_right_codes_approve_once,
@@ -1809,6 +1810,62 @@ pub async fn a_phone_verification_finds_or_creates_one_user_per_phone_and_type(
         .unwrap()
         .unwrap();
     assert_eq!(by_type.id, other_type.id);
+}
+
+pub async fn concurrent_phone_verifications_of_a_new_number_make_one_user(store: Arc<dyn Store>) {
+    // Arrange: ten codes for one number no user has yet.
+    let t = tenant(&store, "phones-at-once").await;
+    let mut codes = Vec::new();
+    for _ in 0..10 {
+        let mut ch = challenge(&t, "+989121234567");
+        ch.purpose = Purpose::PhoneLogin;
+        store.insert_challenge(&ch, None, &[]).await.unwrap();
+        codes.push(ch);
+    }
+    // Act: all ten verified at once, each from a device of its own.
+    let tasks: Vec<_> = codes
+        .iter()
+        .enumerate()
+        .map(|(n, ch)| {
+            let (store, done) = (
+                Arc::clone(&store),
+                phone_completion(&t, ch, 3, &format!("dev-{n}")),
+            );
+            tokio::spawn(async move { store.complete_phone_verification(&done).await })
+        })
+        .collect();
+    let mut users = Vec::new();
+    for task in tasks {
+        users.push(task.await.unwrap().unwrap().expect("a consumed code"));
+    }
+    // Assert: one user for all of them, verified, with each event.
+    let one = store
+        .find_user_by_phone_and_type(&t.id, "+989121234567", 3)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(users.iter().all(|u| u.id == one.id), "{users:?}");
+    assert!(one.mobile_verified_at.is_some());
+    let events = store.list_audit(&t.id, Some(&one.id), 50).await.unwrap();
+    assert_eq!(events.len(), 10);
+    // An e-mail verified for the same user fills the address it did not have.
+    let mut by_mail = challenge(&t, "ali@example.com");
+    by_mail.purpose = Purpose::PhoneLogin;
+    store.insert_challenge(&by_mail, None, &[]).await.unwrap();
+    let mut done = phone_completion(&t, &by_mail, 3, "dev-0");
+    done.verified = Contact::Email;
+    done.candidate.email = Some(otpgate_core::identity::Email::parse("ali@example.com").unwrap());
+    let mailed = store
+        .complete_phone_verification(&done)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(mailed.id, one.id);
+    assert!(mailed.email_verified_at.is_some());
+    assert_eq!(
+        mailed.email.map(|e| e.as_str().to_owned()),
+        Some("ali@example.com".to_owned())
+    );
 }
 
 fn jwt_key(t: &Tenant, at: OffsetDateTime) -> JwtKey {
