@@ -2090,9 +2090,15 @@ impl Store for PgStore {
     }
 
     async fn insert_audit(&self, events: &[AuditEvent]) -> StoreResult<()> {
-        let mut tx = self.begin().await?;
-        insert_audit(&mut tx, events).await?;
-        tx.commit().await.map_err(db)
+        // One statement is all or nothing by itself: no BEGIN and COMMIT around it.
+        if events.is_empty() {
+            return Ok(());
+        }
+        bind_audit(sqlx::query(INSERT_AUDIT), events)
+            .execute(self.pool())
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 
     async fn list_audit(

@@ -314,6 +314,18 @@ pub struct Otpgate {
     templates: Templates,
     policies: std::sync::Mutex<HashMap<TenantId, (std::time::Instant, Policy)>>,
     api_keys: std::sync::Mutex<ApiKeyCache>,
+    signing_keys: std::sync::Mutex<HashMap<TenantId, (std::time::Instant, Arc<SigningKey>)>>,
+}
+
+/// How long a tenant's JWT signing key is used before it is read again. A rotation through
+/// this instance applies at once; one through another instance within this time (the retired
+/// key verifies for a session's length after it, so what was signed meanwhile stays valid).
+pub const SIGNING_KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+
+/// A tenant's JWT signing key, opened.
+struct SigningKey {
+    id: crate::model::KeyId,
+    secret: secrecy::SecretSlice<u8>,
 }
 
 /// How long a tenant's rules are used before they are read again.
@@ -360,6 +372,7 @@ impl Otpgate {
             templates: Templates::default(),
             policies: std::sync::Mutex::default(),
             api_keys: std::sync::Mutex::default(),
+            signing_keys: std::sync::Mutex::default(),
         })
     }
 

@@ -3,10 +3,12 @@
 //! finds or creates that user, marks the contact verified, records the device, and issues an
 //! HS512 JWT signed with the tenant's own key, bound to the device and revocable by `jti`.
 
+use std::sync::Arc;
+
 use secrecy::{ExposeSecret, SecretString};
 use time::OffsetDateTime;
 
-use super::{CoreResult, MAX_RACE_RETRIES, Otpgate};
+use super::{CoreResult, MAX_RACE_RETRIES, Otpgate, SIGNING_KEY_CACHE_TTL, SigningKey};
 use crate::code::{OtpCode, normalize_digit};
 use crate::crypto::random_bytes;
 use crate::error::CoreError;
@@ -264,6 +266,10 @@ impl Otpgate {
                 locked_until: None,
                 created_at: now,
             };
+            // Everything the token needs is at hand before the code is spent: after it, only
+            // the signature (no read, nothing that can fail for want of the store) remains.
+            let signing_key = self.signing_key(tenant, now).await?;
+            let jti = hex::encode(random_bytes::<16>()?);
             let completion = PhoneCompletion {
                 challenge_id: challenge.id.clone(),
                 expected_attempts: challenge.attempts,
@@ -288,30 +294,37 @@ impl Otpgate {
                     last_seen_at: now,
                 },
                 now,
-                audit: vec![self.event(
-                    tenant,
-                    None,
-                    AuditKind::OtpAccepted,
-                    format!("phone code {}", challenge.id),
-                    ctx,
-                    now,
-                )],
+                // The store sets each event's user: the one found or created.
+                audit: vec![
+                    self.event(
+                        tenant,
+                        None,
+                        AuditKind::OtpAccepted,
+                        format!("phone code {}", challenge.id),
+                        ctx,
+                        now,
+                    ),
+                    self.event(
+                        tenant,
+                        None,
+                        AuditKind::TokenIssued,
+                        format!("jwt {jti}"),
+                        ctx,
+                        now,
+                    ),
+                ],
             };
             let Some(user) = self.store.complete_phone_verification(&completion).await? else {
                 continue;
             };
             let (token, claims) = self
-                .issue_jwt(&user, &completion.device.device_unique_id, now)
-                .await?;
-            self.store
-                .insert_audit(&[self.event(
-                    tenant,
-                    Some(&user.id),
-                    AuditKind::TokenIssued,
-                    format!("jwt {}", claims.jti),
-                    ctx,
+                .sign_jwt(
+                    &signing_key,
+                    &user,
+                    &completion.device.device_unique_id,
+                    jti,
                     now,
-                )])
+                )
                 .await?;
             return Ok(PhoneVerified {
                 user,
@@ -336,18 +349,46 @@ impl Otpgate {
         })
     }
 
-    async fn issue_jwt(
+    /// The tenant's signing key (created on first use), opened; read from the store at most
+    /// once per [`SIGNING_KEY_CACHE_TTL`].
+    async fn signing_key(
         &self,
-        user: &User,
-        device_unique_id: &str,
+        tenant: &TenantId,
         now: OffsetDateTime,
-    ) -> CoreResult<(SecretString, Claims)> {
-        let policy = self.policy_for(&user.tenant_id).await?;
-        let candidate = self.new_jwt_key(&user.tenant_id, now)?;
+    ) -> CoreResult<Arc<SigningKey>> {
+        if let Ok(cache) = self.signing_keys.lock()
+            && let Some((read_at, key)) = cache.get(tenant)
+            && read_at.elapsed() < SIGNING_KEY_CACHE_TTL
+        {
+            return Ok(Arc::clone(key));
+        }
+        let candidate = self.new_jwt_key(tenant, now)?;
         let key = self.store.ensure_jwt_key(&candidate).await?;
         let secret = self
             .master
             .open(&key.secret_sealed, key.id.as_str().as_bytes())?;
+        let opened = Arc::new(SigningKey {
+            id: key.id,
+            secret: secret.into(),
+        });
+        if let Ok(mut cache) = self.signing_keys.lock() {
+            cache.insert(
+                tenant.clone(),
+                (std::time::Instant::now(), Arc::clone(&opened)),
+            );
+        }
+        Ok(opened)
+    }
+
+    async fn sign_jwt(
+        &self,
+        key: &SigningKey,
+        user: &User,
+        device_unique_id: &str,
+        jti: String,
+        now: OffsetDateTime,
+    ) -> CoreResult<(SecretString, Claims)> {
+        let policy = self.policy_for(&user.tenant_id).await?;
         let iat = now.unix_timestamp();
         let claims = Claims {
             sub: user.id.to_string(),
@@ -355,9 +396,9 @@ impl Otpgate {
             did: device_unique_id.to_owned(),
             iat,
             exp: iat + i64::try_from(policy.session_ttl.as_secs()).unwrap_or(36_000),
-            jti: hex::encode(random_bytes::<16>()?),
+            jti,
         };
-        let token = jwt::sign(&secret, key.id.as_str(), &claims)?;
+        let token = jwt::sign(key.secret.expose_secret(), key.id.as_str(), &claims)?;
         Ok((SecretString::from(token), claims))
     }
 
@@ -452,6 +493,9 @@ impl Otpgate {
         self.store
             .rotate_jwt_key(&next, now + policy.session_ttl, &audit)
             .await?;
+        if let Ok(mut cache) = self.signing_keys.lock() {
+            cache.remove(tenant);
+        }
         Ok(next.id)
     }
 

@@ -158,6 +158,20 @@ async fn verify_otp_answers_the_documented_body_with_a_tenant_signed_jwt() {
     assert_eq!(user.phone.unwrap().as_str(), PHONE);
     assert_eq!(user.user_type, Some(2));
     assert!(user.mobile_verified_at.is_some());
+    // The account's trail names the code accepted and this very token.
+    let events = app
+        .core
+        .user_events(&app.tenant, &user.id, 10)
+        .await
+        .unwrap();
+    let issued = format!("jwt {}", claims["jti"].as_str().unwrap());
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind.as_str() == "token_issued" && e.detail == issued),
+        "{events:?}"
+    );
+    assert!(events.iter().any(|e| e.kind.as_str() == "otp_accepted"));
 }
 
 #[tokio::test]
