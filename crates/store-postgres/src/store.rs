@@ -445,6 +445,22 @@ static MARK_SENT_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::
     )
 });
 
+/// A wrong code counted against its challenge (the last allowed one ends it) with its audit
+/// events, as one statement (built once): whether it was counted comes back.
+static FAILED_CHECK_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH counted AS ( \
+             UPDATE challenges SET attempts = attempts + 1, \
+             status = CASE WHEN attempts + 1 >= max_attempts \
+                 THEN 'max_attempts_reached' ELSE status END, \
+             resolved_at = CASE WHEN attempts + 1 >= max_attempts THEN $12 ELSE resolved_at END \
+             WHERE id = $10 AND attempts = $11 AND status = 'pending' AND expires_at > $12 \
+             RETURNING 1), \
+         audit AS ({INSERT_AUDIT} WHERE EXISTS (SELECT 1 FROM counted)) \
+         SELECT EXISTS (SELECT 1 FROM counted)"
+    )
+});
+
 /// A code check's consumption with its audit events, as one statement (built once).
 static CONSUME_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
@@ -1046,19 +1062,17 @@ impl Store for PgStore {
         now: OffsetDateTime,
         audit: &[AuditEvent],
     ) -> StoreResult<bool> {
-        self.conditional(
-            sqlx::query(
-                "UPDATE challenges SET attempts = attempts + 1, \
-                 status = CASE WHEN attempts + 1 >= max_attempts THEN 'max_attempts_reached' ELSE status END, \
-                 resolved_at = CASE WHEN attempts + 1 >= max_attempts THEN $3 ELSE resolved_at END \
-                 WHERE id = $1 AND attempts = $2 AND status = 'pending' AND expires_at > $3",
-            )
+        // One statement, as a consumption: a wrong code is what an attacker sends most.
+        let sql: &'static str = FAILED_CHECK_WITH_AUDIT.as_str();
+        bind_audit(sqlx::query(AssertSqlSafe(sql)), audit)
             .bind(id.as_str())
             .bind(i64::from(expected_attempts))
-            .bind(ms(now)),
-            audit,
-        )
-        .await
+            .bind(ms(now))
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)
     }
 
     async fn consume_challenge(
@@ -1977,6 +1991,10 @@ impl Store for PgStore {
                 ("challenge by id", CHALLENGES_BY_ID.as_str()),
                 ("complete a code login", CODE_LOGIN.as_str()),
                 ("consume a code with its audit", CONSUME_WITH_AUDIT.as_str()),
+                (
+                    "count a wrong code with its audit",
+                    FAILED_CHECK_WITH_AUDIT.as_str(),
+                ),
                 ("settle a batch of checks", crate::settle::CARRY_OUT),
                 ("complete a batch of code logins", crate::login::CODE_LOGINS),
                 ("mark a message sent", MARK_SENT_WITH_AUDIT.as_str()),

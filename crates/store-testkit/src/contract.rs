@@ -386,10 +386,11 @@ pub async fn the_last_allowed_failure_kills_the_challenge(store: Arc<dyn Store>)
     let ch = challenge(&t, "+989121234567");
     store.insert_challenge(&ch, None, &[]).await.unwrap();
     let now = t0();
+    let rejected = [event(&t, AuditKind::OtpRejected, "wrong code")];
     for n in 0..5 {
         assert!(
             store
-                .record_failed_check(&ch.id, n, now, &[])
+                .record_failed_check(&ch.id, n, now, &rejected)
                 .await
                 .unwrap()
         );
@@ -400,10 +401,19 @@ pub async fn the_last_allowed_failure_kills_the_challenge(store: Arc<dyn Store>)
     assert!(!store.consume_challenge(&ch.id, 5, now, &[]).await.unwrap());
     assert!(
         !store
-            .record_failed_check(&ch.id, 5, now, &[])
+            .record_failed_check(&ch.id, 5, now, &rejected)
             .await
             .unwrap()
     );
+    // A stale count is refused too; only the five counted failures left an event.
+    assert!(
+        !store
+            .record_failed_check(&ch.id, 2, now, &rejected)
+            .await
+            .unwrap()
+    );
+    let events = store.list_audit(&t.id, None, 20).await.unwrap();
+    assert_eq!(events.len(), 5);
 }
 
 pub async fn only_pending_challenges_can_be_canceled(store: Arc<dyn Store>) {
