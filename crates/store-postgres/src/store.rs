@@ -182,18 +182,12 @@ async fn insert_message(conn: &mut PgConnection, m: &OutboxMessage) -> StoreResu
     Ok(())
 }
 
-/// Inserts a user; with `or_ignore`, an existing user of the same phone and type (or name) wins.
-async fn insert_user(conn: &mut PgConnection, u: &User, or_ignore: bool) -> StoreResult<()> {
-    let sql = if or_ignore {
-        "INSERT INTO users (id, tenant_id, username, email, phone, role, password_hash, \
-         mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING"
-    } else {
-        "INSERT INTO users (id, tenant_id, username, email, phone, role, password_hash, \
-         mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-    };
-    sqlx::query(sql)
+/// A user's columns, bound in the order of `rows::USER_COLUMNS`.
+fn bind_user<'q>(
+    query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
+    u: &'q User,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    query
         .bind(u.id.as_str())
         .bind(u.tenant_id.as_str())
         .bind(u.username.as_str())
@@ -207,6 +201,20 @@ async fn insert_user(conn: &mut PgConnection, u: &User, or_ignore: bool) -> Stor
         .bind(u.locked_until.map(ms))
         .bind(ms(u.created_at))
         .bind(u.user_type.map(i64::from))
+}
+
+/// Inserts a user; with `or_ignore`, an existing user of the same phone and type (or name) wins.
+async fn insert_user(conn: &mut PgConnection, u: &User, or_ignore: bool) -> StoreResult<()> {
+    let sql = if or_ignore {
+        "INSERT INTO users (id, tenant_id, username, email, phone, role, password_hash, \
+         mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT DO NOTHING"
+    } else {
+        "INSERT INTO users (id, tenant_id, username, email, phone, role, password_hash, \
+         mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    };
+    bind_user(sqlx::query(sql), u)
         .execute(&mut *conn)
         .await
         .map_err(|e| map_error(e, "username"))?;
@@ -403,23 +411,11 @@ async fn phone_verification_at_once(tx: &mut Tx, done: &PhoneCompletion) -> Stor
     };
     let u = &candidate;
     let d = &done.device;
-    let row = bind_audit(sqlx::query(AssertSqlSafe(sql)), &done.audit)
+    let query = bind_audit(sqlx::query(AssertSqlSafe(sql)), &done.audit)
         .bind(done.challenge_id.as_str())
         .bind(i64::from(done.expected_attempts))
-        .bind(ms(done.now))
-        .bind(u.id.as_str())
-        .bind(u.tenant_id.as_str())
-        .bind(u.username.as_str())
-        .bind(u.email.as_ref().map(|e| e.as_str()))
-        .bind(u.phone.as_ref().map(|p| p.as_str()))
-        .bind(u.role.as_str())
-        .bind(&u.password_hash)
-        .bind(u.mobile_verified_at.map(ms))
-        .bind(u.email_verified_at.map(ms))
-        .bind(i64::from(u.failed_logins))
-        .bind(u.locked_until.map(ms))
-        .bind(ms(u.created_at))
-        .bind(u.user_type.map(i64::from))
+        .bind(ms(done.now));
+    let row = bind_user(query, u)
         .bind(&d.device_unique_id)
         .bind(&d.device_id)
         .bind(&d.device_type)
