@@ -317,15 +317,14 @@ impl Otpgate {
             let Some(user) = self.store.complete_phone_verification(&completion).await? else {
                 continue;
             };
-            let (token, claims) = self
-                .sign_jwt(
-                    &signing_key,
-                    &user,
-                    &completion.device.device_unique_id,
-                    jti,
-                    now,
-                )
-                .await?;
+            let (token, claims) = sign_jwt(
+                &signing_key,
+                &user,
+                &completion.device.device_unique_id,
+                jti,
+                policy.session_ttl,
+                now,
+            )?;
             return Ok(PhoneVerified {
                 user,
                 token,
@@ -378,28 +377,6 @@ impl Otpgate {
             );
         }
         Ok(opened)
-    }
-
-    async fn sign_jwt(
-        &self,
-        key: &SigningKey,
-        user: &User,
-        device_unique_id: &str,
-        jti: String,
-        now: OffsetDateTime,
-    ) -> CoreResult<(SecretString, Claims)> {
-        let policy = self.policy_for(&user.tenant_id).await?;
-        let iat = now.unix_timestamp();
-        let claims = Claims {
-            sub: user.id.to_string(),
-            tid: user.tenant_id.to_string(),
-            did: device_unique_id.to_owned(),
-            iat,
-            exp: iat + i64::try_from(policy.session_ttl.as_secs()).unwrap_or(36_000),
-            jti,
-        };
-        let token = jwt::sign(key.secret.expose_secret(), key.id.as_str(), &claims)?;
-        Ok((SecretString::from(token), claims))
     }
 
     /// The claims and user of a JWT presented with `device_unique_id` under `tenant`:
@@ -523,6 +500,29 @@ impl Otpgate {
             Err(CoreError::NotFound)
         }
     }
+}
+
+/// A JWT for `user` on this device, signed with `key`: no read, nothing left to fail but the
+/// signature.
+fn sign_jwt(
+    key: &SigningKey,
+    user: &User,
+    device_unique_id: &str,
+    jti: String,
+    session_ttl: std::time::Duration,
+    now: OffsetDateTime,
+) -> CoreResult<(SecretString, Claims)> {
+    let iat = now.unix_timestamp();
+    let claims = Claims {
+        sub: user.id.to_string(),
+        tid: user.tenant_id.to_string(),
+        did: device_unique_id.to_owned(),
+        iat,
+        exp: iat + i64::try_from(session_ttl.as_secs()).unwrap_or(36_000),
+        jti,
+    };
+    let token = jwt::sign(key.secret.expose_secret(), key.id.as_str(), &claims)?;
+    Ok((SecretString::from(token), claims))
 }
 
 #[cfg(test)]
