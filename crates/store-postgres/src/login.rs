@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use otpgate_core::model::AuditEvent;
 use otpgate_core::store::{LoginCompletion, StoreResult};
+use sqlx::AssertSqlSafe;
 use tokio::sync::oneshot;
 
 use crate::rows::ms;
-use crate::store::bind_audit;
+use crate::store::{bind_audit, tagged_audit_insert};
 use crate::{PgStore, db};
 
 /// One caller's login completion, waiting for its batch.
@@ -86,7 +87,9 @@ async fn complete_one(request: LoginRequest) {
 
 /// `CODE_LOGIN` for many logins: the same conditions, each login's row of `logins` standing for
 /// that statement's parameters; the hashes of the tickets spent come back.
-pub(crate) const CODE_LOGINS: &str = "WITH logins AS ( \
+pub(crate) static CODE_LOGINS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH logins AS ( \
          SELECT * FROM UNNEST($10::text[], $11::text[], $12::int8[], $13::text[], $14::int8[], \
              $15::bytea[], $16::bytea[], $17::int8[], $18::int8[]) \
          AS l(tenant_id, user_id, at, challenge_id, attempts, ticket, session_hash, \
@@ -116,16 +119,15 @@ pub(crate) const CODE_LOGINS: &str = "WITH logins AS ( \
          SELECT l.session_hash, l.tenant_id, l.user_id, l.created_at, l.expires_at \
          FROM logins l \
          WHERE l.session_hash IS NOT NULL AND l.ticket IN (SELECT hash FROM spent)), \
-     audit AS ( \
-         INSERT INTO audit_events \
-         (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
-         SELECT e.tenant_id, e.user_id, e.kind, e.detail, e.ip, e.latitude, e.longitude, \
-             e.mode, e.at \
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::float8[], $7::float8[], $8::text[], $9::int8[], $19::bytea[]) \
-         AS e(tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at, ticket) \
-         WHERE e.ticket IN (SELECT hash FROM spent)) \
-     SELECT hash FROM spent";
+     audit AS ({}) \
+     SELECT hash FROM spent",
+        tagged_audit_insert(
+            "$19::bytea[]",
+            "ticket",
+            "e.ticket IN (SELECT hash FROM spent)"
+        )
+    )
+});
 
 impl PgStore {
     /// Completes these logins (each ticket and challenge at most once) in one statement;
@@ -149,7 +151,7 @@ impl PgStore {
             audit.extend(done.audit.iter().cloned());
             audit_of.extend(done.audit.iter().map(|_| request.ticket.to_vec()));
         }
-        let spent = bind_audit(sqlx::query(CODE_LOGINS), &audit)
+        let spent = bind_audit(sqlx::query(AssertSqlSafe(CODE_LOGINS.as_str())), &audit)
             .bind(columns.tenant)
             .bind(columns.user)
             .bind(columns.at)

@@ -21,12 +21,13 @@ use otpgate_core::model::{AuditEvent, Challenge, ChallengeId, TenantId};
 use otpgate_core::store::{
     ChallengeJudge, Settled, StoreResult, Verdict, settle_by_read_and_write,
 };
+use sqlx::AssertSqlSafe;
 use tokio::sync::oneshot;
 
 use crate::batch::{Queue, Request as _};
 
 use crate::rows::ms;
-use crate::store::bind_audit;
+use crate::store::{bind_audit, tagged_audit_insert};
 use crate::{PgStore, db};
 
 /// One caller's check, waiting for its batch.
@@ -156,7 +157,9 @@ async fn settle_one(request: SettleRequest) {
 /// Each change is conditional as in the single-check statements (`CONSUME_WITH_AUDIT` and
 /// `record_failed_check`); the audit rows of a check are written only if its change was, and
 /// the ids that changed come back.
-pub(crate) const CARRY_OUT: &str = "WITH checks AS ( \
+pub(crate) static CARRY_OUT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH checks AS ( \
          SELECT * FROM UNNEST($10::text[], $11::int8[], $12::bool[], $13::int8[]) \
          AS c(id, attempts, consume, at)), \
      changed AS ( \
@@ -171,16 +174,15 @@ pub(crate) const CARRY_OUT: &str = "WITH checks AS ( \
          WHERE ch.id = c.id AND ch.attempts = c.attempts AND ch.status = 'pending' \
          AND ch.expires_at > c.at \
          RETURNING ch.id), \
-     audit AS ( \
-         INSERT INTO audit_events \
-         (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
-         SELECT e.tenant_id, e.user_id, e.kind, e.detail, e.ip, e.latitude, e.longitude, \
-             e.mode, e.at \
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
-             $6::float8[], $7::float8[], $8::text[], $9::int8[], $14::text[]) \
-         AS e(tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at, challenge) \
-         WHERE e.challenge IN (SELECT id FROM changed)) \
-     SELECT id FROM changed";
+     audit AS ({}) \
+     SELECT id FROM changed",
+        tagged_audit_insert(
+            "$14::text[]",
+            "challenge",
+            "e.challenge IN (SELECT id FROM changed)"
+        )
+    )
+});
 
 impl PgStore {
     /// Carries out the judged checks; answers the ids whose change was made.
@@ -202,19 +204,20 @@ impl PgStore {
             audit.extend(events.iter().cloned());
             audit_of.extend(events.iter().map(|_| j.challenge.id.as_str()));
         }
-        let changed: Vec<String> = bind_audit(sqlx::query(CARRY_OUT), &audit)
-            .bind(ids)
-            .bind(attempts)
-            .bind(consume)
-            .bind(at)
-            .bind(audit_of)
-            .fetch_all(self.pool())
-            .await
-            .map_err(db)?
-            .iter()
-            .map(|row| sqlx::Row::try_get(row, 0))
-            .collect::<Result<_, _>>()
-            .map_err(db)?;
+        let changed: Vec<String> =
+            bind_audit(sqlx::query(AssertSqlSafe(CARRY_OUT.as_str())), &audit)
+                .bind(ids)
+                .bind(attempts)
+                .bind(consume)
+                .bind(at)
+                .bind(audit_of)
+                .fetch_all(self.pool())
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|row| sqlx::Row::try_get(row, 0))
+                .collect::<Result<_, _>>()
+                .map_err(db)?;
         Ok(changed.into_iter().collect())
     }
 }

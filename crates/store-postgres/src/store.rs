@@ -27,6 +27,22 @@ const INSERT_AUDIT: &str = "INSERT INTO audit_events \
      SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
      $6::float8[], $7::float8[], $8::text[], $9::int8[])";
 
+/// `INSERT_AUDIT` for a batch: each event comes with the element of one more array (`tag`,
+/// as `$n::type[]`) named `name`, and only the events whose tag passes `keep` (a condition on
+/// `e.<name>`) are written.
+pub(crate) fn tagged_audit_insert(tag: &str, name: &str, keep: &str) -> String {
+    format!(
+        "INSERT INTO audit_events \
+         (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
+         SELECT e.tenant_id, e.user_id, e.kind, e.detail, e.ip, e.latitude, e.longitude, \
+             e.mode, e.at \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::float8[], $7::float8[], $8::text[], $9::int8[], {tag}) \
+         AS e(tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at, {name}) \
+         WHERE {keep}"
+    )
+}
+
 /// Binds `events` as the nine arrays `INSERT_AUDIT` (or a statement ending with it) takes first.
 pub(crate) fn bind_audit<'q>(
     query: sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>,
@@ -441,31 +457,34 @@ static MARK_SENT_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::
     )
 });
 
-/// A wrong code counted against its challenge (the last allowed one ends it) with its audit
-/// events, as one statement (built once): whether it was counted comes back.
-static FAILED_CHECK_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+/// `change` (an `UPDATE … RETURNING 1` on `$10`-`$12`) with the audit events of `$1`-`$9`,
+/// written only if it changed a row, as one statement answering whether it did.
+fn changed_with_audit(change: &str) -> String {
     format!(
-        "WITH counted AS ( \
-             UPDATE challenges SET attempts = attempts + 1, \
-             status = CASE WHEN attempts + 1 >= max_attempts \
-                 THEN 'max_attempts_reached' ELSE status END, \
-             resolved_at = CASE WHEN attempts + 1 >= max_attempts THEN $12 ELSE resolved_at END \
-             WHERE id = $10 AND attempts = $11 AND status = 'pending' AND expires_at > $12 \
-             RETURNING 1), \
-         audit AS ({INSERT_AUDIT} WHERE EXISTS (SELECT 1 FROM counted)) \
-         SELECT EXISTS (SELECT 1 FROM counted)"
+        "WITH changed AS ({change}), \
+         audit AS ({INSERT_AUDIT} WHERE EXISTS (SELECT 1 FROM changed)) \
+         SELECT EXISTS (SELECT 1 FROM changed)"
+    )
+}
+
+/// A wrong code counted against its challenge (the last allowed one ends it), with its events.
+static FAILED_CHECK_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    changed_with_audit(
+        "UPDATE challenges SET attempts = attempts + 1, \
+         status = CASE WHEN attempts + 1 >= max_attempts \
+             THEN 'max_attempts_reached' ELSE status END, \
+         resolved_at = CASE WHEN attempts + 1 >= max_attempts THEN $12 ELSE resolved_at END \
+         WHERE id = $10 AND attempts = $11 AND status = 'pending' AND expires_at > $12 \
+         RETURNING 1",
     )
 });
 
-/// A code check's consumption with its audit events, as one statement (built once).
+/// A code check's consumption, with its events.
 static CONSUME_WITH_AUDIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "WITH consumed AS ( \
-             UPDATE challenges SET status = 'approved', resolved_at = $12 \
-             WHERE id = $10 AND attempts = $11 AND status = 'pending' AND expires_at > $12 \
-             RETURNING 1), \
-         audit AS ({INSERT_AUDIT} WHERE EXISTS (SELECT 1 FROM consumed)) \
-         SELECT EXISTS (SELECT 1 FROM consumed)"
+    changed_with_audit(
+        "UPDATE challenges SET status = 'approved', resolved_at = $12 \
+         WHERE id = $10 AND attempts = $11 AND status = 'pending' AND expires_at > $12 \
+         RETURNING 1",
     )
 });
 
@@ -621,30 +640,60 @@ pub(crate) fn fetch_tickets(
 }
 
 pub(crate) fn fetch_users(store: PgStore, ids: Vec<String>) -> Fetched<String, User> {
-    Box::pin(async move {
-        let sql: &'static str = USERS_BY_ID.as_str();
-        let query = sqlx::query(AssertSqlSafe(sql)).bind(ids);
-        let found = store.fetch_all(query, rows::user).await?;
-        Ok(found
-            .into_iter()
-            .map(|u| (u.id.as_str().to_owned(), u))
-            .collect())
+    fetch_by_id(store, USERS_BY_ID.as_str(), ids, rows::user, |u| {
+        u.id.as_str()
     })
 }
 
 pub(crate) fn fetch_challenges(store: PgStore, ids: Vec<String>) -> Fetched<String, Challenge> {
+    fetch_by_id(
+        store,
+        CHALLENGES_BY_ID.as_str(),
+        ids,
+        rows::challenge,
+        |c| c.id.as_str(),
+    )
+}
+
+/// The rows of `sql` (an `id = ANY($1)` read) keyed by their id.
+fn fetch_by_id<T: Send + 'static>(
+    store: PgStore,
+    sql: &'static str,
+    ids: Vec<String>,
+    mapper: fn(&PgRow) -> sqlx::Result<T>,
+    id_of: fn(&T) -> &str,
+) -> Fetched<String, T> {
     Box::pin(async move {
-        let sql: &'static str = CHALLENGES_BY_ID.as_str();
         let query = sqlx::query(AssertSqlSafe(sql)).bind(ids);
-        let found = store.fetch_all(query, rows::challenge).await?;
+        let found = store.fetch_all(query, mapper).await?;
         Ok(found
             .into_iter()
-            .map(|c| (c.id.as_str().to_owned(), c))
+            .map(|row| (id_of(&row).to_owned(), row))
             .collect())
     })
 }
 
 impl PgStore {
+    /// Runs one of the [`changed_with_audit`] statements on a challenge: whether it changed.
+    async fn change_challenge(
+        &self,
+        sql: &'static str,
+        id: &ChallengeId,
+        expected_attempts: u32,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        bind_audit(sqlx::query(AssertSqlSafe(sql)), audit)
+            .bind(id.as_str())
+            .bind(i64::from(expected_attempts))
+            .bind(ms(now))
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)?
+            .try_get(0)
+            .map_err(db)
+    }
+
     async fn begin(&self) -> StoreResult<Tx> {
         self.pool().begin().await.map_err(db)
     }
@@ -1059,16 +1108,8 @@ impl Store for PgStore {
         audit: &[AuditEvent],
     ) -> StoreResult<bool> {
         // One statement, as a consumption: a wrong code is what an attacker sends most.
-        let sql: &'static str = FAILED_CHECK_WITH_AUDIT.as_str();
-        bind_audit(sqlx::query(AssertSqlSafe(sql)), audit)
-            .bind(id.as_str())
-            .bind(i64::from(expected_attempts))
-            .bind(ms(now))
-            .fetch_one(self.pool())
+        self.change_challenge(&FAILED_CHECK_WITH_AUDIT, id, expected_attempts, now, audit)
             .await
-            .map_err(db)?
-            .try_get(0)
-            .map_err(db)
     }
 
     async fn consume_challenge(
@@ -1080,16 +1121,8 @@ impl Store for PgStore {
     ) -> StoreResult<bool> {
         // One statement, so one round trip and no explicit transaction (BEGIN, UPDATE,
         // INSERT, COMMIT were four): its audit rows are written only if it consumed.
-        let sql: &'static str = CONSUME_WITH_AUDIT.as_str();
-        bind_audit(sqlx::query(AssertSqlSafe(sql)), audit)
-            .bind(id.as_str())
-            .bind(i64::from(expected_attempts))
-            .bind(ms(now))
-            .fetch_one(self.pool())
+        self.change_challenge(&CONSUME_WITH_AUDIT, id, expected_attempts, now, audit)
             .await
-            .map_err(db)?
-            .try_get(0)
-            .map_err(db)
     }
 
     async fn settle_challenge(
@@ -1991,8 +2024,14 @@ impl Store for PgStore {
                     "count a wrong code with its audit",
                     FAILED_CHECK_WITH_AUDIT.as_str(),
                 ),
-                ("settle a batch of checks", crate::settle::CARRY_OUT),
-                ("complete a batch of code logins", crate::login::CODE_LOGINS),
+                (
+                    "settle a batch of checks",
+                    crate::settle::CARRY_OUT.as_str(),
+                ),
+                (
+                    "complete a batch of code logins",
+                    crate::login::CODE_LOGINS.as_str(),
+                ),
                 ("mark a message sent", MARK_SENT_WITH_AUDIT.as_str()),
                 ("count a failed login", COUNT_LOGIN_FAILURE.as_str()),
                 ("lock an account after failed logins", LOCK_ACCOUNT),

@@ -755,12 +755,24 @@ async fn login_fixture(store: &Arc<dyn Store>) -> (Tenant, User, Challenge, Logi
     let t = tenant(store, "login").await;
     let u = user(&t, "ali");
     store.insert_user(&u, &[]).await.unwrap();
-    let mut ch = challenge(&t, "+989121234567");
+    let (ch, ticket) = pending_login(store, &u, "+989121234567", [5; 32]).await;
+    (t, u, ch, ticket)
+}
+
+/// A pending SMS login of `u` (its challenge, message and ticket stored).
+async fn pending_login(
+    store: &Arc<dyn Store>,
+    u: &User,
+    destination: &str,
+    hash: [u8; 32],
+) -> (Challenge, LoginTicket) {
+    let tenant = store.get_tenant(&u.tenant_id).await.unwrap().unwrap();
+    let mut ch = challenge(&tenant, destination);
     ch.user_id = Some(u.id.clone());
     ch.purpose = Purpose::Login;
     let ticket = LoginTicket {
-        hash: [5; 32],
-        tenant_id: t.id.clone(),
+        hash,
+        tenant_id: u.tenant_id.clone(),
         user_id: u.id.clone(),
         challenge_id: ch.id.clone(),
         channel: Channel::Sms,
@@ -772,7 +784,7 @@ async fn login_fixture(store: &Arc<dyn Store>) -> (Tenant, User, Challenge, Logi
         .insert_login_ticket(&ticket, &ch, Some(&message(&ch, t0())), &[])
         .await
         .unwrap();
-    (t, u, ch, ticket)
+    (ch, ticket)
 }
 
 fn completion(
@@ -1006,23 +1018,8 @@ pub async fn concurrent_login_completions_each_complete_once(store: Arc<dyn Stor
         let u = user(&t, &format!("login{n}"));
         store.insert_user(&u, &[]).await.unwrap();
         store.record_login_failure(&t.id, &u.id, &[]).await.unwrap();
-        let mut ch = challenge(&t, &format!("+9891214{n:05}"));
-        ch.user_id = Some(u.id.clone());
-        ch.purpose = Purpose::Login;
-        let ticket = LoginTicket {
-            hash: [100 + n; 32],
-            tenant_id: t.id.clone(),
-            user_id: u.id.clone(),
-            challenge_id: ch.id.clone(),
-            channel: Channel::Sms,
-            created_at: t0(),
-            expires_at: t0() + Duration::from_secs(300),
-            used_at: None,
-        };
-        store
-            .insert_login_ticket(&ticket, &ch, Some(&message(&ch, t0())), &[])
-            .await
-            .unwrap();
+        let (ch, ticket) =
+            pending_login(&store, &u, &format!("+9891214{n:05}"), [100 + n; 32]).await;
         logins.push((u, ch, ticket.hash));
     }
     // Act
