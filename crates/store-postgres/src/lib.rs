@@ -55,6 +55,9 @@ pub struct PgStore {
     tickets: lookup::LookupQueue<[u8; 32], otpgate_core::model::LoginTicket>,
     users: lookup::LookupQueue<String, otpgate_core::model::User>,
     challenges: lookup::LookupQueue<String, otpgate_core::model::Challenge>,
+    /// The send path's reads (a destination's pending challenge, its two send counts).
+    pending: lookup::LookupQueue<store::PendingOf, otpgate_core::model::Challenge>,
+    destination_sends: lookup::LookupQueue<store::DestinationWindows, (i64, i64)>,
 }
 
 /// Maps a driver error; unique violations become `Conflict(what)`, lost connections
@@ -114,6 +117,11 @@ impl PgStore {
             tickets: lookup::start(store::fetch_tickets, settings.acquire_timeout),
             users: lookup::start(store::fetch_users, settings.acquire_timeout),
             challenges: lookup::start(store::fetch_challenges, settings.acquire_timeout),
+            pending: lookup::start(store::fetch_pending, settings.acquire_timeout),
+            destination_sends: lookup::start(
+                store::fetch_destination_sends,
+                settings.acquire_timeout,
+            ),
         })
     }
 

@@ -655,6 +655,120 @@ pub(crate) fn fetch_challenges(store: PgStore, ids: Vec<String>) -> Fetched<Stri
     )
 }
 
+/// What the send path asks of a destination before it queues a code: its newest pending
+/// challenge of a purpose (a lookup of the `pending` batcher).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) struct PendingOf {
+    tenant: String,
+    purpose: String,
+    destination: String,
+    now: i64,
+}
+
+/// Each asked destination's newest pending challenge, one statement for the batch: `k.i` says
+/// whose row it is.
+static PENDING_BY_DESTINATION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT k.i, c.* \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) \
+              WITH ORDINALITY AS k(tenant_id, purpose, destination, now_ms, i) \
+         CROSS JOIN LATERAL ( \
+             SELECT {} FROM challenges \
+             WHERE tenant_id = k.tenant_id AND destination = k.destination \
+             AND purpose = k.purpose AND status = 'pending' AND expires_at > k.now_ms \
+             ORDER BY created_at DESC, id DESC LIMIT 1) AS c",
+        rows::CHALLENGE_COLUMNS
+    )
+});
+
+pub(crate) fn fetch_pending(store: PgStore, keys: Vec<PendingOf>) -> Fetched<PendingOf, Challenge> {
+    Box::pin(async move {
+        let sql: &'static str = PENDING_BY_DESTINATION.as_str();
+        let query = sqlx::query(AssertSqlSafe(sql))
+            .bind(keys.iter().map(|k| k.tenant.clone()).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.purpose.clone()).collect::<Vec<_>>())
+            .bind(
+                keys.iter()
+                    .map(|k| k.destination.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(keys.iter().map(|k| k.now).collect::<Vec<_>>());
+        let found = store
+            .fetch_all(query, |row| Ok((ordinal(row)?, rows::challenge(row)?)))
+            .await?;
+        keyed_by_ordinal(&keys, found)
+    })
+}
+
+/// A number's two send limits (window and day) as the send path counts them: a lookup of the
+/// `destination_sends` batcher.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub(crate) struct DestinationWindows {
+    tenant: String,
+    destination: String,
+    /// Each window's start and the most it counts to.
+    windows: [(i64, i64); 2],
+}
+
+/// Each asked number's sends in its two windows, one statement for the batch (each count stops
+/// at its limit, as [`SENDS_TO_DESTINATION`] does).
+const SENDS_TO_DESTINATIONS: &str = "SELECT k.i, \
+     (SELECT COUNT(*) FROM (SELECT 1 FROM outbox WHERE tenant_id = k.tenant_id \
+         AND destination = k.destination AND created_at > k.since_1 LIMIT k.most_1) AS sends), \
+     (SELECT COUNT(*) FROM (SELECT 1 FROM outbox WHERE tenant_id = k.tenant_id \
+         AND destination = k.destination AND created_at > k.since_2 LIMIT k.most_2) AS sends) \
+     FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[]) \
+          WITH ORDINALITY AS k(tenant_id, destination, since_1, most_1, since_2, most_2, i)";
+
+pub(crate) fn fetch_destination_sends(
+    store: PgStore,
+    keys: Vec<DestinationWindows>,
+) -> Fetched<DestinationWindows, (i64, i64)> {
+    Box::pin(async move {
+        let window = |n: usize| {
+            keys.iter()
+                .map(move |k| k.windows.get(n).copied().unwrap_or_default())
+        };
+        let query = sqlx::query(AssertSqlSafe(SENDS_TO_DESTINATIONS))
+            .bind(keys.iter().map(|k| k.tenant.clone()).collect::<Vec<_>>())
+            .bind(
+                keys.iter()
+                    .map(|k| k.destination.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(window(0).map(|w| w.0).collect::<Vec<_>>())
+            .bind(window(0).map(|w| w.1).collect::<Vec<_>>())
+            .bind(window(1).map(|w| w.0).collect::<Vec<_>>())
+            .bind(window(1).map(|w| w.1).collect::<Vec<_>>());
+        let found = store
+            .fetch_all(query, |row| {
+                Ok((
+                    ordinal(row)?,
+                    (row.try_get::<i64, _>(1)?, row.try_get::<i64, _>(2)?),
+                ))
+            })
+            .await?;
+        keyed_by_ordinal(&keys, found)
+    })
+}
+
+/// The `WITH ORDINALITY` number of a batched read's row (1 for the first key).
+fn ordinal(row: &PgRow) -> sqlx::Result<i64> {
+    row.try_get("i")
+}
+
+/// Pairs each row of a batched read with the key it was read for.
+fn keyed_by_ordinal<K: Clone, T>(keys: &[K], found: Vec<(i64, T)>) -> StoreResult<Vec<(K, T)>> {
+    found
+        .into_iter()
+        .map(|(i, row)| {
+            let key = usize::try_from(i - 1).ok().and_then(|i| keys.get(i));
+            key.map(|k| (k.clone(), row))
+                .ok_or_else(|| StoreError::Other(format!("a batched read answered for key {i}")))
+        })
+        .collect()
+}
+
 /// The rows of `sql` (an `id = ANY($1)` read) keyed by their id.
 fn fetch_by_id<T: Send + 'static>(
     store: PgStore,
@@ -1054,20 +1168,13 @@ impl Store for PgStore {
         destination: &str,
         now: OffsetDateTime,
     ) -> StoreResult<Option<Challenge>> {
-        let sql = format!(
-            "SELECT {} FROM challenges WHERE tenant_id = $1 AND destination = $2 AND purpose = $3 \
-             AND status = 'pending' AND expires_at > $4 ORDER BY created_at DESC, id DESC LIMIT 1",
-            rows::CHALLENGE_COLUMNS
-        );
-        self.fetch_optional(
-            sqlx::query(AssertSqlSafe(sql))
-                .bind(tenant.as_str())
-                .bind(destination)
-                .bind(purpose)
-                .bind(ms(now)),
-            rows::challenge,
-        )
-        .await
+        let key = PendingOf {
+            tenant: tenant.as_str().to_owned(),
+            purpose: purpose.to_owned(),
+            destination: destination.to_owned(),
+            now: ms(now),
+        };
+        crate::lookup::look_up(&self.pending, self, key).await
     }
 
     async fn resend_challenge(
@@ -1194,6 +1301,23 @@ impl Store for PgStore {
             )
             .await;
         };
+        if let SendScope::Destination(destination) = scope {
+            // Every send counts its number's two windows: those counts share a statement.
+            let key = DestinationWindows {
+                tenant: tenant.as_str().to_owned(),
+                destination: destination.clone(),
+                windows: [
+                    (ms(first_since), i64::from(first_most)),
+                    (ms(second_since), i64::from(second_most)),
+                ],
+            };
+            let (first, second) = crate::lookup::look_up(&self.destination_sends, self, key)
+                .await?
+                .ok_or_else(|| StoreError::Other("a number's send count went missing".into()))?;
+            return Ok([first, second]
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+                .to_vec());
+        }
         let (_, sql, key) = send_count_of(scope);
         let (first, second): (i64, i64) = sqlx::query_as(AssertSqlSafe(sql))
             .bind(tenant.as_str())
@@ -2036,10 +2160,15 @@ impl Store for PgStore {
                 ("count a failed login", COUNT_LOGIN_FAILURE.as_str()),
                 ("lock an account after failed logins", LOCK_ACCOUNT),
                 ("unlock an account", UNLOCK_ACCOUNT),
-                // A number's two limits, counted at once.
+                // A scope's two limits, counted at once; a batch of numbers' two limits.
                 (
                     "sends to a destination in two windows",
                     send_count_of(&SendScope::Destination(String::new())).1,
+                ),
+                ("sends to a batch of destinations", SENDS_TO_DESTINATIONS),
+                (
+                    "pending challenges of a batch of destinations",
+                    PENDING_BY_DESTINATION.as_str(),
                 ),
             ])
             .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)));

@@ -67,6 +67,7 @@ macro_rules! store_contract_tests {
             outbox_claims_are_leases_and_delivery_erases_the_code,
             sends_are_counted_per_destination,
             sends_in_several_windows_are_each_windows_own_count,
+            concurrent_send_reads_of_many_numbers_are_each_numbers_own,
             sms_range_outcomes_count_only_settled_codes_of_the_range,
             sealed_secrets_are_listed_and_resealed_all_or_nothing,
             login_failures_count_up_and_locks_never_shorten,
@@ -1408,6 +1409,71 @@ pub async fn sends_in_several_windows_are_each_windows_own_count(store: Arc<dyn 
     assert_eq!(elsewhere, [0, 0]);
 }
 
+pub async fn concurrent_send_reads_of_many_numbers_are_each_numbers_own(store: Arc<dyn Store>) {
+    // Arrange: forty numbers, number i with i % 4 sends ten seconds ago and, for every third,
+    // a newer pending challenge beside an older one; the same numbers in another tenant, with
+    // one pending challenge each.
+    let t = tenant(&store, "send-reads").await;
+    let other = tenant(&store, "send-reads-other").await;
+    let number = |i: usize| format!("+98912300{i:04}");
+    let mut newest = Vec::new();
+    for i in 0..40 {
+        for _ in 0..i % 4 {
+            let ch = challenge(&t, &number(i));
+            let sent = t0() - Duration::from_secs(10);
+            store
+                .insert_challenge(&ch, Some(&message(&ch, sent)), &[])
+                .await
+                .unwrap();
+        }
+        let pending = if i % 3 == 0 {
+            let older = challenge(&t, &number(i));
+            let mut newer = challenge(&t, &number(i));
+            newer.created_at = t0() + Duration::from_secs(1);
+            store.insert_challenge(&older, None, &[]).await.unwrap();
+            store.insert_challenge(&newer, None, &[]).await.unwrap();
+            Some(newer.id)
+        } else {
+            None
+        };
+        newest.push(pending);
+        store
+            .insert_challenge(&challenge(&other, &number(i)), None, &[])
+            .await
+            .unwrap();
+    }
+    // Act: every number's reads at once, each number asked twice.
+    let minute = t0() - Duration::from_secs(60);
+    let asks = (0..80).map(|n| {
+        let (store, tenant, destination) = (Arc::clone(&store), t.id.clone(), number(n % 40));
+        async move {
+            let windows = [(minute, 100), (minute, 2)];
+            let scope = SendScope::Destination(destination.clone());
+            let counts = store.count_sends_in_windows(&tenant, &scope, &windows);
+            let pending = store.find_pending_challenge(&tenant, "verify", &destination, t0());
+            let (counts, pending) = tokio::join!(counts, pending);
+            (counts.unwrap(), pending.unwrap())
+        }
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    // Assert: each number's own counts (the second stopped at its limit) and newest pending.
+    for (n, (counts, pending)) in answers.into_iter().enumerate() {
+        let i = n % 40;
+        let sent = u32::try_from(i % 4).unwrap();
+        assert_eq!(counts, [sent, sent.min(2)], "number {i}");
+        match (&newest[i], pending) {
+            (Some(id), Some(found)) => assert_eq!(&found.id, id, "number {i}"),
+            (None, found) if i % 4 == 0 => assert!(found.is_none(), "number {i}: {found:?}"),
+            // The challenges of its sends are the pending ones of a number without others.
+            (None, Some(found)) => {
+                assert_eq!(found.tenant_id, t.id, "number {i}");
+                assert_eq!(found.destination, number(i), "number {i}");
+            }
+            (expected, found) => panic!("number {i}: {expected:?} but {found:?}"),
+        }
+    }
+}
+
 pub async fn login_failures_count_up_and_locks_never_shorten(store: Arc<dyn Store>) {
     let t = tenant(&store, "lock").await;
     let u = user(&t, "ali");
@@ -1585,6 +1651,21 @@ pub async fn every_hot_and_sweep_statement_goes_through_an_index(store: Arc<dyn 
             plan.is_some_and(|p| p.plan.contains(index)),
             "{purpose} not through {index}: {plan:?}"
         );
+    }
+    // A store that reads the send path's rows in batches reads each key's through its index.
+    for (purpose, index) in [
+        ("sends to a batch of destinations", "outbox_by_destination"),
+        (
+            "pending challenges of a batch of destinations",
+            "challenges_by_destination",
+        ),
+    ] {
+        if let Some(plan) = plans.iter().find(|p| p.purpose == purpose) {
+            assert!(
+                plan.plan.contains(index),
+                "{purpose} not through {index}: {plan:?}"
+            );
+        }
     }
     // A user by its key, never by walking the tenant's usernames.
     let user = plans.iter().find(|p| p.purpose == "user by id");
