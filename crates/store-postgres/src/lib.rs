@@ -7,6 +7,7 @@
 mod batch;
 mod login;
 mod lookup;
+mod nodelay;
 mod rows;
 mod schema;
 mod settle;
@@ -53,6 +54,8 @@ pub struct PgStore {
     logins: batch::Queue<login::LoginRequest>,
     /// Point reads waiting to share a statement (see the `lookup` module).
     tickets: lookup::LookupQueue<[u8; 32], otpgate_core::model::LoginTicket>,
+    /// A login step's ticket, user and challenge, read together.
+    login_contexts: lookup::LookupQueue<[u8; 32], otpgate_core::store::LoginContext>,
     users: lookup::LookupQueue<String, otpgate_core::model::User>,
     challenges: lookup::LookupQueue<String, otpgate_core::model::Challenge>,
     /// The send path's reads (a destination's pending challenge, its two send counts).
@@ -106,6 +109,7 @@ impl PgStore {
             // connection killed by the server (restart, pg_terminate_backend) fails the one
             // request that meets it (503, nothing half-written) and is dropped from the pool.
             .test_before_acquire(false)
+            .after_connect(|conn, _| Box::pin(nodelay::disable_nagle(conn)))
             .connect_with(options)
             .await
             .map_err(db)?;
@@ -115,6 +119,7 @@ impl PgStore {
             settles: settle::start(settings.acquire_timeout),
             logins: login::start(settings.acquire_timeout),
             tickets: lookup::start(store::fetch_tickets, settings.acquire_timeout),
+            login_contexts: lookup::start(store::fetch_login_contexts, settings.acquire_timeout),
             users: lookup::start(store::fetch_users, settings.acquire_timeout),
             challenges: lookup::start(store::fetch_challenges, settings.acquire_timeout),
             pending: lookup::start(store::fetch_pending, settings.acquire_timeout),

@@ -1,6 +1,6 @@
-//! Point reads by key, batched: the lookups of one kind (a ticket by hash, a user or a challenge
-//! by id) that arrive together share one `WHERE key = ANY($1)` statement. A login step reads a
-//! ticket, a user and a challenge; alone, each read is a round trip in which PostgreSQL spends
+//! Point reads by key, batched: the lookups of one kind (a ticket by hash, a login step's ticket
+//! with its user and challenge, a user or a challenge by id) that arrive together share one
+//! `WHERE key = ANY($1)` statement. Alone, each read is a round trip in which PostgreSQL spends
 //! far more time on the statement's start, plan and snapshot than on the row.
 //!
 //! A batch's statement is sent after every request in it was made, so each caller still sees

@@ -83,25 +83,32 @@ pub(crate) fn tenant(row: &PgRow) -> sqlx::Result<Tenant> {
 pub(crate) const USER_COLUMNS: &str = "id, tenant_id, username, email, phone, role, password_hash, \
      mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type";
 
+/// A user's columns under a prefix (a joined read names them `u_id`, `u_tenant_id`, …), so one
+/// mapping serves both reads.
+macro_rules! user_named {
+    ($row:expr, $p:literal) => {
+        User {
+            id: parsed($row, concat!($p, "id"), UserId::parse)?,
+            tenant_id: parsed($row, concat!($p, "tenant_id"), TenantId::parse)?,
+            username: parsed($row, concat!($p, "username"), Username::parse)?,
+            email: opt_parsed($row, concat!($p, "email"), Email::parse)?,
+            phone: opt_parsed($row, concat!($p, "phone"), E164Phone::parse)?,
+            role: parsed($row, concat!($p, "role"), Role::parse)?,
+            password_hash: $row.try_get(concat!($p, "password_hash"))?,
+            mobile_verified_at: opt_time_at($row, concat!($p, "mobile_verified_at"))?,
+            email_verified_at: opt_time_at($row, concat!($p, "email_verified_at"))?,
+            failed_logins: count($row, concat!($p, "failed_logins"))?,
+            locked_until: opt_time_at($row, concat!($p, "locked_until"))?,
+            created_at: time_at($row, concat!($p, "created_at"))?,
+            user_type: $row
+                .try_get::<Option<i64>, _>(concat!($p, "user_type"))?
+                .map(|t| u16::try_from(t).map_err(|_| bad(concat!($p, "user_type"), "user type")))
+                .transpose()?,
+        }
+    };
+}
 pub(crate) fn user(row: &PgRow) -> sqlx::Result<User> {
-    Ok(User {
-        id: parsed(row, "id", UserId::parse)?,
-        tenant_id: parsed(row, "tenant_id", TenantId::parse)?,
-        username: parsed(row, "username", Username::parse)?,
-        email: opt_parsed(row, "email", Email::parse)?,
-        phone: opt_parsed(row, "phone", E164Phone::parse)?,
-        role: parsed(row, "role", Role::parse)?,
-        password_hash: row.try_get("password_hash")?,
-        mobile_verified_at: opt_time_at(row, "mobile_verified_at")?,
-        email_verified_at: opt_time_at(row, "email_verified_at")?,
-        failed_logins: count(row, "failed_logins")?,
-        locked_until: opt_time_at(row, "locked_until")?,
-        created_at: time_at(row, "created_at")?,
-        user_type: row
-            .try_get::<Option<i64>, _>("user_type")?
-            .map(|t| u16::try_from(t).map_err(|_| bad("user_type", "user type")))
-            .transpose()?,
-    })
+    Ok(user_named!(row, ""))
 }
 
 pub(crate) const JWT_KEY_COLUMNS: &str = "id, tenant_id, secret_sealed, created_at, verify_until";
@@ -132,24 +139,30 @@ pub(crate) fn api_key(row: &PgRow) -> sqlx::Result<ApiKey> {
 pub(crate) const CHALLENGE_COLUMNS: &str = "id, tenant_id, user_id, purpose, channel, destination, \
      code_hash, locale, created_at, expires_at, last_sent_at, send_count, attempts, max_attempts, status";
 
+/// A challenge's columns under a prefix (`c_id`, … in a joined read).
+macro_rules! challenge_named {
+    ($row:expr, $p:literal) => {
+        Challenge {
+            id: parsed($row, concat!($p, "id"), ChallengeId::parse)?,
+            tenant_id: parsed($row, concat!($p, "tenant_id"), TenantId::parse)?,
+            user_id: opt_parsed($row, concat!($p, "user_id"), UserId::parse)?,
+            purpose: parsed($row, concat!($p, "purpose"), Purpose::parse)?,
+            channel: parsed($row, concat!($p, "channel"), Channel::parse)?,
+            destination: $row.try_get(concat!($p, "destination"))?,
+            code_hash: $row.try_get(concat!($p, "code_hash"))?,
+            locale: $row.try_get(concat!($p, "locale"))?,
+            created_at: time_at($row, concat!($p, "created_at"))?,
+            expires_at: time_at($row, concat!($p, "expires_at"))?,
+            last_sent_at: time_at($row, concat!($p, "last_sent_at"))?,
+            send_count: count($row, concat!($p, "send_count"))?,
+            attempts: count($row, concat!($p, "attempts"))?,
+            max_attempts: count($row, concat!($p, "max_attempts"))?,
+            status: parsed($row, concat!($p, "status"), ChallengeStatus::parse)?,
+        }
+    };
+}
 pub(crate) fn challenge(row: &PgRow) -> sqlx::Result<Challenge> {
-    Ok(Challenge {
-        id: parsed(row, "id", ChallengeId::parse)?,
-        tenant_id: parsed(row, "tenant_id", TenantId::parse)?,
-        user_id: opt_parsed(row, "user_id", UserId::parse)?,
-        purpose: parsed(row, "purpose", Purpose::parse)?,
-        channel: parsed(row, "channel", Channel::parse)?,
-        destination: row.try_get("destination")?,
-        code_hash: row.try_get("code_hash")?,
-        locale: row.try_get("locale")?,
-        created_at: time_at(row, "created_at")?,
-        expires_at: time_at(row, "expires_at")?,
-        last_sent_at: time_at(row, "last_sent_at")?,
-        send_count: count(row, "send_count")?,
-        attempts: count(row, "attempts")?,
-        max_attempts: count(row, "max_attempts")?,
-        status: parsed(row, "status", ChallengeStatus::parse)?,
-    })
+    Ok(challenge_named!(row, ""))
 }
 
 pub(crate) const TICKET_COLUMNS: &str =
@@ -165,6 +178,39 @@ pub(crate) fn ticket(row: &PgRow) -> sqlx::Result<LoginTicket> {
         created_at: time_at(row, "created_at")?,
         expires_at: time_at(row, "expires_at")?,
         used_at: opt_time_at(row, "used_at")?,
+    })
+}
+
+/// `columns` (a `*_COLUMNS` list) of `table`, each named `{prefix}{column}`: the select list
+/// of a joined read whose rows [`login_context`] maps.
+pub(crate) fn prefixed(columns: &str, table: &str, prefix: &str) -> String {
+    columns
+        .split(',')
+        .map(|c| format!("{table}.{c} AS {prefix}{c}", c = c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A login ticket with its user (`u_` columns) and challenge (`c_` columns), as a left join
+/// read them: `None` where the row is missing or belongs to another tenant.
+pub(crate) fn login_context(row: &PgRow) -> sqlx::Result<otpgate_core::store::LoginContext> {
+    let ticket = ticket(row)?;
+    let user_id: Option<String> = row.try_get("u_id")?;
+    let user = match user_id {
+        Some(_) => Some(user_named!(row, "u_")),
+        None => None,
+    }
+    .filter(|u: &User| u.tenant_id == ticket.tenant_id);
+    let challenge_id: Option<String> = row.try_get("c_id")?;
+    let challenge = match challenge_id {
+        Some(_) => Some(challenge_named!(row, "c_")),
+        None => None,
+    }
+    .filter(|c: &Challenge| c.tenant_id == ticket.tenant_id);
+    Ok(otpgate_core::store::LoginContext {
+        ticket,
+        user,
+        challenge,
     })
 }
 

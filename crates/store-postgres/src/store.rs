@@ -618,6 +618,23 @@ static USERS_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
+/// A login's three rows by its ticket's hash, for many tickets at once: a login step waits for
+/// one batch where it waited for two in a row (the ticket, then its user and challenge). The
+/// user and the challenge are joined by their primary keys alone, the tenant checked on the
+/// rows (as for a user or a challenge by id).
+pub(crate) static LOGIN_CONTEXTS_BY_HASH: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT {}, {}, {} FROM login_tickets t \
+             LEFT JOIN users u ON u.id = t.user_id \
+             LEFT JOIN challenges c ON c.id = t.challenge_id \
+             WHERE t.hash = ANY($1::bytea[])",
+            rows::prefixed(rows::TICKET_COLUMNS, "t", ""),
+            rows::prefixed(rows::USER_COLUMNS, "u", "u_"),
+            rows::prefixed(rows::CHALLENGE_COLUMNS, "c", "c_"),
+        )
+    });
+
 type Fetched<K, T> =
     std::pin::Pin<Box<dyn std::future::Future<Output = StoreResult<Vec<(K, T)>>> + Send>>;
 
@@ -625,12 +642,37 @@ pub(crate) fn fetch_tickets(
     store: PgStore,
     hashes: Vec<[u8; 32]>,
 ) -> Fetched<[u8; 32], LoginTicket> {
+    fetch_by_hash(store, TICKETS_BY_HASH.as_str(), hashes, rows::ticket, |t| {
+        t.hash
+    })
+}
+
+pub(crate) fn fetch_login_contexts(
+    store: PgStore,
+    hashes: Vec<[u8; 32]>,
+) -> Fetched<[u8; 32], LoginContext> {
+    fetch_by_hash(
+        store,
+        LOGIN_CONTEXTS_BY_HASH.as_str(),
+        hashes,
+        rows::login_context,
+        |c| c.ticket.hash,
+    )
+}
+
+/// The rows of `sql` (a `hash = ANY($1)` read of login tickets) keyed by their ticket's hash.
+fn fetch_by_hash<T: Send + 'static>(
+    store: PgStore,
+    sql: &'static str,
+    hashes: Vec<[u8; 32]>,
+    mapper: fn(&PgRow) -> sqlx::Result<T>,
+    hash_of: fn(&T) -> [u8; 32],
+) -> Fetched<[u8; 32], T> {
     Box::pin(async move {
         let hashes: Vec<Vec<u8>> = hashes.iter().map(|h| h.to_vec()).collect();
-        let sql: &'static str = TICKETS_BY_HASH.as_str();
         let query = sqlx::query(AssertSqlSafe(sql)).bind(hashes);
-        let found = store.fetch_all(query, rows::ticket).await?;
-        Ok(found.into_iter().map(|t| (t.hash, t)).collect())
+        let found = store.fetch_all(query, mapper).await?;
+        Ok(found.into_iter().map(|row| (hash_of(&row), row)).collect())
     })
 }
 
@@ -1392,20 +1434,7 @@ impl Store for PgStore {
     }
 
     async fn get_login_context(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginContext>> {
-        let Some(ticket) = self.get_login_ticket(hash).await? else {
-            return Ok(None);
-        };
-        // The user and the challenge go into their batches at the same moment: a login waits
-        // for two batches where it waited for three.
-        let (user, challenge) = tokio::try_join!(
-            self.get_user(&ticket.tenant_id, &ticket.user_id),
-            self.get_challenge(&ticket.tenant_id, &ticket.challenge_id)
-        )?;
-        Ok(Some(LoginContext {
-            ticket,
-            user,
-            challenge,
-        }))
+        crate::lookup::look_up(&self.login_contexts, self, *hash).await
     }
 
     async fn complete_login(&self, done: &LoginCompletion) -> StoreResult<bool> {
@@ -2137,6 +2166,10 @@ impl Store for PgStore {
             .chain([
                 // Read in batches (the `lookup` module): every key asked at once.
                 ("login ticket by hash", TICKETS_BY_HASH.as_str()),
+                (
+                    "login ticket with its user and challenge",
+                    LOGIN_CONTEXTS_BY_HASH.as_str(),
+                ),
                 ("user by id", USERS_BY_ID.as_str()),
                 ("challenge by id", CHALLENGES_BY_ID.as_str()),
                 ("complete a code login", CODE_LOGIN.as_str()),
