@@ -11,10 +11,17 @@
 use sqlx::PgConnection;
 
 /// Sets `TCP_NODELAY` on `conn`'s socket. A connection over a Unix socket, or whose socket
-/// cannot be told apart (a proxy between us and the server), is left as it is.
+/// cannot be told apart (a proxy between us and the server), is left as it is; so is one to a
+/// server that cannot name the ports (another server speaking PostgreSQL's protocol): this
+/// never fails a connection.
 pub(crate) async fn disable_nagle(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-    let Some((local, peer)) = ports_of(conn).await? else {
-        return Ok(());
+    let (local, peer) = match ports_of(conn).await {
+        Ok(Some(ports)) => ports,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            tracing::debug!(error = %e, "the server did not name the connection's ports");
+            return Ok(());
+        }
     };
     let set = with_socket_between(local, peer, |socket| socket.set_tcp_nodelay(true).is_ok());
     if set != Some(true) {
