@@ -3,7 +3,8 @@
 //! sqlx 0.9.0 opens its TCP connections without `TCP_NODELAY` (sqlx issue #4335; 0.8 set it,
 //! and the fix, pull request #4336, is not released yet). A request whose last bytes wait for
 //! the server's delayed ACK then takes about 40 ms more: a batch of logins took 40 ms where
-//! PostgreSQL spent 3 ms on it, and `acl-confirm` ran at a fifth of its rate over a Unix socket.
+//! PostgreSQL spent 3 ms on it, and `acl-confirm` over TCP ran at a fifth of its rate over a
+//! Unix socket.
 //! sqlx gives no access to its socket, so this finds it among the process's open descriptors:
 //! the socket whose local port is the one the server sees as the client's, and whose peer port
 //! is the server's. Remove this module once sqlx sets the option itself again.

@@ -195,14 +195,13 @@ pub(crate) fn prefixed(columns: &str, table: &str, prefix: &str) -> String {
 /// read them: `None` where the row is missing or belongs to another tenant.
 pub(crate) fn login_context(row: &PgRow) -> sqlx::Result<otpgate_core::store::LoginContext> {
     let ticket = ticket(row)?;
-    let user_id: Option<String> = row.try_get("u_id")?;
-    let user = match user_id {
+    // A missing row of a left join reads as NULLs: its key says whether there is one.
+    let user = match row.try_get::<Option<&str>, _>("u_id")? {
         Some(_) => Some(user_named!(row, "u_")),
         None => None,
     }
     .filter(|u: &User| u.tenant_id == ticket.tenant_id);
-    let challenge_id: Option<String> = row.try_get("c_id")?;
-    let challenge = match challenge_id {
+    let challenge = match row.try_get::<Option<&str>, _>("c_id")? {
         Some(_) => Some(challenge_named!(row, "c_")),
         None => None,
     }
