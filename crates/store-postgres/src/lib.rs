@@ -10,6 +10,7 @@ mod lookup;
 mod nodelay;
 mod rows;
 mod schema;
+mod send_writes;
 mod settle;
 mod store;
 
@@ -52,6 +53,9 @@ pub struct PgStore {
     settles: batch::Queue<settle::SettleRequest>,
     /// Code logins waiting to be completed in a batch (see the `login` module).
     logins: batch::Queue<login::LoginRequest>,
+    /// New challenges and sent marks waiting for their batch (see the `send_writes` module).
+    new_challenges: batch::Queue<send_writes::NewChallenge>,
+    sent_marks: batch::Queue<send_writes::SentMark>,
     /// Point reads waiting to share a statement (see the `lookup` module).
     tickets: lookup::LookupQueue<[u8; 32], otpgate_core::model::LoginTicket>,
     /// A login step's ticket, user and challenge, read together.
@@ -118,6 +122,8 @@ impl PgStore {
             pool,
             settles: settle::start(settings.acquire_timeout),
             logins: login::start(settings.acquire_timeout),
+            new_challenges: send_writes::start_new_challenges(settings.acquire_timeout),
+            sent_marks: send_writes::start_sent_marks(settings.acquire_timeout),
             tickets: lookup::start(store::fetch_tickets, settings.acquire_timeout),
             login_contexts: lookup::start(store::fetch_login_contexts, settings.acquire_timeout),
             users: lookup::start(store::fetch_users, settings.acquire_timeout),

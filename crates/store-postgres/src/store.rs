@@ -22,7 +22,7 @@ use crate::{PgStore, db, map_error};
 type Tx = Transaction<'static, Postgres>;
 
 /// The audit insert of [`bind_audit`]: any number of events in one statement (one round trip).
-const INSERT_AUDIT: &str = "INSERT INTO audit_events \
+pub(crate) const INSERT_AUDIT: &str = "INSERT INTO audit_events \
      (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
      SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
      $6::float8[], $7::float8[], $8::text[], $9::int8[])";
@@ -87,7 +87,7 @@ async fn insert_audit(conn: &mut PgConnection, events: &[AuditEvent]) -> StoreRe
 }
 
 /// A challenge's columns, bound in this order after whatever the statement binds first.
-const CHALLENGE_INSERT_COLUMNS: &str = "id, tenant_id, user_id, purpose, channel, destination, \
+pub(crate) const CHALLENGE_INSERT_COLUMNS: &str = "id, tenant_id, user_id, purpose, channel, destination, \
      code_hash, locale, created_at, expires_at, last_sent_at, send_count, attempts, max_attempts, \
      status";
 
@@ -114,7 +114,7 @@ fn bind_challenge<'q>(
 }
 
 /// An outbox message's columns, bound in this order by [`bind_message`].
-const MESSAGE_INSERT_COLUMNS: &str = "id, tenant_id, challenge_id, channel, destination, purpose, \
+pub(crate) const MESSAGE_INSERT_COLUMNS: &str = "id, tenant_id, challenge_id, channel, destination, purpose, \
      locale, body, code, status, attempts, next_attempt_at, created_at, client_ip, user_id";
 
 fn bind_message<'q>(
@@ -913,6 +913,52 @@ impl PgStore {
     /// change together everywhere, and a concurrent consumer waits on the challenge's row lock
     /// and then finds it approved, so "consumed but not spent" cannot happen; were it to, the
     /// answer is still `false` (fail closed).
+    /// A new challenge with its first message and audit rows, in one statement of its own.
+    pub(crate) async fn insert_new_challenge(
+        &self,
+        challenge: &Challenge,
+        message: Option<&OutboxMessage>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let [alone, with_message] = &*NEW_CHALLENGE;
+        let sql: &'static str = if message.is_some() {
+            with_message
+        } else {
+            alone
+        };
+        let query = bind_challenge(
+            bind_audit(sqlx::query(AssertSqlSafe(sql)), audit),
+            challenge,
+        );
+        let query = match message {
+            Some(m) => bind_message(query, m),
+            None => query,
+        };
+        query
+            .execute(self.pool())
+            .await
+            .map_err(|e| map_error(e, "challenge"))?;
+        Ok(())
+    }
+
+    /// Marks one message sent, with its audit rows, in one statement of its own.
+    pub(crate) async fn mark_one_message_sent(
+        &self,
+        id: &MessageId,
+        provider_message_id: Option<&str>,
+        audit: &[AuditEvent],
+    ) -> StoreResult<()> {
+        let sql: &'static str = MARK_SENT_WITH_AUDIT.as_str();
+        bind_audit(sqlx::query(AssertSqlSafe(sql)), audit)
+            .bind(id.as_str())
+            .bind(provider_message_id)
+            .bind(audit.first().map(|e| ms(e.at)))
+            .execute(self.pool())
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
     pub(crate) async fn complete_code_login(
         &self,
         done: &LoginCompletion,
@@ -1166,25 +1212,18 @@ impl Store for PgStore {
         message: Option<&OutboxMessage>,
         audit: &[AuditEvent],
     ) -> StoreResult<()> {
-        let [alone, with_message] = &*NEW_CHALLENGE;
-        let sql: &'static str = if message.is_some() {
-            with_message
-        } else {
-            alone
-        };
-        let query = bind_challenge(
-            bind_audit(sqlx::query(AssertSqlSafe(sql)), audit),
-            challenge,
-        );
-        let query = match message {
-            Some(m) => bind_message(query, m),
-            None => query,
-        };
-        query
-            .execute(self.pool())
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.new_challenges
+            .submit(crate::send_writes::NewChallenge {
+                store: self.clone(),
+                challenge: challenge.clone(),
+                message: message.cloned(),
+                audit: audit.to_vec(),
+                reply,
+            });
+        answer
             .await
-            .map_err(|e| map_error(e, "challenge"))?;
-        Ok(())
+            .map_err(|_| StoreError::Unavailable("the new challenge batcher stopped".into()))?
     }
 
     async fn get_challenge(
@@ -2047,17 +2086,19 @@ impl Store for PgStore {
         provider_message_id: Option<&str>,
         audit: &[AuditEvent],
     ) -> StoreResult<()> {
-        // One statement, not a transaction of two: the delivery worker marks every message it
-        // sends, beside the requests that queue them.
-        let sql: &'static str = MARK_SENT_WITH_AUDIT.as_str();
-        bind_audit(sqlx::query(AssertSqlSafe(sql)), audit)
-            .bind(id.as_str())
-            .bind(provider_message_id)
-            .bind(audit.first().map(|e| ms(e.at)))
-            .execute(self.pool())
+        // The delivery worker marks every message it sends, beside the requests that queue
+        // them: the marks that arrive together share a statement.
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.sent_marks.submit(crate::send_writes::SentMark {
+            store: self.clone(),
+            id: id.clone(),
+            provider_message_id: provider_message_id.map(str::to_owned),
+            audit: audit.to_vec(),
+            reply,
+        });
+        answer
             .await
-            .map_err(db)?;
-        Ok(())
+            .map_err(|_| StoreError::Unavailable("the sent mark batcher stopped".into()))?
     }
 
     async fn mark_message_retry(
@@ -2187,6 +2228,10 @@ impl Store for PgStore {
                     crate::login::CODE_LOGINS.as_str(),
                 ),
                 ("mark a message sent", MARK_SENT_WITH_AUDIT.as_str()),
+                (
+                    "mark a batch of messages sent",
+                    crate::send_writes::SENT_MARKS.as_str(),
+                ),
                 ("count a failed login", COUNT_LOGIN_FAILURE.as_str()),
                 ("lock an account after failed logins", LOCK_ACCOUNT),
                 ("unlock an account", UNLOCK_ACCOUNT),

@@ -65,6 +65,7 @@ macro_rules! store_contract_tests {
             totp_steps_only_move_forward,
             sessions_are_revoked_once,
             outbox_claims_are_leases_and_delivery_erases_the_code,
+            concurrent_sent_marks_each_mark_their_own_message,
             sends_are_counted_per_destination,
             sends_in_several_windows_are_each_windows_own_count,
             concurrent_send_reads_of_many_numbers_are_each_numbers_own,
@@ -1173,6 +1174,57 @@ pub async fn outbox_claims_are_leases_and_delivery_erases_the_code(store: Arc<dy
             .unwrap()
             .is_empty()
     );
+}
+
+pub async fn concurrent_sent_marks_each_mark_their_own_message(store: Arc<dyn Store>) {
+    // As a delivery worker marks the messages it sent side by side: each message ends sent
+    // with its own provider id and its code erased, with its own event, and a mark of a message
+    // that is gone takes no other mark down (a store that shares statements between marks
+    // must keep each mark its own).
+    // Arrange: twenty queued messages.
+    let t = tenant(&store, "marks").await;
+    let mut queued = Vec::new();
+    for n in 0..20 {
+        let ch = challenge(&t, &format!("+9891288{n:05}"));
+        let m = message(&ch, t0());
+        store.insert_challenge(&ch, Some(&m), &[]).await.unwrap();
+        queued.push((ch, m));
+    }
+    // Act: every mark at once, with one of a message that was never queued among them.
+    let mark = |id: MessageId, provider: String| {
+        let store = Arc::clone(&store);
+        let audit = [event(&t, AuditKind::MessageSent, &format!("sent {id}"))];
+        tokio::spawn(async move { store.mark_message_sent(&id, Some(&provider), &audit).await })
+    };
+    let mut tasks: Vec<_> = queued
+        .iter()
+        .map(|(_, m)| mark(m.id.clone(), format!("prov-{}", m.id)))
+        .collect();
+    tasks.push(mark(MessageId::generate().unwrap(), "prov-none".into()));
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    // Assert: each message sent under its own provider id, its code gone; an event per mark.
+    for (ch, m) in &queued {
+        let latest = store.latest_message_for(&ch.id).await.unwrap().unwrap();
+        assert_eq!(latest.status, DeliveryStatus::Sent);
+        assert_eq!(
+            latest.provider_message_id,
+            Some(format!("prov-{}", m.id)),
+            "a mark landed on another message"
+        );
+        assert!(latest.body.is_none() && latest.code.is_none());
+    }
+    assert!(
+        store
+            .claim_outbox(t0() + Duration::from_secs(3600), t0(), 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a marked message is still queued"
+    );
+    let events = store.list_audit(&t.id, None, 100).await.unwrap();
+    assert_eq!(events.len(), 21, "one event per mark");
 }
 
 pub async fn sms_range_outcomes_count_only_settled_codes_of_the_range(store: Arc<dyn Store>) {
