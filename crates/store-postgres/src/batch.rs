@@ -161,12 +161,12 @@ mod tests {
         answer
     }
 
-    #[tokio::test]
-    async fn a_lone_request_runs_alone_and_requests_together_run_as_a_batch() {
-        // Arrange: handlers that answer with the size of what they were given.
+    /// A queue whose batches answer with their size, and whose lone requests with 100 times
+    /// their id.
+    fn sizing_queue() -> Queue<Probe> {
         let many: Handler<Probe> = Arc::new(|batch: Vec<Probe>| {
             Box::pin(async move {
-                let size = u32::try_from(batch.len()).unwrap();
+                let size = u32::try_from(batch.len()).unwrap_or(u32::MAX);
                 for p in batch {
                     let _ = p.reply.send(Ok(size));
                 }
@@ -177,8 +177,14 @@ mod tests {
                 let _ = p.reply.send(Ok(p.id * 100));
             })
         });
-        let queue = start(many, Some(single), Duration::from_secs(5));
-        // Act: three queued before the batchers run (one task here), then one alone.
+        start(many, Some(single), Duration::from_secs(5))
+    }
+
+    #[tokio::test]
+    async fn a_lone_request_runs_alone_and_requests_together_run_as_a_batch() {
+        // Arrange: handlers that answer with the size of what they were given.
+        let queue = sizing_queue();
+        // Act: three queued before the batcher runs (one thread here), then one alone.
         let together: Vec<_> = (1..4).map(|id| probe(&queue, id)).collect();
         let mut sizes = Vec::new();
         for answer in together {
@@ -192,21 +198,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_queued_by_a_task_that_was_ready_joins_the_batch() {
-        // Arrange: the same handlers, on one thread, so the order tasks run in is fixed.
-        let many: Handler<Probe> = Arc::new(|batch: Vec<Probe>| {
-            Box::pin(async move {
-                let size = u32::try_from(batch.len()).unwrap();
-                for p in batch {
-                    let _ = p.reply.send(Ok(size));
-                }
-            })
-        });
-        let single: Single<Probe> = Arc::new(|p: Probe| {
-            Box::pin(async move {
-                let _ = p.reply.send(Ok(p.id * 100));
-            })
-        });
-        let queue = start(many, Some(single), Duration::from_secs(5));
+        // Arrange: the same queue, on one thread, so the order tasks run in is fixed.
+        let queue = sizing_queue();
         // Act: one request queued, and a task ready to queue another when the batcher wakes.
         let first = probe(&queue, 1);
         let other = queue.clone();

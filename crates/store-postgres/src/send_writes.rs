@@ -111,16 +111,32 @@ async fn insert_batch(batch: Vec<NewChallenge>) {
     let Some(store) = batch.first().map(|r| r.store.clone()) else {
         return;
     };
-    match store.insert_new_challenges(&batch).await {
+    let written = store.insert_new_challenges(&batch).await;
+    answer_batch(batch, written, "new challenges", |r| r.reply, insert_one);
+}
+
+/// Answers every request of a batch whose statement committed; when it failed, writes each
+/// request again alone, on its own task.
+fn answer_batch<R, Alone>(
+    batch: Vec<R>,
+    written: StoreResult<()>,
+    what: &str,
+    reply: fn(R) -> oneshot::Sender<StoreResult<()>>,
+    alone: fn(R) -> Alone,
+) where
+    R: Send + 'static,
+    Alone: std::future::Future<Output = ()> + Send + 'static,
+{
+    match written {
         Ok(()) => {
             for request in batch {
-                let _ = request.reply.send(Ok(()));
+                let _ = reply(request).send(Ok(()));
             }
         }
         Err(e) => {
-            tracing::warn!(error = %e, "a batch of new challenges failed; writing each alone");
+            tracing::warn!(error = %e, "a batch of {what} failed; writing each alone");
             for request in batch {
-                tokio::spawn(insert_one(request));
+                tokio::spawn(alone(request));
             }
         }
     }
@@ -138,19 +154,8 @@ async fn mark_batch(batch: Vec<SentMark>) {
     let Some(store) = batch.first().map(|r| r.store.clone()) else {
         return;
     };
-    match store.mark_messages_sent(&batch).await {
-        Ok(()) => {
-            for request in batch {
-                let _ = request.reply.send(Ok(()));
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "a batch of sent marks failed; writing each alone");
-            for request in batch {
-                tokio::spawn(mark_one(request));
-            }
-        }
-    }
+    let marked = store.mark_messages_sent(&batch).await;
+    answer_batch(batch, marked, "sent marks", |r| r.reply, mark_one);
 }
 
 async fn mark_one(request: SentMark) {
