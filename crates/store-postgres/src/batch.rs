@@ -18,10 +18,11 @@ const GATHER_YIELDS: usize = 2;
 
 /// Batches of one kind in flight at once. One: what arrives while it runs forms the next batch,
 /// and PostgreSQL's time per request is mostly per statement (planning, executor start, the
-/// commit), so fewer, larger batches cost it less. With two in flight a login batch averaged
-/// about half the size and `acl-confirm` ran about a fifth slower (BENCHMARKS.md, 2026-12-02);
-/// `v1-check` did not move. A statement that waits (a row lock held elsewhere) holds up the
-/// requests of its kind behind it, for at most the statement timeout.
+/// commit), so fewer, larger batches cost it less. With two in flight and no gathering,
+/// `acl-confirm` ran about a fifth slower in pairs, and with two and the gathering about a
+/// tenth (BENCHMARKS.md, 2026-12-02); `v1-check` did not move beyond the spread. A statement
+/// that waits (a row lock held elsewhere) holds up the requests of its kind behind it, for at
+/// most the statement timeout.
 const BATCHERS: usize = 1;
 
 /// A request waiting in a batch queue.
