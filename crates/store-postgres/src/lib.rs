@@ -5,6 +5,7 @@
 //! writer of the same row, so "consume if attempts are still N" succeeds for one caller only.
 
 mod batch;
+mod failures;
 mod login;
 mod lookup;
 mod nodelay;
@@ -56,6 +57,9 @@ pub struct PgStore {
     /// New challenges and sent marks waiting for their batch (see the `send_writes` module).
     new_challenges: batch::Queue<send_writes::NewChallenge>,
     sent_marks: batch::Queue<send_writes::SentMark>,
+    /// Wrong codes and failed logins waiting to be counted in a batch (see `failures`).
+    failed_checks: batch::Queue<failures::FailedCheck>,
+    login_failures: batch::Queue<failures::LoginFailure>,
     /// Point reads waiting to share a statement (see the `lookup` module).
     tickets: lookup::LookupQueue<[u8; 32], otpgate_core::model::LoginTicket>,
     /// A login step's ticket, user and challenge, read together.
@@ -124,6 +128,8 @@ impl PgStore {
             logins: login::start(settings.acquire_timeout),
             new_challenges: send_writes::start_new_challenges(settings.acquire_timeout),
             sent_marks: send_writes::start_sent_marks(settings.acquire_timeout),
+            failed_checks: failures::start_failed_checks(settings.acquire_timeout),
+            login_failures: failures::start_login_failures(settings.acquire_timeout),
             tickets: lookup::start(store::fetch_tickets, settings.acquire_timeout),
             login_contexts: lookup::start(store::fetch_login_contexts, settings.acquire_timeout),
             users: lookup::start(store::fetch_users, settings.acquire_timeout),

@@ -959,6 +959,36 @@ impl PgStore {
         Ok(())
     }
 
+    /// Counts one wrong code with its audit rows, in one statement of its own.
+    pub(crate) async fn count_failed_check(
+        &self,
+        id: &ChallengeId,
+        expected_attempts: u32,
+        now: OffsetDateTime,
+        audit: &[AuditEvent],
+    ) -> StoreResult<bool> {
+        self.change_challenge(&FAILED_CHECK_WITH_AUDIT, id, expected_attempts, now, audit)
+            .await
+    }
+
+    /// Counts one failed login with its audit rows, in one statement of its own.
+    pub(crate) async fn count_login_failure(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &[AuditEvent],
+    ) -> StoreResult<u32> {
+        let sql: &'static str = COUNT_LOGIN_FAILURE.as_str();
+        let row = bind_audit(sqlx::query(AssertSqlSafe(sql)), audit)
+            .bind(tenant.as_str())
+            .bind(user.as_str())
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)?;
+        let failures: i64 = sqlx::Row::try_get(&row, 0).map_err(db)?;
+        Ok(u32::try_from(failures).unwrap_or(u32::MAX))
+    }
+
     pub(crate) async fn complete_code_login(
         &self,
         done: &LoginCompletion,
@@ -1133,15 +1163,19 @@ impl Store for PgStore {
         user: &UserId,
         audit: &[AuditEvent],
     ) -> StoreResult<u32> {
-        let sql: &'static str = COUNT_LOGIN_FAILURE.as_str();
-        let row = bind_audit(sqlx::query(AssertSqlSafe(sql)), audit)
-            .bind(tenant.as_str())
-            .bind(user.as_str())
-            .fetch_one(self.pool())
+        // A wrong code is what an attacker sends most: the counts that arrive together share
+        // a statement (see the `failures` module).
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.login_failures.submit(crate::failures::LoginFailure {
+            store: self.clone(),
+            tenant: tenant.clone(),
+            user: user.clone(),
+            audit: audit.to_vec(),
+            reply,
+        });
+        answer
             .await
-            .map_err(db)?;
-        let failures: i64 = sqlx::Row::try_get(&row, 0).map_err(db)?;
-        Ok(u32::try_from(failures).unwrap_or(u32::MAX))
+            .map_err(|_| StoreError::Unavailable("the failed login batcher stopped".into()))?
     }
 
     async fn unlock_user(
@@ -1292,9 +1326,20 @@ impl Store for PgStore {
         now: OffsetDateTime,
         audit: &[AuditEvent],
     ) -> StoreResult<bool> {
-        // One statement, as a consumption: a wrong code is what an attacker sends most.
-        self.change_challenge(&FAILED_CHECK_WITH_AUDIT, id, expected_attempts, now, audit)
+        // A wrong code is what an attacker sends most: the ones that arrive together share a
+        // statement (see the `failures` module).
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.failed_checks.submit(crate::failures::FailedCheck {
+            store: self.clone(),
+            id: id.clone(),
+            expected_attempts,
+            now,
+            audit: audit.to_vec(),
+            reply,
+        });
+        answer
             .await
+            .map_err(|_| StoreError::Unavailable("the wrong code batcher stopped".into()))?
     }
 
     async fn consume_challenge(
@@ -2233,6 +2278,14 @@ impl Store for PgStore {
                     crate::send_writes::SENT_MARKS.as_str(),
                 ),
                 ("count a failed login", COUNT_LOGIN_FAILURE.as_str()),
+                (
+                    "count a batch of wrong codes",
+                    crate::failures::FAILED_CHECKS.as_str(),
+                ),
+                (
+                    "count a batch of failed logins",
+                    crate::failures::LOGIN_FAILURES.as_str(),
+                ),
                 ("lock an account after failed logins", LOCK_ACCOUNT),
                 ("unlock an account", UNLOCK_ACCOUNT),
                 // Read in batches too: a send's pending challenge and its number's two limits

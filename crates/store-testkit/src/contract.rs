@@ -72,6 +72,7 @@ macro_rules! store_contract_tests {
             sms_range_outcomes_count_only_settled_codes_of_the_range,
             sealed_secrets_are_listed_and_resealed_all_or_nothing,
             login_failures_count_up_and_locks_never_shorten,
+            concurrent_wrong_codes_and_failed_logins_are_each_counted_once,
             audit_events_are_listed_newest_first,
             the_sweeper_deletes_only_what_can_no_longer_matter,
             every_hot_and_sweep_statement_goes_through_an_index,
@@ -1524,6 +1525,77 @@ pub async fn concurrent_send_reads_of_many_numbers_are_each_numbers_own(store: A
             (expected, found) => panic!("number {i}: {expected:?} but {found:?}"),
         }
     }
+}
+
+pub async fn concurrent_wrong_codes_and_failed_logins_are_each_counted_once(store: Arc<dyn Store>) {
+    // As a flood of wrong codes arrives: two wrong codes that saw the same attempt count are
+    // one attempt (the other is told it lost), and every failed login of an account counts, so
+    // the attempt limit and the lock-out hold however the store groups its writes.
+    // Arrange: ten pending challenges and five accounts, with an event per change.
+    let t = tenant(&store, "floods").await;
+    let mut challenges = Vec::new();
+    for n in 0..10 {
+        let ch = challenge(&t, &format!("+9891266{n:05}"));
+        store.insert_challenge(&ch, None, &[]).await.unwrap();
+        challenges.push(ch);
+    }
+    let mut users = Vec::new();
+    for n in 0..5 {
+        let u = user(&t, &format!("flood{n}"));
+        store.insert_user(&u, &[]).await.unwrap();
+        users.push(u);
+    }
+    // Act: each challenge's wrong code twice at once with the count both saw, and four failed
+    // logins of each account at once, all side by side.
+    let mut checks = Vec::new();
+    for ch in &challenges {
+        for _ in 0..2 {
+            let (store, id) = (Arc::clone(&store), ch.id.clone());
+            let audit = [event(&t, AuditKind::OtpRejected, &format!("wrong {id}"))];
+            checks.push(tokio::spawn(async move {
+                let counted = store.record_failed_check(&id, 0, t0(), &audit).await;
+                (id, counted)
+            }));
+        }
+    }
+    let mut failures = Vec::new();
+    for u in &users {
+        for _ in 0..4 {
+            let (store, tenant, id) = (Arc::clone(&store), t.id.clone(), u.id.clone());
+            let audit = [event(&t, AuditKind::LoginFailed, &format!("failed {id}"))];
+            failures.push(tokio::spawn(async move {
+                let count = store.record_login_failure(&tenant, &id, &audit).await;
+                (id, count)
+            }));
+        }
+    }
+    let mut counted_per_challenge: std::collections::HashMap<ChallengeId, usize> =
+        std::collections::HashMap::new();
+    for task in checks {
+        let (id, counted) = task.await.unwrap();
+        *counted_per_challenge.entry(id).or_default() += usize::from(counted.unwrap());
+    }
+    let mut counts_per_user: std::collections::HashMap<UserId, Vec<u32>> =
+        std::collections::HashMap::new();
+    for task in failures {
+        let (id, count) = task.await.unwrap();
+        counts_per_user.entry(id).or_default().push(count.unwrap());
+    }
+    // Assert: one attempt per challenge, stored; each account's counts 1 to 4, stored; an event
+    // for every change and none for the check that lost.
+    for ch in &challenges {
+        assert_eq!(counted_per_challenge.get(&ch.id), Some(&1), "{}", ch.id);
+        assert_eq!(stored(&store, ch).await.attempts, 1);
+    }
+    for u in &users {
+        let mut counts = counts_per_user.remove(&u.id).unwrap();
+        counts.sort_unstable();
+        assert_eq!(counts, vec![1, 2, 3, 4], "{}", u.id);
+        let found = store.get_user(&t.id, &u.id).await.unwrap().unwrap();
+        assert_eq!(found.failed_logins, 4);
+    }
+    let events = store.list_audit(&t.id, None, 100).await.unwrap();
+    assert_eq!(events.len(), 10 + 20, "one event per counted change");
 }
 
 pub async fn login_failures_count_up_and_locks_never_shorten(store: Arc<dyn Store>) {
