@@ -31,6 +31,21 @@ pub(crate) trait Request: Send + 'static {
     fn fail(self, e: &StoreError);
 }
 
+/// Implements [`Request`] for request types whose `reply` field takes a `StoreResult`: a request
+/// that cannot run is answered with the error there.
+macro_rules! answered_through_reply {
+    ($($request:ty),+ $(,)?) => {
+        $(
+            impl crate::batch::Request for $request {
+                fn fail(self, e: &otpgate_core::StoreError) {
+                    let _ = self.reply.send(Err(e.clone()));
+                }
+            }
+        )+
+    };
+}
+pub(crate) use answered_through_reply;
+
 /// Runs one batch and answers every request in it.
 pub(crate) type Handler<R> =
     Arc<dyn Fn(Vec<R>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;

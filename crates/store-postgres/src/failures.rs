@@ -14,7 +14,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use otpgate_core::StoreError;
 use otpgate_core::model::{AuditEvent, ChallengeId, TenantId, UserId};
 use otpgate_core::store::StoreResult;
 use sqlx::AssertSqlSafe;
@@ -37,12 +36,6 @@ pub(crate) struct FailedCheck {
     pub reply: oneshot::Sender<StoreResult<bool>>,
 }
 
-impl crate::batch::Request for FailedCheck {
-    fn fail(self, e: &StoreError) {
-        let _ = self.reply.send(Err(e.clone()));
-    }
-}
-
 /// One failed login, waiting for its batch.
 pub(crate) struct LoginFailure {
     /// The store to write to.
@@ -53,11 +46,7 @@ pub(crate) struct LoginFailure {
     pub reply: oneshot::Sender<StoreResult<u32>>,
 }
 
-impl crate::batch::Request for LoginFailure {
-    fn fail(self, e: &StoreError) {
-        let _ = self.reply.send(Err(e.clone()));
-    }
-}
+crate::batch::answered_through_reply!(FailedCheck, LoginFailure);
 
 /// Starts the batchers of wrong codes.
 pub(crate) fn start_failed_checks(max_wait: Duration) -> Queue<FailedCheck> {

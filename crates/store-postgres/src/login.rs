@@ -30,11 +30,7 @@ pub(crate) struct LoginRequest {
     pub reply: oneshot::Sender<StoreResult<bool>>,
 }
 
-impl crate::batch::Request for LoginRequest {
-    fn fail(self, e: &otpgate_core::StoreError) {
-        let _ = self.reply.send(Err(e.clone()));
-    }
-}
+crate::batch::answered_through_reply!(LoginRequest);
 
 /// Starts the batchers; completions go into the returned queue.
 pub(crate) fn start(max_wait: Duration) -> crate::batch::Queue<LoginRequest> {

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use otpgate_core::StoreError;
 use otpgate_core::model::{AuditEvent, Challenge, MessageId, OutboxMessage};
 use otpgate_core::store::StoreResult;
 use sqlx::AssertSqlSafe;
@@ -31,12 +30,6 @@ pub(crate) struct NewChallenge {
     pub reply: oneshot::Sender<StoreResult<()>>,
 }
 
-impl crate::batch::Request for NewChallenge {
-    fn fail(self, e: &StoreError) {
-        let _ = self.reply.send(Err(e.clone()));
-    }
-}
-
 /// One delivered message, waiting for its batch.
 pub(crate) struct SentMark {
     /// The store to write to.
@@ -47,11 +40,7 @@ pub(crate) struct SentMark {
     pub reply: oneshot::Sender<StoreResult<()>>,
 }
 
-impl crate::batch::Request for SentMark {
-    fn fail(self, e: &StoreError) {
-        let _ = self.reply.send(Err(e.clone()));
-    }
-}
+crate::batch::answered_through_reply!(NewChallenge, SentMark);
 
 /// Starts the batchers of new challenges.
 pub(crate) fn start_new_challenges(max_wait: Duration) -> Queue<NewChallenge> {

@@ -40,11 +40,7 @@ pub(crate) struct SettleRequest {
     pub reply: oneshot::Sender<StoreResult<Option<Settled>>>,
 }
 
-impl crate::batch::Request for SettleRequest {
-    fn fail(self, e: &StoreError) {
-        let _ = self.reply.send(Err(e.clone()));
-    }
-}
+crate::batch::answered_through_reply!(SettleRequest);
 
 /// Starts the batchers; checks go into the returned queue.
 pub(crate) fn start(max_wait: Duration) -> Queue<SettleRequest> {
