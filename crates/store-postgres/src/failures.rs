@@ -1,7 +1,8 @@
 //! Wrong codes and failed logins counted in batches. Each was one statement and one commit of
 //! its own (the challenge's attempt, then the account's failure count, each with its event), so
 //! a flood of wrong codes, which is what an attacker sends, cost PostgreSQL two commits per
-//! request; the ones that arrive together share a statement here.
+//! request; the ones that arrive together share a statement here (the wrong codes the one the
+//! batched code checks carry out their changes with, `settle::CARRY_OUT`).
 //!
 //! Each change keeps the condition of its single statement: an attempt is counted only against
 //! the attempt count the core saw (READ COMMITTED re-checks it after waiting for a concurrent
@@ -21,7 +22,7 @@ use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 use crate::batch::Queue;
-use crate::rows::ms;
+use crate::settle::ChallengeChange;
 use crate::store::{bind_audit, tagged_audit_insert};
 use crate::{PgStore, db};
 
@@ -65,32 +66,6 @@ pub(crate) fn start_login_failures(max_wait: Duration) -> Queue<LoginFailure> {
         max_wait,
     )
 }
-
-/// `FAILED_CHECK_WITH_AUDIT` for many wrong codes: the same condition per row of `checks`; the
-/// ids of the challenges counted come back, and only their events are written.
-pub(crate) static FAILED_CHECKS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "WITH checks AS ( \
-             SELECT * FROM UNNEST($10::text[], $11::int8[], $12::int8[]) AS f(id, attempts, at)), \
-         changed AS ( \
-             UPDATE challenges c SET attempts = c.attempts + 1, \
-             status = CASE WHEN c.attempts + 1 >= c.max_attempts \
-                 THEN 'max_attempts_reached' ELSE c.status END, \
-             resolved_at = CASE WHEN c.attempts + 1 >= c.max_attempts \
-                 THEN f.at ELSE c.resolved_at END \
-             FROM checks f \
-             WHERE c.id = f.id AND c.attempts = f.attempts AND c.status = 'pending' \
-             AND c.expires_at > f.at \
-             RETURNING c.id), \
-         audit AS ({}) \
-         SELECT id FROM changed",
-        tagged_audit_insert(
-            "$13::text[]",
-            "challenge",
-            "e.challenge IN (SELECT id FROM changed)"
-        )
-    )
-});
 
 /// `COUNT_LOGIN_FAILURE` for many accounts (each at most once): their new counts come back,
 /// and only the events of the accounts counted are written.
@@ -193,30 +168,20 @@ async fn count_one(request: LoginFailure) {
 }
 
 impl PgStore {
-    /// Counts these wrong codes (each challenge at most once) in one statement; answers the ids
-    /// of the challenges counted.
+    /// Counts these wrong codes (each challenge at most once) with the code checks' own batch
+    /// statement; answers the ids of the challenges counted.
     async fn count_failed_checks(&self, batch: &[FailedCheck]) -> StoreResult<HashSet<String>> {
-        let audit: Vec<AuditEvent> = batch.iter().flat_map(|r| r.audit.iter().cloned()).collect();
-        let audit_of: Vec<&str> = batch
+        let changes: Vec<ChallengeChange<'_>> = batch
             .iter()
-            .flat_map(|r| r.audit.iter().map(|_| r.id.as_str()))
+            .map(|r| ChallengeChange {
+                id: r.id.as_str(),
+                attempts: r.expected_attempts,
+                consume: false,
+                now: r.now,
+                audit: &r.audit,
+            })
             .collect();
-        let rows = bind_audit(sqlx::query(AssertSqlSafe(FAILED_CHECKS.as_str())), &audit)
-            .bind(batch.iter().map(|r| r.id.as_str()).collect::<Vec<_>>())
-            .bind(
-                batch
-                    .iter()
-                    .map(|r| i64::from(r.expected_attempts))
-                    .collect::<Vec<_>>(),
-            )
-            .bind(batch.iter().map(|r| ms(r.now)).collect::<Vec<_>>())
-            .bind(audit_of)
-            .fetch_all(self.pool())
-            .await
-            .map_err(db)?;
-        rows.iter()
-            .map(|row| sqlx::Row::try_get::<String, _>(row, 0).map_err(db))
-            .collect()
+        self.change_challenges(&changes).await
     }
 
     /// Counts a failed login of each of these accounts (each at most once) in one statement;

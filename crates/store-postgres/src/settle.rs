@@ -22,6 +22,7 @@ use otpgate_core::store::{
     ChallengeJudge, Settled, StoreResult, Verdict, settle_by_read_and_write,
 };
 use sqlx::AssertSqlSafe;
+use time::OffsetDateTime;
 use tokio::sync::oneshot;
 
 use crate::batch::{Queue, Request as _};
@@ -180,32 +181,64 @@ pub(crate) static CARRY_OUT: std::sync::LazyLock<String> = std::sync::LazyLock::
     )
 });
 
+/// One conditional change of a challenge, as [`CARRY_OUT`] makes it: consumed, or one wrong
+/// attempt counted, if its attempts are still `attempts`.
+pub(crate) struct ChallengeChange<'a> {
+    pub id: &'a str,
+    pub attempts: u32,
+    pub consume: bool,
+    pub now: OffsetDateTime,
+    pub audit: &'a [AuditEvent],
+}
+
 impl PgStore {
     /// Carries out the judged checks; answers the ids whose change was made.
     async fn carry_out(&self, judged: &[Judged]) -> StoreResult<HashSet<String>> {
-        let mut audit: Vec<AuditEvent> = Vec::new();
-        let mut audit_of: Vec<&str> = Vec::new();
-        let (mut ids, mut attempts, mut consume, mut at) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for j in judged {
-            let (is_consume, now, events) = match &j.verdict {
-                Verdict::Consume { now, audit } => (true, now, audit),
-                Verdict::CountFailure { now, audit } => (false, now, audit),
-                Verdict::Leave(_) => continue,
-            };
-            ids.push(j.challenge.id.as_str());
-            attempts.push(i64::from(j.challenge.attempts));
-            consume.push(is_consume);
-            at.push(ms(*now));
-            audit.extend(events.iter().cloned());
-            audit_of.extend(events.iter().map(|_| j.challenge.id.as_str()));
-        }
+        let changes: Vec<ChallengeChange<'_>> = judged
+            .iter()
+            .filter_map(|j| {
+                let (consume, now, audit) = match &j.verdict {
+                    Verdict::Consume { now, audit } => (true, now, audit),
+                    Verdict::CountFailure { now, audit } => (false, now, audit),
+                    Verdict::Leave(_) => return None,
+                };
+                Some(ChallengeChange {
+                    id: j.challenge.id.as_str(),
+                    attempts: j.challenge.attempts,
+                    consume,
+                    now: *now,
+                    audit,
+                })
+            })
+            .collect();
+        self.change_challenges(&changes).await
+    }
+
+    /// Makes these changes (each challenge at most once) in one statement; answers the ids of
+    /// the challenges changed.
+    pub(crate) async fn change_challenges(
+        &self,
+        changes: &[ChallengeChange<'_>],
+    ) -> StoreResult<HashSet<String>> {
+        let audit: Vec<AuditEvent> = changes
+            .iter()
+            .flat_map(|c| c.audit.iter().cloned())
+            .collect();
+        let audit_of: Vec<&str> = changes
+            .iter()
+            .flat_map(|c| c.audit.iter().map(|_| c.id))
+            .collect();
         let changed: Vec<String> =
             bind_audit(sqlx::query(AssertSqlSafe(CARRY_OUT.as_str())), &audit)
-                .bind(ids)
-                .bind(attempts)
-                .bind(consume)
-                .bind(at)
+                .bind(changes.iter().map(|c| c.id).collect::<Vec<_>>())
+                .bind(
+                    changes
+                        .iter()
+                        .map(|c| i64::from(c.attempts))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(changes.iter().map(|c| c.consume).collect::<Vec<_>>())
+                .bind(changes.iter().map(|c| ms(c.now)).collect::<Vec<_>>())
                 .bind(audit_of)
                 .fetch_all(self.pool())
                 .await

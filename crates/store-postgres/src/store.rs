@@ -2279,10 +2279,6 @@ impl Store for PgStore {
                 ),
                 ("count a failed login", COUNT_LOGIN_FAILURE.as_str()),
                 (
-                    "count a batch of wrong codes",
-                    crate::failures::FAILED_CHECKS.as_str(),
-                ),
-                (
                     "count a batch of failed logins",
                     crate::failures::LOGIN_FAILURES.as_str(),
                 ),
