@@ -72,6 +72,32 @@ pub struct Settled {
     pub verdict: Verdict,
 }
 
+/// What a login's second step decided about the ticket, user and challenge it was shown, for
+/// [`Store::settle_login`].
+#[derive(Debug, Clone)]
+pub enum LoginVerdict {
+    /// A right code: carry out everything in the completion.
+    Complete(Box<LoginCompletion>),
+    /// Nothing to change here: the caller decides on the rows it was shown (a wrong code, a
+    /// dead ticket, an authenticator or recovery code, a lost race).
+    Leave,
+}
+
+/// Decides what a login's second step does, given its ticket, user and challenge as read in the
+/// same atomic step. It holds the rule (the core's); the store only carries the verdict out. It
+/// may be called more than once for one step, each time with the same rows.
+pub type LoginJudge = Arc<dyn Fn(&LoginContext) -> LoginVerdict + Send + Sync>;
+
+/// The rows [`Store::settle_login`] read, and the verdict that was carried out (`Leave` when a
+/// completion lost its race: nothing was changed).
+#[derive(Debug, Clone)]
+pub struct SettledLogin {
+    /// The ticket, user and challenge before any change.
+    pub context: LoginContext,
+    /// What was done.
+    pub verdict: LoginVerdict,
+}
+
 /// A new code for a pending challenge (a resend).
 #[derive(Debug, Clone)]
 pub struct CodeReplacement {
@@ -394,6 +420,19 @@ pub trait Store: Send + Sync + 'static {
     /// Applies a right code: everything in [`LoginCompletion`], all or nothing. False when any
     /// condition no longer held.
     async fn complete_login(&self, completion: &LoginCompletion) -> StoreResult<bool>;
+    /// Reads the ticket with its user and challenge, lets `judge` decide, and carries a
+    /// completion out, as one atomic step where the store can (`None`: no such ticket).
+    ///
+    /// The default is [`settle_login_by_read_and_write`]: the two steps one after the other,
+    /// the completion's own conditions guarding the gap. SQLite settles inside its writer, where
+    /// the three rows come from the writer's warm cache instead of a reader's cold one.
+    async fn settle_login(
+        &self,
+        ticket_hash: &[u8; 32],
+        judge: LoginJudge,
+    ) -> StoreResult<Option<SettledLogin>> {
+        settle_login_by_read_and_write(self, ticket_hash, &judge).await
+    }
     /// Inserts a session outside a login (a panel session opened from an API token).
     async fn insert_session(&self, session: &Session, audit: &[AuditEvent]) -> StoreResult<()>;
     /// A session by token hash.
@@ -606,6 +645,24 @@ pub async fn count_sends_one_window_at_a_time<S: Store + ?Sized>(
         counts.push(store.count_sends(tenant, scope, *since, *at_most).await?);
     }
     Ok(counts)
+}
+
+/// [`Store::settle_login`] from the store's other methods: reads the three rows, then applies a
+/// completion under its own conditions; one that no longer held changed nothing and is reported
+/// as `Leave`, so the caller decides again on what it reads next.
+pub async fn settle_login_by_read_and_write<S: Store + ?Sized>(
+    store: &S,
+    ticket_hash: &[u8; 32],
+    judge: &LoginJudge,
+) -> StoreResult<Option<SettledLogin>> {
+    let Some(context) = store.get_login_context(ticket_hash).await? else {
+        return Ok(None);
+    };
+    let verdict = match judge(&context) {
+        LoginVerdict::Complete(done) if !store.complete_login(&done).await? => LoginVerdict::Leave,
+        verdict => verdict,
+    };
+    Ok(Some(SettledLogin { context, verdict }))
 }
 
 /// [`Store::settle_challenge`] from the store's other methods: reads, then changes the challenge

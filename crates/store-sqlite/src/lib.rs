@@ -6,10 +6,12 @@
 //! fails must not take the others down: when one does, the transaction is rolled back and the
 //! batch runs again with each job in its own savepoint.
 //!
-//! A committed batch is answered only once it is durable, but the writer does not wait for the
-//! disk itself: it hands the batch to a sync thread, which `fdatasync`s the WAL (covering every
-//! batch committed so far) and then answers each caller, while the writer already runs the next
-//! batch. See [`syncer_loop`] for why that is as safe as `synchronous=FULL`.
+//! A job that changed rows is answered only once its batch is durable, but the writer does not
+//! wait for the disk itself: it hands the batch to a sync thread, which `fdatasync`s the WAL
+//! (covering every batch committed so far) and then answers each caller, while the writer already
+//! runs the next batch. See [`syncer_loop`] for why that is as safe as `synchronous=FULL`. A job
+//! that changed nothing (a check that found nothing to do) is answered at the commit, as a read
+//! would be.
 //! Reads use a small pool of read-only connections; WAL mode lets them run beside the writer.
 
 mod rows;
@@ -34,6 +36,8 @@ trait WriteJob: Send {
     /// It may run twice: a second time, in a savepoint, after another job of its batch failed
     /// and the first attempt was rolled back.
     fn run(&mut self, conn: &Connection) -> bool;
+    /// Whether its last run inserted, updated or deleted a row.
+    fn changed(&self) -> bool;
     /// Answers the caller, once the transaction's fate (`commit`) is known.
     fn answer(self: Box<Self>, commit: Result<(), &StoreError>);
 }
@@ -42,6 +46,7 @@ trait WriteJob: Send {
 struct PendingWrite<T, F> {
     job: F,
     outcome: Option<Result<T, JobError>>,
+    changed: bool,
     reply: oneshot::Sender<Result<Result<T, ConditionFailed>, StoreError>>,
 }
 
@@ -55,6 +60,7 @@ where
         // that panics fails alone (its changes rolled back like any failed job's) instead of
         // ending every write of the process.
         let job = &self.job;
+        let changes_before = conn.total_changes();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)))
             .unwrap_or_else(|_| {
                 tracing::error!("a write job panicked; its changes are rolled back");
@@ -64,7 +70,12 @@ where
             });
         let keep = outcome.is_ok();
         self.outcome = Some(outcome);
+        self.changed = conn.total_changes() != changes_before;
         keep
+    }
+
+    fn changed(&self) -> bool {
+        self.changed
     }
 
     fn answer(self: Box<Self>, commit: Result<(), &StoreError>) {
@@ -305,6 +316,7 @@ impl SqliteStore {
         let pending: Job = Box::new(PendingWrite {
             job,
             outcome: None,
+            changed: false,
             reply,
         });
         self.writer
@@ -393,7 +405,15 @@ impl Writer {
             answer_all(batch, Err(&e));
             return false;
         }
-        if let Err(mpsc::SendError(batch)) = self.committed.send(batch) {
+        // A job that changed no row has nothing to wait for: its answer rests on committed
+        // rows, as a reader's does (see [`syncer_loop`]), and whatever it leads to is a write
+        // of a later batch, made durable after this one.
+        let (to_sync, unchanged): (Vec<Job>, Vec<Job>) =
+            batch.into_iter().partition(|job| job.changed());
+        answer_all(unchanged, Ok(()));
+        if !to_sync.is_empty()
+            && let Err(mpsc::SendError(batch)) = self.committed.send(to_sync)
+        {
             answer_all(batch, Err(&broken_store()));
         }
         true
@@ -529,6 +549,7 @@ mod tests {
         let pending: Job = Box::new(PendingWrite {
             job,
             outcome: None,
+            changed: false,
             reply,
         });
         (pending, answer)
@@ -593,6 +614,7 @@ mod tests {
                 panic!("a bug in a job");
             },
             outcome: None,
+            changed: false,
             reply,
         });
         // Act
@@ -672,6 +694,38 @@ mod tests {
         ));
         let_sync_finish.send(()).unwrap();
         assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(5)))));
+    }
+
+    #[test]
+    fn a_job_that_changed_nothing_is_answered_without_waiting_for_the_sync() {
+        // Arrange: a writer whose sync waits until the test lets it finish; a batch of a job
+        // that inserts and a job that only reads (and finds the row before the commit).
+        let dir = tempfile::tempdir().unwrap();
+        let (let_sync_finish, sync_may_finish) = mpsc::channel::<()>();
+        let sync: SyncWal = Box::new(move || sync_may_finish.recv().map_err(std::io::Error::other));
+        let writer = Writer::start(scratch_connection(&dir), sync).unwrap();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (insert, mut insert_answer) = insert_job(5, false, &runs);
+        let (reply, mut read_answer) = oneshot::channel();
+        let read: Job = Box::new(PendingWrite {
+            job: |c: &Connection| -> Result<i64, JobError> {
+                Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?)
+            },
+            outcome: None,
+            changed: false,
+            reply,
+        });
+        // Act
+        assert!(writer.write_batch(vec![insert, read]));
+        // Assert: the read is answered by the time the writer is done with the batch, while the
+        // sync runs; the insert only after the sync.
+        assert!(matches!(read_answer.try_recv(), Ok(Ok(Ok(1)))));
+        assert!(matches!(
+            insert_answer.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        let_sync_finish.send(()).unwrap();
+        assert!(matches!(insert_answer.blocking_recv(), Ok(Ok(Ok(5)))));
     }
 
     #[test]

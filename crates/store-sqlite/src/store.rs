@@ -8,9 +8,9 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, LoginContext, PhoneCompletion,
-    QueryPlan, RangeOutcomes, SealedKind, SealedSecret, SendScope, Settled, Store, StoreResult,
-    Verdict,
+    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, LoginContext, LoginJudge,
+    LoginVerdict, PhoneCompletion, QueryPlan, RangeOutcomes, SealedKind, SealedSecret, SendScope,
+    Settled, SettledLogin, Store, StoreResult, Verdict,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
@@ -809,99 +809,47 @@ impl Store for SqliteStore {
             // One read transaction: one snapshot for the three rows, and one look at the WAL
             // for new commits where three statements alone would each take one.
             let snapshot = c.unchecked_transaction()?;
-            let Some(ticket) = snapshot
-                .prepare_cached(&TICKET_BY_HASH)?
-                .query_row([hash.as_slice()], rows::ticket)
-                .optional()?
-            else {
-                return Ok(None);
-            };
-            let user = snapshot
-                .prepare_cached(&USER_BY_ID)?
-                .query_row(
-                    params![ticket.tenant_id.as_str(), ticket.user_id.as_str()],
-                    rows::user,
-                )
-                .optional()?;
-            let challenge = snapshot
-                .prepare_cached(&CHALLENGE_BY_ID)?
-                .query_row(
-                    params![ticket.tenant_id.as_str(), ticket.challenge_id.as_str()],
-                    rows::challenge,
-                )
-                .optional()?;
+            let found = read_login_context(&snapshot, &hash)?;
             snapshot.commit()?;
-            Ok(Some(LoginContext {
-                ticket,
-                user,
-                challenge,
-            }))
+            Ok(found)
         })
         .await
     }
 
     async fn complete_login(&self, completion: &LoginCompletion) -> StoreResult<bool> {
         let done = completion.clone();
+        self.write(move |c| complete_login(c, &done, true))
+            .await
+            .map(flag)
+    }
+
+    async fn settle_login(
+        &self,
+        ticket_hash: &[u8; 32],
+        judge: LoginJudge,
+    ) -> StoreResult<Option<SettledLogin>> {
+        let hash = *ticket_hash;
         self.write(move |c| {
-            let now = ms(done.now);
-            if let Some(ticket) = &done.ticket_hash {
-                require_one(exec(c, SPEND_TICKET, params![ticket.as_slice(), now])?)?;
+            // The writer's own cache holds these pages warm; a reader would start from an
+            // empty one (WAL mode drops a reader's cache after every commit).
+            let Some(context) = read_login_context(c, &hash)? else {
+                return Ok(None);
+            };
+            let verdict = judge(&context);
+            if let LoginVerdict::Complete(done) = &verdict {
+                // The user was read in this transaction: an account without failures needs
+                // no reset (the statement would find the row and change nothing).
+                let failures = context
+                    .user
+                    .as_ref()
+                    .is_none_or(|u| u.failed_logins != 0 || u.locked_until.is_some());
+                complete_login(c, done, failures)?;
             }
-            require_one(consume(
-                c,
-                &done.challenge_id,
-                done.expected_attempts,
-                done.now,
-            )?)?;
-            if let Some(hash) = &done.recovery_code {
-                require_one(exec(c,
-                    "UPDATE recovery_codes SET used_at = ?4 \
-                     WHERE tenant_id = ?1 AND user_id = ?2 AND code_hash = ?3 AND used_at IS NULL",
-                    params![
-                        done.tenant_id.as_str(),
-                        done.user_id.as_str(),
-                        hash.as_slice(),
-                        now
-                    ],
-                )?)?;
-            }
-            if let Some((factor, step)) = &done.totp_step {
-                require_one(exec(c,
-                    "UPDATE totp_factors SET last_step = ?2 \
-                     WHERE id = ?1 AND confirmed_at IS NOT NULL \
-                     AND (last_step IS NULL OR last_step < ?2)",
-                    params![factor.as_str(), step],
-                )?)?;
-            }
-            let user = params![done.tenant_id.as_str(), done.user_id.as_str()];
-            if let Some(contact) = done.verified {
-                exec(c,
-                    match contact {
-                        Contact::Phone => {
-                            "UPDATE users SET mobile_verified_at = COALESCE(mobile_verified_at, ?3) \
-                             WHERE tenant_id = ?1 AND id = ?2"
-                        }
-                        Contact::Email => {
-                            "UPDATE users SET email_verified_at = COALESCE(email_verified_at, ?3) \
-                             WHERE tenant_id = ?1 AND id = ?2"
-                        }
-                    },
-                    params![done.tenant_id.as_str(), done.user_id.as_str(), now],
-                )?;
-            }
-            exec(c,
-                "UPDATE users SET failed_logins = 0, locked_until = NULL \
-                 WHERE tenant_id = ?1 AND id = ?2 \
-                 AND (failed_logins <> 0 OR locked_until IS NOT NULL)",
-                user,
-            )?;
-            if let Some(s) = &done.session {
-                insert_session(c, s)?;
-            }
-            insert_audit(c, &done.audit)
+            Ok(Some(SettledLogin { context, verdict }))
         })
-        .await
-        .map(flag)
+        .await?
+        // The rows cannot change between the read and the write of one transaction.
+        .map_err(|_| StoreError::Other("login changed inside its own transaction".into()))
     }
 
     async fn insert_session(&self, session: &Session, audit: &[AuditEvent]) -> StoreResult<()> {
@@ -1613,6 +1561,107 @@ impl Store for SqliteStore {
         })
         .await
     }
+}
+
+/// Everything a right code changes ([`LoginCompletion`]), each change under its condition.
+/// `reset_failures` false skips the reset, for a caller that has just read the account clean.
+fn complete_login(
+    c: &Connection,
+    done: &LoginCompletion,
+    reset_failures: bool,
+) -> Result<(), JobError> {
+    let now = ms(done.now);
+    if let Some(ticket) = &done.ticket_hash {
+        require_one(exec(c, SPEND_TICKET, params![ticket.as_slice(), now])?)?;
+    }
+    require_one(consume(
+        c,
+        &done.challenge_id,
+        done.expected_attempts,
+        done.now,
+    )?)?;
+    if let Some(hash) = &done.recovery_code {
+        require_one(exec(
+            c,
+            "UPDATE recovery_codes SET used_at = ?4 \
+             WHERE tenant_id = ?1 AND user_id = ?2 AND code_hash = ?3 AND used_at IS NULL",
+            params![
+                done.tenant_id.as_str(),
+                done.user_id.as_str(),
+                hash.as_slice(),
+                now
+            ],
+        )?)?;
+    }
+    if let Some((factor, step)) = &done.totp_step {
+        require_one(exec(
+            c,
+            "UPDATE totp_factors SET last_step = ?2 \
+             WHERE id = ?1 AND confirmed_at IS NOT NULL \
+             AND (last_step IS NULL OR last_step < ?2)",
+            params![factor.as_str(), step],
+        )?)?;
+    }
+    let user = params![done.tenant_id.as_str(), done.user_id.as_str()];
+    if let Some(contact) = done.verified {
+        exec(
+            c,
+            match contact {
+                Contact::Phone => {
+                    "UPDATE users SET mobile_verified_at = COALESCE(mobile_verified_at, ?3) \
+                     WHERE tenant_id = ?1 AND id = ?2"
+                }
+                Contact::Email => {
+                    "UPDATE users SET email_verified_at = COALESCE(email_verified_at, ?3) \
+                     WHERE tenant_id = ?1 AND id = ?2"
+                }
+            },
+            params![done.tenant_id.as_str(), done.user_id.as_str(), now],
+        )?;
+    }
+    if reset_failures {
+        exec(
+            c,
+            "UPDATE users SET failed_logins = 0, locked_until = NULL \
+             WHERE tenant_id = ?1 AND id = ?2 \
+             AND (failed_logins <> 0 OR locked_until IS NOT NULL)",
+            user,
+        )?;
+    }
+    if let Some(s) = &done.session {
+        insert_session(c, s)?;
+    }
+    insert_audit(c, &done.audit)
+}
+
+/// A login ticket with its user and challenge, on `c` (inside the caller's transaction).
+fn read_login_context(c: &Connection, hash: &[u8; 32]) -> rusqlite::Result<Option<LoginContext>> {
+    let Some(ticket) = c
+        .prepare_cached(&TICKET_BY_HASH)?
+        .query_row([hash.as_slice()], rows::ticket)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    let user = c
+        .prepare_cached(&USER_BY_ID)?
+        .query_row(
+            params![ticket.tenant_id.as_str(), ticket.user_id.as_str()],
+            rows::user,
+        )
+        .optional()?;
+    let challenge = c
+        .prepare_cached(&CHALLENGE_BY_ID)?
+        .query_row(
+            params![ticket.tenant_id.as_str(), ticket.challenge_id.as_str()],
+            rows::challenge,
+        )
+        .optional()?;
+    Ok(Some(LoginContext {
+        ticket,
+        user,
+        challenge,
+    }))
 }
 
 /// The one statement that counts a wrong code: pending, unexpired, attempts unchanged.

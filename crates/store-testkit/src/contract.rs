@@ -24,8 +24,8 @@ use otpgate_core::password::PasswordHasher;
 use otpgate_core::policy::Policy;
 use otpgate_core::service::{NewUser, StartVerification};
 use otpgate_core::store::{
-    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, PhoneCompletion, RangeOutcomes,
-    SealedKind, SendScope, Store, Verdict,
+    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, LoginContext, LoginJudge,
+    LoginVerdict, PhoneCompletion, RangeOutcomes, SealedKind, SendScope, Store, Verdict,
 };
 use otpgate_core::{Otpgate, StoreError};
 use secrecy::SecretString;
@@ -58,6 +58,7 @@ macro_rules! store_contract_tests {
             concurrent_checks_of_many_challenges_each_settle_once,
             concurrent_reads_each_get_their_own_row,
             a_login_context_holds_the_tickets_own_user_and_challenge,
+            concurrent_settled_logins_complete_each_ticket_once,
             concurrent_new_challenges_are_each_stored_once,
             a_failed_login_completion_changes_nothing,
             a_login_completion_spends_ticket_challenge_and_step,
@@ -927,6 +928,125 @@ pub async fn a_login_context_holds_the_tickets_own_user_and_challenge(store: Arc
                 assert!(found.is_none());
             }
         }
+    }
+}
+
+pub async fn concurrent_settled_logins_complete_each_ticket_once(store: Arc<dyn Store>) {
+    // Arrange: twenty pending logins, each settled three times at once by a judge that
+    // completes whenever it is shown a pending challenge (each call with its own session),
+    // beside a judge that leaves, and an unknown ticket.
+    let t = tenant(&store, "settled-logins").await;
+    let mut logins = Vec::new();
+    for n in 0..20_u8 {
+        let u = user(&t, &format!("settle{n}"));
+        store.insert_user(&u, &[]).await.unwrap();
+        store.record_login_failure(&t.id, &u.id, &[]).await.unwrap();
+        let (ch, ticket) =
+            pending_login(&store, &u, &format!("+9891215{n:05}"), [150 + n; 32]).await;
+        logins.push((u, ch, ticket.hash));
+    }
+    let judge_for = |round: u8, complete: bool| -> LoginJudge {
+        Arc::new(move |found: &LoginContext| {
+            let (Some(u), Some(ch)) = (&found.user, &found.challenge) else {
+                return LoginVerdict::Leave;
+            };
+            if !complete || ch.status != ChallengeStatus::Pending || found.ticket.used_at.is_some()
+            {
+                return LoginVerdict::Leave;
+            }
+            let mut done = completion(u, ch, ch.attempts, None);
+            done.ticket_hash = Some(found.ticket.hash);
+            if let Some(session) = done.session.as_mut() {
+                session.hash = [
+                    found.ticket.hash[0],
+                    round,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    1,
+                    2,
+                ];
+            }
+            LoginVerdict::Complete(Box::new(done))
+        })
+    };
+    // Act
+    let mut tasks = Vec::new();
+    for (_, _, ticket) in &logins {
+        for round in 0..4_u8 {
+            let (store, ticket) = (Arc::clone(&store), *ticket);
+            let judge = judge_for(round, round < 3);
+            tasks.push(tokio::spawn(async move {
+                store.settle_login(&ticket, judge).await.unwrap()
+            }));
+        }
+    }
+    let unknown = store.settle_login(&[149; 32], judge_for(0, true)).await;
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap());
+    }
+    // Assert: of each ticket's three completing judges one completed, and every call was shown
+    // its own ticket's rows; what was completed is changed once.
+    assert!(unknown.unwrap().is_none());
+    for (calls, (u, ch, ticket)) in outcomes.chunks(4).zip(&logins) {
+        let mut completed = 0;
+        for (round, call) in calls.iter().enumerate() {
+            let settled = call.as_ref().expect("a known ticket");
+            assert_eq!(settled.context.ticket.hash, *ticket);
+            assert_eq!(settled.context.user.as_ref().map(|x| &x.id), Some(&u.id));
+            assert_eq!(
+                settled.context.challenge.as_ref().map(|c| &c.id),
+                Some(&ch.id)
+            );
+            if let LoginVerdict::Complete(done) = &settled.verdict {
+                assert!(round < 3, "the leaving judge completed");
+                completed += 1;
+                let session = done.session.as_ref().map(|s| s.hash).unwrap();
+                assert!(store.get_session(&session).await.unwrap().is_some());
+            }
+        }
+        assert_eq!(completed, 1, "{}", ch.id);
+        assert!(
+            store
+                .get_login_ticket(ticket)
+                .await
+                .unwrap()
+                .unwrap()
+                .used_at
+                .is_some()
+        );
+        assert_eq!(stored(&store, ch).await.status, ChallengeStatus::Approved);
+        let user = store.get_user(&t.id, &u.id).await.unwrap().unwrap();
+        assert_eq!(
+            user.failed_logins, 0,
+            "a completed login resets the failures"
+        );
     }
 }
 

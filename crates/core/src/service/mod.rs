@@ -29,7 +29,8 @@ use crate::otp::{TotpParams, otpauth_uri, secret_to_base32};
 use crate::password::PasswordHasher;
 use crate::policy::Policy;
 use crate::store::{
-    ChallengeJudge, CodeReplacement, LoginCompletion, SendScope, Settled, Store, Verdict,
+    ChallengeJudge, CodeReplacement, LoginCompletion, LoginContext, LoginJudge, LoginVerdict,
+    SendScope, Settled, SettledLogin, Store, Verdict,
 };
 use crate::token::{hash_token, mint_api_key, mint_hex_token};
 
@@ -156,15 +157,61 @@ pub(crate) fn new_session(
     now: OffsetDateTime,
 ) -> CoreResult<(crate::token::Minted, Session)> {
     let minted = mint_hex_token()?;
-    let session = Session {
-        hash: minted.hash,
+    let session = session_record(policy, user, minted.hash, now);
+    Ok((minted, session))
+}
+
+/// The stored side of a session for `user` whose token hashes to `hash`.
+fn session_record(policy: &Policy, user: &User, hash: [u8; 32], now: OffsetDateTime) -> Session {
+    Session {
+        hash,
         tenant_id: user.tenant_id.clone(),
         user_id: user.id.clone(),
         created_at: now,
         expires_at: now + policy.session_ttl,
         revoked_at: None,
-    };
-    Ok((minted, session))
+    }
+}
+
+/// What a login's proof uses up besides its challenge: an authenticator's step, or a recovery
+/// code (both `None` for an SMS or e-mail code).
+struct LoginProof {
+    totp_step: Option<(FactorId, i64)>,
+    recovery_code: Option<[u8; 32]>,
+}
+
+/// What a right code at a login's second step changes: the ticket spent, the challenge consumed
+/// (at the attempts it was judged at), the proof used up, the session created, and the two
+/// events (counted by the caller once the completion is carried out).
+fn login_completion(
+    found: (&LoginTicket, &User, &Challenge),
+    proof: LoginProof,
+    session: Session,
+    ctx: &RequestContext,
+    now: OffsetDateTime,
+) -> LoginCompletion {
+    let (ticket, user, challenge) = found;
+    let event =
+        |kind, detail: String| audit_event(&user.tenant_id, Some(&user.id), kind, detail, ctx, now);
+    LoginCompletion {
+        tenant_id: user.tenant_id.clone(),
+        user_id: user.id.clone(),
+        ticket_hash: Some(ticket.hash),
+        verified: None,
+        challenge_id: challenge.id.clone(),
+        expected_attempts: challenge.attempts,
+        totp_step: proof.totp_step,
+        recovery_code: proof.recovery_code,
+        session: Some(session),
+        now,
+        audit: vec![
+            event(
+                AuditKind::OtpAccepted,
+                format!("challenge {}", challenge.id),
+            ),
+            event(AuditKind::TokenIssued, "session".to_owned()),
+        ],
+    }
 }
 
 /// A step-1 login ticket for `user` answering `challenge`: the secret for the client, the
@@ -302,6 +349,17 @@ fn count_event(kind: AuditKind) {
     metrics::counter!("otpgate_events_total", "kind" => kind.as_str()).increment(1);
 }
 
+/// Each tenant's rules as last read, and when; shared with the judges that run inside a store's
+/// transaction (which cannot wait for a read of their own).
+type PolicyCache = Arc<std::sync::Mutex<HashMap<TenantId, (std::time::Instant, Policy)>>>;
+
+/// A tenant's rules from `cache`, if they were read less than [`POLICY_CACHE_TTL`] ago.
+fn cached_policy(cache: &PolicyCache, tenant: &TenantId) -> Option<Policy> {
+    let cache = cache.lock().ok()?;
+    let (read_at, policy) = cache.get(tenant)?;
+    (read_at.elapsed() < POLICY_CACHE_TTL).then(|| policy.clone())
+}
+
 /// The core service.
 pub struct Otpgate {
     store: Arc<dyn Store>,
@@ -312,7 +370,7 @@ pub struct Otpgate {
     code_key: [u8; 32],
     outbox_wake: Arc<Notify>,
     templates: Templates,
-    policies: std::sync::Mutex<HashMap<TenantId, (std::time::Instant, Policy)>>,
+    policies: PolicyCache,
     api_keys: std::sync::Mutex<ApiKeyCache>,
     signing_keys: std::sync::Mutex<HashMap<TenantId, (std::time::Instant, Arc<SigningKey>)>>,
 }
@@ -370,7 +428,7 @@ impl Otpgate {
             code_key,
             outbox_wake: Arc::new(Notify::new()),
             templates: Templates::default(),
-            policies: std::sync::Mutex::default(),
+            policies: PolicyCache::default(),
             api_keys: std::sync::Mutex::default(),
             signing_keys: std::sync::Mutex::default(),
         })
@@ -453,11 +511,8 @@ impl Otpgate {
     /// store at most once per [`POLICY_CACHE_TTL`]. This instance's own changes apply at once;
     /// another instance's within that time.
     pub async fn policy_for(&self, tenant: &TenantId) -> CoreResult<Policy> {
-        if let Ok(cache) = self.policies.lock()
-            && let Some((read_at, policy)) = cache.get(tenant)
-            && read_at.elapsed() < POLICY_CACHE_TTL
-        {
-            return Ok(policy.clone());
+        if let Some(policy) = cached_policy(&self.policies, tenant) {
+            return Ok(policy);
         }
         let policy = self.tenant(tenant).await?.settings.apply(&self.policy);
         if let Ok(mut cache) = self.policies.lock() {
@@ -1529,35 +1584,115 @@ impl Otpgate {
         }
     }
 
-    /// A live ticket with its user and challenge, read together (a login's second step needs
-    /// all three).
-    async fn live_login(
-        &self,
-        ticket: &SecretString,
-        now: OffsetDateTime,
-    ) -> CoreResult<crate::store::LoginContext> {
-        match self.store.get_login_context(&ticket_hash(ticket)?).await? {
-            Some(found) if found.ticket.is_live(now) => Ok(found),
-            _ => Err(CoreError::Unauthorized),
-        }
-    }
-
     /// Step 2 of a login: checks the code (SMS, e-mail or authenticator) against the ticket and
     /// issues a session token. A wrong code counts against the challenge and the account; after
     /// the last attempt the ticket is dead. A locked account's right code is refused like a
     /// wrong one.
+    ///
+    /// A right SMS or e-mail code is settled in one step of the store ([`Store::settle_login`],
+    /// judged by [`Self::code_login_judge`]); everything else (wrong codes, authenticator and
+    /// recovery codes, dead tickets) is decided on the rows that step read.
     pub async fn confirm_login(
         &self,
         ticket: &SecretString,
         raw_code: &str,
         ctx: &RequestContext,
     ) -> CoreResult<SessionIssued> {
+        let minted = mint_hex_token()?;
+        let judge = self.code_login_judge(raw_code, minted.hash, ctx);
+        let SettledLogin { context, verdict } = self
+            .store
+            .settle_login(&ticket_hash(ticket)?, judge)
+            .await?
+            .ok_or(CoreError::Unauthorized)?;
+        if let LoginVerdict::Complete(done) = verdict {
+            done.audit.iter().for_each(|e| count_event(e.kind));
+            let (Some(user), Some(session)) = (context.user, done.session) else {
+                return Err(CoreError::Internal(
+                    "a completed login without its user or session".into(),
+                ));
+            };
+            return Ok(SessionIssued {
+                token: minted.secret,
+                expires_at: session.expires_at,
+                user,
+            });
+        }
+        self.confirm_login_on(context, raw_code, ctx).await
+    }
+
+    /// The judge of a login's second step inside the store: completes the login when the code
+    /// is the right SMS or e-mail code of a live ticket of an unlocked user, whose tenant's
+    /// rules are at hand; leaves everything else to [`Self::confirm_login_on`], which decides
+    /// the same way with the reads and counts the judge cannot do.
+    fn code_login_judge(
+        &self,
+        raw_code: &str,
+        session_hash: [u8; 32],
+        ctx: &RequestContext,
+    ) -> LoginJudge {
+        let (clock, code_key) = (Arc::clone(&self.clock), self.code_key);
+        let (policies, ctx) = (Arc::clone(&self.policies), ctx.clone());
+        // A recovery code stands in for a code; it is checked against its own table.
+        let raw_code = RecoveryCode::parse(raw_code)
+            .is_none()
+            .then(|| raw_code.to_owned());
+        Arc::new(move |found: &LoginContext| {
+            let now = clock.now();
+            let (Some(raw_code), Some(user), Some(challenge)) =
+                (&raw_code, &found.user, &found.challenge)
+            else {
+                return LoginVerdict::Leave;
+            };
+            if !found.ticket.is_live(now)
+                || found.ticket.channel == Channel::Totp
+                || Self::is_locked(user, now)
+                || challenge.status_at(now) != ChallengeStatus::Pending
+            {
+                return LoginVerdict::Leave;
+            }
+            let Some(policy) = cached_policy(&policies, &found.ticket.tenant_id) else {
+                return LoginVerdict::Leave;
+            };
+            let right =
+                OtpCode::parse(raw_code, Some(usize::from(policy.code_length))).is_ok_and(|code| {
+                    code.matches(&code_key, challenge.id.as_str(), &challenge.code_hash)
+                });
+            if !right {
+                return LoginVerdict::Leave;
+            }
+            let session = session_record(&policy, user, session_hash, now);
+            let proof = LoginProof {
+                totp_step: None,
+                recovery_code: None,
+            };
+            LoginVerdict::Complete(Box::new(login_completion(
+                (&found.ticket, user, challenge),
+                proof,
+                session,
+                &ctx,
+                now,
+            )))
+        })
+    }
+
+    /// A login's second step decided on `found`, its ticket, user and challenge as read (and
+    /// read again after a lost race).
+    async fn confirm_login_on(
+        &self,
+        found: LoginContext,
+        raw_code: &str,
+        ctx: &RequestContext,
+    ) -> CoreResult<SessionIssued> {
         let now = self.clock.now();
-        let crate::store::LoginContext {
+        let LoginContext {
             ticket,
             user,
             challenge,
-        } = self.live_login(ticket, now).await?;
+        } = found;
+        if !ticket.is_live(now) {
+            return Err(CoreError::Unauthorized);
+        }
         let policy = self.policy_for(&ticket.tenant_id).await?;
         let user = user.ok_or(CoreError::Unauthorized)?;
         let factor = match ticket.channel {
@@ -1617,37 +1752,19 @@ impl Otpgate {
             };
             if matched && !Self::is_locked(&user, now) {
                 let (minted, session) = new_session(&policy, &user, now)?;
-                let completion = LoginCompletion {
-                    tenant_id: user.tenant_id.clone(),
-                    user_id: user.id.clone(),
-                    ticket_hash: Some(ticket.hash),
-                    verified: None,
-                    challenge_id: challenge.id.clone(),
-                    expected_attempts: challenge.attempts,
+                let proof = LoginProof {
                     totp_step,
                     recovery_code,
-                    session: Some(session.clone()),
-                    now,
-                    audit: vec![
-                        self.event(
-                            &user.tenant_id,
-                            Some(&user.id),
-                            AuditKind::OtpAccepted,
-                            format!("challenge {}", challenge.id),
-                            ctx,
-                            now,
-                        ),
-                        self.event(
-                            &user.tenant_id,
-                            Some(&user.id),
-                            AuditKind::TokenIssued,
-                            "session",
-                            ctx,
-                            now,
-                        ),
-                    ],
                 };
+                let completion = login_completion(
+                    (&ticket, &user, &challenge),
+                    proof,
+                    session.clone(),
+                    ctx,
+                    now,
+                );
                 if self.store.complete_login(&completion).await? {
+                    completion.audit.iter().for_each(|e| count_event(e.kind));
                     return Ok(SessionIssued {
                         token: minted.secret,
                         expires_at: session.expires_at,
