@@ -424,8 +424,8 @@ pub trait Store: Send + Sync + 'static {
     /// completion out, as one atomic step where the store can (`None`: no such ticket).
     ///
     /// The default is [`settle_login_by_read_and_write`]: the two steps one after the other,
-    /// the completion's own conditions guarding the gap. SQLite settles inside its writer, where
-    /// the three rows come from the writer's warm cache instead of a reader's cold one.
+    /// the completion's own conditions guarding the gap. SQLite settles inside its writer, whose
+    /// page cache survives commits, where a reader's is emptied by each.
     async fn settle_login(
         &self,
         ticket_hash: &[u8; 32],

@@ -830,8 +830,8 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<SettledLogin>> {
         let hash = *ticket_hash;
         self.write(move |c| {
-            // The writer's own cache holds these pages warm; a reader would start from an
-            // empty one (WAL mode drops a reader's cache after every commit).
+            // The writer's page cache survives commits (they are its own); a reader's is
+            // emptied by every commit of another connection, so it would load each page again.
             let Some(context) = read_login_context(c, &hash)? else {
                 return Ok(None);
             };
