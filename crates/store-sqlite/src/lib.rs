@@ -10,8 +10,8 @@
 //! wait for the disk itself: it hands the batch to a sync thread, which `fdatasync`s the WAL
 //! (covering every batch committed so far) and then answers each caller, while the writer already
 //! runs the next batch. See [`syncer_loop`] for why that is as safe as `synchronous=FULL`. A job
-//! that changed nothing (a check that found nothing to do) is answered at the commit, as a read
-//! would be.
+//! that may be answered like a read when it changed nothing ([`SqliteStore::settle`]) is answered
+//! at the commit instead.
 //! Reads use a small pool of read-only connections; WAL mode lets them run beside the writer.
 
 mod rows;
@@ -36,8 +36,9 @@ trait WriteJob: Send {
     /// It may run twice: a second time, in a savepoint, after another job of its batch failed
     /// and the first attempt was rolled back.
     fn run(&mut self, conn: &Connection) -> bool;
-    /// Whether its last run inserted, updated or deleted a row.
-    fn changed(&self) -> bool;
+    /// Whether its answer must wait for the sync: it changed a row in its last run, or its caller
+    /// may turn even a "nothing changed" into a success (see [`SqliteStore::settle`]).
+    fn waits_for_sync(&self) -> bool;
     /// Answers the caller, once the transaction's fate (`commit`) is known.
     fn answer(self: Box<Self>, commit: Result<(), &StoreError>);
 }
@@ -47,6 +48,7 @@ struct PendingWrite<T, F> {
     job: F,
     outcome: Option<Result<T, JobError>>,
     changed: bool,
+    unchanged_is_a_read: bool,
     reply: oneshot::Sender<Result<Result<T, ConditionFailed>, StoreError>>,
 }
 
@@ -74,8 +76,8 @@ where
         keep
     }
 
-    fn changed(&self) -> bool {
-        self.changed
+    fn waits_for_sync(&self) -> bool {
+        self.changed || !self.unchanged_is_a_read
     }
 
     fn answer(self: Box<Self>, commit: Result<(), &StoreError>) {
@@ -312,11 +314,41 @@ impl SqliteStore {
         T: Send + 'static,
         F: Fn(&Connection) -> Result<T, JobError> + Send + 'static,
     {
+        self.enqueue(job, false).await
+    }
+
+    /// [`Self::write`] for a job whose answer, when it changed no row, is no more than a read:
+    /// its caller turns it only into a refusal or into a write of its own (which a later batch
+    /// makes durable, after this one). Such an answer goes out at the commit instead of after the
+    /// sync, as a reader's would. Not for a job whose "nothing to change" its caller reports as
+    /// done (a revocation already made, a code already approved): that report must wait until
+    /// what it rests on is durable.
+    pub(crate) async fn settle<T, F>(
+        &self,
+        job: F,
+    ) -> Result<Result<T, ConditionFailed>, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection) -> Result<T, JobError> + Send + 'static,
+    {
+        self.enqueue(job, true).await
+    }
+
+    async fn enqueue<T, F>(
+        &self,
+        job: F,
+        unchanged_is_a_read: bool,
+    ) -> Result<Result<T, ConditionFailed>, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection) -> Result<T, JobError> + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let pending: Job = Box::new(PendingWrite {
             job,
             outcome: None,
             changed: false,
+            unchanged_is_a_read,
             reply,
         });
         self.writer
@@ -405,12 +437,11 @@ impl Writer {
             answer_all(batch, Err(&e));
             return false;
         }
-        // A job that changed no row has nothing to wait for: its answer rests on committed
-        // rows, as a reader's does (see [`syncer_loop`]), and whatever it leads to is a write
-        // of a later batch, made durable after this one.
-        let (to_sync, unchanged): (Vec<Job>, Vec<Job>) =
-            batch.into_iter().partition(|job| job.changed());
-        answer_all(unchanged, Ok(()));
+        // A settle that changed no row has nothing to wait for: its answer rests on committed
+        // rows, as a reader's does (see [`syncer_loop`] and [`SqliteStore::settle`]).
+        let (to_sync, read_like): (Vec<Job>, Vec<Job>) =
+            batch.into_iter().partition(|job| job.waits_for_sync());
+        answer_all(read_like, Ok(()));
         if !to_sync.is_empty()
             && let Err(mpsc::SendError(batch)) = self.committed.send(to_sync)
         {
@@ -550,6 +581,7 @@ mod tests {
             job,
             outcome: None,
             changed: false,
+            unchanged_is_a_read: false,
             reply,
         });
         (pending, answer)
@@ -615,6 +647,7 @@ mod tests {
             },
             outcome: None,
             changed: false,
+            unchanged_is_a_read: false,
             reply,
         });
         // Act
@@ -696,36 +729,48 @@ mod tests {
         assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(5)))));
     }
 
+    /// A job that counts the rows of `t` and changes nothing.
+    fn count_job(unchanged_is_a_read: bool) -> (Job, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(PendingWrite {
+            job: |c: &Connection| -> Result<i64, JobError> {
+                Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?)
+            },
+            outcome: None,
+            changed: false,
+            unchanged_is_a_read,
+            reply,
+        });
+        (job, answer)
+    }
+
     #[test]
-    fn a_job_that_changed_nothing_is_answered_without_waiting_for_the_sync() {
-        // Arrange: a writer whose sync waits until the test lets it finish; a batch of a job
-        // that inserts and a job that only reads (and finds the row before the commit).
+    fn only_a_settle_that_changed_nothing_is_answered_before_the_sync() {
+        // Arrange: a writer whose sync waits until the test lets it finish; one batch of a job
+        // that inserts, a settle that only reads (and finds the row before the commit), and a
+        // plain write that only reads.
         let dir = tempfile::tempdir().unwrap();
         let (let_sync_finish, sync_may_finish) = mpsc::channel::<()>();
         let sync: SyncWal = Box::new(move || sync_may_finish.recv().map_err(std::io::Error::other));
         let writer = Writer::start(scratch_connection(&dir), sync).unwrap();
         let runs = Arc::new(AtomicUsize::new(0));
         let (insert, mut insert_answer) = insert_job(5, false, &runs);
-        let (reply, mut read_answer) = oneshot::channel();
-        let read: Job = Box::new(PendingWrite {
-            job: |c: &Connection| -> Result<i64, JobError> {
-                Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?)
-            },
-            outcome: None,
-            changed: false,
-            reply,
-        });
+        let (settle, mut settle_answer) = count_job(true);
+        let (plain, mut plain_answer) = count_job(false);
         // Act
-        assert!(writer.write_batch(vec![insert, read]));
-        // Assert: the read is answered by the time the writer is done with the batch, while the
-        // sync runs; the insert only after the sync.
-        assert!(matches!(read_answer.try_recv(), Ok(Ok(Ok(1)))));
-        assert!(matches!(
-            insert_answer.try_recv(),
-            Err(oneshot::error::TryRecvError::Empty)
-        ));
+        assert!(writer.write_batch(vec![insert, settle, plain]));
+        // Assert: the settle is answered by the time the writer is done with the batch, while
+        // the sync runs; the insert and the plain write only after the sync.
+        assert!(matches!(settle_answer.try_recv(), Ok(Ok(Ok(1)))));
+        for answer in [&mut insert_answer, &mut plain_answer] {
+            assert!(matches!(
+                answer.try_recv(),
+                Err(oneshot::error::TryRecvError::Empty)
+            ));
+        }
         let_sync_finish.send(()).unwrap();
         assert!(matches!(insert_answer.blocking_recv(), Ok(Ok(Ok(5)))));
+        assert!(matches!(plain_answer.blocking_recv(), Ok(Ok(Ok(1)))));
     }
 
     #[test]

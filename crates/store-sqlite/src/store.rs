@@ -829,7 +829,8 @@ impl Store for SqliteStore {
         judge: LoginJudge,
     ) -> StoreResult<Option<SettledLogin>> {
         let hash = *ticket_hash;
-        self.write(move |c| {
+        // A "leave" changes nothing, and the core turns it into a refusal or a write of its own.
+        self.settle(move |c| {
             // The writer's page cache survives commits (they are its own); a reader's is
             // emptied by every commit of another connection, so it would load each page again.
             let Some(context) = read_login_context(c, &hash)? else {
@@ -1297,7 +1298,8 @@ impl Store for SqliteStore {
              RETURNING {}",
             rows::MESSAGE_COLUMNS
         );
-        self.write(move |c| {
+        // Finding nothing due changes nothing, and the worker only looks again later.
+        self.settle(move |c| {
             let claimed = c
                 .prepare_cached(&sql)?
                 .query_map(params![ms(now), ms(lease_until), limit], rows::message)?
