@@ -89,6 +89,7 @@ macro_rules! store_contract_tests {
             service_wrong_codes_kill_the_verification_after_five,
             service_malformed_codes_touch_no_counter,
             service_two_step_login_issues_one_session,
+            service_a_locked_accounts_right_code_is_refused_and_counted,
             service_totp_codes_work_once,
         );
     };
@@ -931,6 +932,14 @@ pub async fn a_login_context_holds_the_tickets_own_user_and_challenge(store: Arc
     }
 }
 
+/// The session a settle judge of `round` creates for `ticket` in the test below.
+fn settle_session_hash(ticket: &[u8; 32], round: u8) -> [u8; 32] {
+    let mut hash = [1; 32];
+    hash[0] = ticket[0];
+    hash[1] = round;
+    hash
+}
+
 pub async fn concurrent_settled_logins_complete_each_ticket_once(store: Arc<dyn Store>) {
     // Arrange: twenty pending logins, each settled three times at once by a judge that
     // completes whenever it is shown a pending challenge (each call with its own session),
@@ -957,40 +966,7 @@ pub async fn concurrent_settled_logins_complete_each_ticket_once(store: Arc<dyn 
             let mut done = completion(u, ch, ch.attempts, None);
             done.ticket_hash = Some(found.ticket.hash);
             if let Some(session) = done.session.as_mut() {
-                session.hash = [
-                    found.ticket.hash[0],
-                    round,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    1,
-                    2,
-                ];
+                session.hash = settle_session_hash(&found.ticket.hash, round);
             }
             LoginVerdict::Complete(Box::new(done))
         })
@@ -1024,11 +1000,17 @@ pub async fn concurrent_settled_logins_complete_each_ticket_once(store: Arc<dyn 
                 settled.context.challenge.as_ref().map(|c| &c.id),
                 Some(&ch.id)
             );
-            if let LoginVerdict::Complete(done) = &settled.verdict {
+            let session = settle_session_hash(ticket, round as u8);
+            let stored_session = store.get_session(&session).await.unwrap();
+            if let LoginVerdict::Complete(_) = &settled.verdict {
                 assert!(round < 3, "the leaving judge completed");
                 completed += 1;
-                let session = done.session.as_ref().map(|s| s.hash).unwrap();
-                assert!(store.get_session(&session).await.unwrap().is_some());
+                assert!(stored_session.is_some(), "the completion's session");
+            } else {
+                assert!(
+                    stored_session.is_none(),
+                    "a session of a login that did not complete"
+                );
             }
         }
         assert_eq!(completed, 1, "{}", ch.id);
@@ -2487,6 +2469,54 @@ pub async fn service_two_step_login_issues_one_session(store: Arc<dyn Store>) {
     assert_eq!(again.err().map(|e| e.code()), Some("unauthorized"));
     core.revoke_session(&issued.token, &ctx()).await.unwrap();
     assert!(core.authenticate_session(&issued.token).await.is_err());
+}
+
+pub async fn service_a_locked_accounts_right_code_is_refused_and_counted(store: Arc<dyn Store>) {
+    // Arrange: step 1 done, then the account is locked before step 2.
+    let (core, clock) = service(Arc::clone(&store)).await;
+    let tenant = core.default_tenant().await.unwrap();
+    let user = core
+        .create_user(
+            &tenant.id,
+            NewUser {
+                username: "nima".into(),
+                password: SecretString::from("pw-nima-1234"),
+                email: None,
+                phone: Some("+989121230000".into()),
+                role: Role::User,
+            },
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    let started = core
+        .login(
+            &tenant.id,
+            "nima",
+            SecretString::from("pw-nima-1234"),
+            &ctx(),
+        )
+        .await
+        .unwrap();
+    let code = queued_code(&store, &clock).await;
+    store
+        .lock_user(&tenant.id, &user.id, clock.now() + Duration::from_secs(900))
+        .await
+        .unwrap();
+    // Act
+    let refused = core.confirm_login(&started.ticket, &code, &ctx()).await;
+    // Assert: refused like a wrong code, and counted against the challenge and the account.
+    assert_eq!(refused.err().map(|e| e.code()), Some("code_rejected"));
+    let counted = store.get_user(&tenant.id, &user.id).await.unwrap().unwrap();
+    assert_eq!(counted.failed_logins, 1);
+    assert!(counted.locked_until.is_some(), "the lock stays");
+    // Once unlocked, the same right code on the same ticket completes the login.
+    core.unlock_user(&tenant.id, "nima", &ctx()).await.unwrap();
+    let issued = core
+        .confirm_login(&started.ticket, &code, &ctx())
+        .await
+        .unwrap();
+    assert!(core.authenticate_session(&issued.token).await.is_ok());
 }
 
 pub async fn service_totp_codes_work_once(store: Arc<dyn Store>) {
