@@ -17,6 +17,7 @@
 mod rows;
 mod schema;
 mod store;
+mod vfs;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -200,8 +201,15 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreErro
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
-    let conn = Connection::open_with_flags(path, flags)
-        .map_err(|e| StoreError::Unavailable(format!("open {}: {e}", path.display())))?;
+    let opened = if read_only {
+        Connection::open_with_flags(path, flags)
+    } else {
+        // The writer gathers each commit's WAL frames into one write (see `vfs`).
+        vfs::register().map_err(StoreError::Other)?;
+        Connection::open_with_flags_and_vfs(path, flags, vfs::NAME)
+    };
+    let conn =
+        opened.map_err(|e| StoreError::Unavailable(format!("open {}: {e}", path.display())))?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(|e| map_error(e, "connection"))?;
     // Plans must not depend on bound values. Without this, SQLite marks a statement for a new
