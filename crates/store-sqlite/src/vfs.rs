@@ -260,64 +260,79 @@ unsafe extern "C" fn wal_write(
     ffi::SQLITE_OK
 }
 
+/// Writes the buffer out, then passes the call on to the real file (`missing` if the default
+/// VFS lacks the method).
+///
+/// # Safety
+/// As [`wal_file`]; `call` gets the real file and must pass SQLite's own arguments.
+unsafe fn flushed_then<M>(
+    file: *mut ffi::sqlite3_file,
+    method: impl FnOnce(&ffi::sqlite3_io_methods) -> Option<M>,
+    missing: c_int,
+    call: impl FnOnce(M, *mut ffi::sqlite3_file) -> c_int,
+) -> c_int {
+    // SAFETY: the caller's contract.
+    let f = unsafe { wal_file(file) };
+    let rc = flush(f);
+    if rc != ffi::SQLITE_OK {
+        return rc;
+    }
+    match method(real_methods(f)) {
+        Some(m) => call(m, f.real),
+        None => missing,
+    }
+}
+
 unsafe extern "C" fn wal_read(
     file: *mut ffi::sqlite3_file,
     data: *mut c_void,
     amount: c_int,
     offset: i64,
 ) -> c_int {
-    // SAFETY: as in `wal_write`.
-    let f = unsafe { wal_file(file) };
-    let rc = flush(f);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match real_methods(f).xRead {
-        // SAFETY: SQLite's own arguments, passed on to the real file.
-        Some(read) => unsafe { read(f.real, data, amount, offset) },
-        None => ffi::SQLITE_IOERR_READ,
+    // SAFETY: SQLite calls this only on a file `open` made, and its arguments go on unchanged.
+    unsafe {
+        flushed_then(
+            file,
+            |m| m.xRead,
+            ffi::SQLITE_IOERR_READ,
+            |read, real| read(real, data, amount, offset),
+        )
     }
 }
 
 unsafe extern "C" fn wal_truncate(file: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    // SAFETY: as in `wal_write`.
-    let f = unsafe { wal_file(file) };
-    let rc = flush(f);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match real_methods(f).xTruncate {
-        // SAFETY: as in `wal_read`.
-        Some(truncate) => unsafe { truncate(f.real, size) },
-        None => ffi::SQLITE_IOERR_TRUNCATE,
+    // SAFETY: as in `wal_read`.
+    unsafe {
+        flushed_then(
+            file,
+            |m| m.xTruncate,
+            ffi::SQLITE_IOERR_TRUNCATE,
+            |truncate, real| truncate(real, size),
+        )
     }
 }
 
 unsafe extern "C" fn wal_sync(file: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    // SAFETY: as in `wal_write`.
-    let f = unsafe { wal_file(file) };
-    let rc = flush(f);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match real_methods(f).xSync {
-        // SAFETY: as in `wal_read`.
-        Some(sync) => unsafe { sync(f.real, flags) },
-        None => ffi::SQLITE_IOERR_FSYNC,
+    // SAFETY: as in `wal_read`.
+    unsafe {
+        flushed_then(
+            file,
+            |m| m.xSync,
+            ffi::SQLITE_IOERR_FSYNC,
+            |sync, real| sync(real, flags),
+        )
     }
 }
 
 unsafe extern "C" fn wal_file_size(file: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    // SAFETY: as in `wal_write`.
-    let f = unsafe { wal_file(file) };
-    let rc = flush(f);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match real_methods(f).xFileSize {
-        // SAFETY: as in `wal_read`.
-        Some(file_size) => unsafe { file_size(f.real, size) },
-        None => ffi::SQLITE_IOERR_FSTAT,
+    // SAFETY: as in `wal_read`.
+    unsafe {
+        flushed_then(
+            file,
+            |m| m.xFileSize,
+            ffi::SQLITE_IOERR_FSTAT,
+            |file_size, real| file_size(real, size),
+        )
     }
 }
 
@@ -326,16 +341,14 @@ unsafe extern "C" fn wal_file_control(
     op: c_int,
     arg: *mut c_void,
 ) -> c_int {
-    // SAFETY: as in `wal_write`.
-    let f = unsafe { wal_file(file) };
-    let rc = flush(f);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    match real_methods(f).xFileControl {
-        // SAFETY: as in `wal_read`.
-        Some(file_control) => unsafe { file_control(f.real, op, arg) },
-        None => ffi::SQLITE_NOTFOUND,
+    // SAFETY: as in `wal_read`.
+    unsafe {
+        flushed_then(
+            file,
+            |m| m.xFileControl,
+            ffi::SQLITE_NOTFOUND,
+            |control, real| control(real, op, arg),
+        )
     }
 }
 
