@@ -11,7 +11,10 @@
 //! of its frames (it then updates the WAL index in shared memory), and the last frame of a
 //! commit carries the database size in its header (the WAL file format: bytes 4-7 of a frame
 //! header are non-zero only in a commit frame). The buffer is written out as soon as that frame's
-//! page is in it, so by the time any reader can see the commit, its frames are in the file. Every
+//! page is in it, or at once when a commit frame's header is rewritten in place (SQLite does that,
+//! last, for a transaction that spilled pages before its commit and then changed one of them
+//! again), so by the time any reader can see the commit, and before the sync thread syncs it, its
+//! frames are in the file. Every
 //! other call that reads or changes the file (read, sync, size, truncate, file control, close)
 //! writes the buffer out first, so SQLite itself never sees the file without its own writes
 //! either. Durability is unchanged: the sync thread still `fdatasync`s the WAL before any answer
@@ -104,6 +107,8 @@ struct WalFile {
     pending_at: i64,
     /// The last write was the header of a commit frame: its page ends the commit.
     commit_page_next: bool,
+    /// Where the last write (buffered or not) ended.
+    last_write_end: i64,
 }
 
 /// Where the default VFS's file starts within a file of ours (8-byte aligned, as SQLite's
@@ -176,6 +181,7 @@ unsafe extern "C" fn open(
             pending: Vec::new(),
             pending_at: 0,
             commit_page_next: false,
+            last_write_end: 0,
         });
     }
     ffi::SQLITE_OK
@@ -250,11 +256,19 @@ unsafe extern "C" fn wal_write(
         f.pending_at = offset;
     }
     f.pending.extend_from_slice(bytes);
+    let follows_last_write = offset == f.last_write_end;
+    f.last_write_end = offset.saturating_add(i64::from(amount));
     let ends_commit = f.commit_page_next;
-    f.commit_page_next = len == FRAME_HEADER
+    let commit_header = len == FRAME_HEADER
         && offset >= WAL_HEADER
         && bytes.get(4..8).is_some_and(|size| size != [0; 4]);
-    if ends_commit || f.pending.len() >= MAX_PENDING {
+    f.commit_page_next = commit_header;
+    // A commit frame appended after the frames before it ends with its page, the next write.
+    // A commit header written anywhere else is passed on at once: SQLite rewrites the headers of
+    // a transaction that spilled pages early and then wrote one of them again (new checksums),
+    // and that rewrite, with no page after it, is the last thing it writes before the commit
+    // is published.
+    if ends_commit || (commit_header && !follows_last_write) || f.pending.len() >= MAX_PENDING {
         return flush(f);
     }
     ffi::SQLITE_OK
@@ -642,6 +656,53 @@ mod tests {
         // Assert
         let writes = writes_so_far() - before;
         assert!(writes <= 4, "{writes} write calls for one commit");
+    }
+
+    #[test]
+    fn a_copy_of_the_files_taken_after_a_commit_recovers_it_even_when_pages_were_rewritten() {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let writer = writer_with_table(&dir);
+        // No checkpoint after the commit: its reads of the WAL would write out whatever the
+        // commit left in the buffer.
+        writer
+            .execute_batch("PRAGMA wal_autocheckpoint = 0")
+            .unwrap();
+        insert_blobs(&writer, 1, 10, 100);
+        // Act: a transaction beyond the writer's 4 MiB cache, so SQLite spills pages into the
+        // WAL before the commit, then writes some of them again: at the commit it rewrites
+        // the frame headers from the first page written again on (new checksums), the commit
+        // frame's last.
+        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for id in 11..1511_i64 {
+            writer
+                .execute(
+                    "INSERT INTO b (id, v) VALUES (?1, ?2)",
+                    rusqlite::params![id, vec![7_u8; 4000]],
+                )
+                .unwrap();
+        }
+        writer
+            .execute(
+                "UPDATE b SET v = zeroblob(100) WHERE id <= 10 OR id % 100 = 0",
+                [],
+            )
+            .unwrap();
+        writer.execute_batch("COMMIT").unwrap();
+        // What a crash right now would leave on disk: the files as the kernel has them.
+        let copy = tempfile::tempdir().unwrap();
+        for name in ["wal.db", "wal.db-wal"] {
+            std::fs::copy(dir.path().join(name), copy.path().join(name)).unwrap();
+        }
+        // Assert: recovery (which checks every frame's checksum) keeps the whole commit.
+        let recovered = Connection::open(copy.path().join("wal.db")).unwrap();
+        assert_eq!(count_and_sum(&recovered), (1510, 25 * 100 + 1485 * 4000));
+        let zeroed: i64 = recovered
+            .query_row("SELECT count(*) FROM b WHERE v = zeroblob(100)", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(zeroed, 25);
     }
 
     #[test]
