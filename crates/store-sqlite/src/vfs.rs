@@ -115,9 +115,13 @@ struct WalFile {
 /// allocations are).
 const REAL_FILE_OFFSET: usize = std::mem::size_of::<WalFile>().next_multiple_of(8);
 
-fn default_vfs(vfs: *mut ffi::sqlite3_vfs) -> *mut ffi::sqlite3_vfs {
-    // SAFETY: every VFS method SQLite calls here is given our VFS, whose `pAppData` is the
-    // default VFS (set in `register`).
+/// The default VFS, which ours passes every call on to.
+///
+/// # Safety
+/// `vfs` must be ours (SQLite passes each VFS method its own VFS): its `pAppData` is the
+/// default VFS (set in `register`).
+unsafe fn default_vfs(vfs: *mut ffi::sqlite3_vfs) -> *mut ffi::sqlite3_vfs {
+    // SAFETY: the caller's contract.
     unsafe { (*vfs).pAppData.cast() }
 }
 
@@ -150,7 +154,8 @@ unsafe extern "C" fn open(
     flags: c_int,
     out_flags: *mut c_int,
 ) -> c_int {
-    let default = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let default = unsafe { default_vfs(vfs) };
     // SAFETY: `default` is the default VFS; SQLite hands us `szOsFile` bytes at `file`.
     let Some(default_open) = (unsafe { (*default).xOpen }) else {
         return ffi::SQLITE_CANTOPEN;
@@ -203,7 +208,7 @@ fn real_methods(f: &WalFile) -> &'static ffi::sqlite3_io_methods {
     unsafe { &*(*f.real).pMethods }
 }
 
-/// Passes the gathered bytes on to the real file, in one write.
+/// Passes the gathered bytes on to the real file, in one write per [`MAX_WRITE`] bytes.
 fn flush(f: &mut WalFile) -> c_int {
     if f.pending.is_empty() {
         return ffi::SQLITE_OK;
@@ -440,7 +445,8 @@ unsafe extern "C" fn wal_device_characteristics(file: *mut ffi::sqlite3_file) ->
 // The rest of the VFS is the default VFS's, called with the default VFS.
 
 unsafe extern "C" fn delete(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, sync: c_int) -> c_int {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: the default VFS's own method, with SQLite's arguments.
     match unsafe { (*d).xDelete } {
         Some(m) => unsafe { m(d, name, sync) },
@@ -454,7 +460,8 @@ unsafe extern "C" fn access(
     flags: c_int,
     out: *mut c_int,
 ) -> c_int {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: as in `delete`.
     match unsafe { (*d).xAccess } {
         Some(m) => unsafe { m(d, name, flags, out) },
@@ -468,7 +475,8 @@ unsafe extern "C" fn full_pathname(
     n_out: c_int,
     out: *mut c_char,
 ) -> c_int {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: as in `delete`.
     match unsafe { (*d).xFullPathname } {
         Some(m) => unsafe { m(d, name, n_out, out) },
@@ -477,7 +485,8 @@ unsafe extern "C" fn full_pathname(
 }
 
 unsafe extern "C" fn dl_open(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) -> *mut c_void {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: as in `delete`.
     match unsafe { (*d).xDlOpen } {
         Some(m) => unsafe { m(d, name) },
@@ -486,7 +495,8 @@ unsafe extern "C" fn dl_open(vfs: *mut ffi::sqlite3_vfs, name: *const c_char) ->
 }
 
 unsafe extern "C" fn dl_error(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: as in `delete`.
     if let Some(m) = unsafe { (*d).xDlError } {
         unsafe { m(d, n, out) }
@@ -500,7 +510,8 @@ unsafe extern "C" fn dl_sym(
     handle: *mut c_void,
     symbol: *const c_char,
 ) -> Option<DlSymbol> {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: as in `delete`.
     match unsafe { (*d).xDlSym } {
         Some(m) => unsafe { m(d, handle, symbol) },
@@ -509,7 +520,8 @@ unsafe extern "C" fn dl_sym(
 }
 
 unsafe extern "C" fn dl_close(vfs: *mut ffi::sqlite3_vfs, handle: *mut c_void) {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: as in `delete`.
     if let Some(m) = unsafe { (*d).xDlClose } {
         unsafe { m(d, handle) }
@@ -517,7 +529,8 @@ unsafe extern "C" fn dl_close(vfs: *mut ffi::sqlite3_vfs, handle: *mut c_void) {
 }
 
 unsafe extern "C" fn randomness(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut c_char) -> c_int {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: as in `delete`.
     match unsafe { (*d).xRandomness } {
         Some(m) => unsafe { m(d, n, out) },
@@ -526,7 +539,8 @@ unsafe extern "C" fn randomness(vfs: *mut ffi::sqlite3_vfs, n: c_int, out: *mut 
 }
 
 unsafe extern "C" fn sleep(vfs: *mut ffi::sqlite3_vfs, microseconds: c_int) -> c_int {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: as in `delete`.
     match unsafe { (*d).xSleep } {
         Some(m) => unsafe { m(d, microseconds) },
@@ -535,7 +549,8 @@ unsafe extern "C" fn sleep(vfs: *mut ffi::sqlite3_vfs, microseconds: c_int) -> c
 }
 
 unsafe extern "C" fn current_time(vfs: *mut ffi::sqlite3_vfs, out: *mut f64) -> c_int {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: as in `delete`.
     match unsafe { (*d).xCurrentTime } {
         Some(m) => unsafe { m(d, out) },
@@ -548,7 +563,8 @@ unsafe extern "C" fn get_last_error(
     n: c_int,
     out: *mut c_char,
 ) -> c_int {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: as in `delete`.
     match unsafe { (*d).xGetLastError } {
         Some(m) => unsafe { m(d, n, out) },
@@ -557,7 +573,8 @@ unsafe extern "C" fn get_last_error(
 }
 
 unsafe extern "C" fn current_time_int64(vfs: *mut ffi::sqlite3_vfs, out: *mut i64) -> c_int {
-    let d = default_vfs(vfs);
+    // SAFETY: SQLite calls this with our VFS.
+    let d = unsafe { default_vfs(vfs) };
     // SAFETY: as in `delete`.
     match unsafe { (*d).xCurrentTimeInt64 } {
         Some(m) => unsafe { m(d, out) },
