@@ -88,12 +88,10 @@ impl Cache {
     }
 }
 
-fn default() -> &'static ffi::sqlite3_pcache_methods2 {
-    // Our methods are only installed after DEFAULT is set (`install`).
-    match DEFAULT.get() {
-        Some(Pcache1(methods)) => methods,
-        None => unreachable!("page cache methods called before install"),
-    }
+/// pcache1's methods; always there once ours are called (`install` sets them first), and
+/// an `Option` only so that no path of these C callbacks can panic.
+fn default() -> Option<&'static ffi::sqlite3_pcache_methods2> {
+    DEFAULT.get().map(|Pcache1(methods)| methods)
 }
 
 /// # Safety
@@ -108,7 +106,7 @@ unsafe extern "C" fn create(
     extra: c_int,
     purgeable: c_int,
 ) -> *mut ffi::sqlite3_pcache {
-    let Some(create) = default().xCreate else {
+    let Some(create) = default().and_then(|d| d.xCreate) else {
         return std::ptr::null_mut();
     };
     // SAFETY: pcache1's own method with SQLite's arguments.
@@ -125,14 +123,14 @@ unsafe extern "C" fn create(
 
 unsafe extern "C" fn cachesize(c: *mut ffi::sqlite3_pcache, pages: c_int) {
     // SAFETY: `c` is one of ours (SQLite's contract); pcache1's method on its own cache.
-    if let Some(m) = default().xCachesize {
+    if let Some(m) = default().and_then(|d| d.xCachesize) {
         unsafe { m(cache(c).inner, pages) }
     }
 }
 
 unsafe extern "C" fn pagecount(c: *mut ffi::sqlite3_pcache) -> c_int {
     // SAFETY: as in `cachesize`.
-    match default().xPagecount {
+    match default().and_then(|d| d.xPagecount) {
         Some(m) => unsafe { m(cache(c).inner) },
         None => 0,
     }
@@ -145,7 +143,7 @@ unsafe extern "C" fn fetch(
 ) -> *mut ffi::sqlite3_pcache_page {
     // SAFETY: as in `cachesize`.
     let c = unsafe { cache(c) };
-    match default().xFetch {
+    match default().and_then(|d| d.xFetch) {
         Some(m) => unsafe { m(c.inner, c.key(key), create) },
         None => std::ptr::null_mut(),
     }
@@ -157,7 +155,7 @@ unsafe extern "C" fn unpin(
     discard: c_int,
 ) {
     // SAFETY: as in `cachesize`.
-    if let Some(m) = default().xUnpin {
+    if let Some(m) = default().and_then(|d| d.xUnpin) {
         unsafe { m(cache(c).inner, page, discard) }
     }
 }
@@ -170,14 +168,14 @@ unsafe extern "C" fn rekey(
 ) {
     // SAFETY: as in `cachesize`.
     let c = unsafe { cache(c) };
-    if let Some(m) = default().xRekey {
+    if let Some(m) = default().and_then(|d| d.xRekey) {
         unsafe { m(c.inner, page, c.key(old), c.key(new)) }
     }
 }
 
 unsafe extern "C" fn truncate(c: *mut ffi::sqlite3_pcache, limit: c_uint) {
     // SAFETY: as in `cachesize`.
-    if let Some(m) = default().xTruncate {
+    if let Some(m) = default().and_then(|d| d.xTruncate) {
         unsafe { m(cache(c).inner, limit) }
     }
 }
@@ -185,14 +183,14 @@ unsafe extern "C" fn truncate(c: *mut ffi::sqlite3_pcache, limit: c_uint) {
 unsafe extern "C" fn destroy(c: *mut ffi::sqlite3_pcache) {
     // SAFETY: `c` came from `create` (Box::into_raw) and SQLite destroys it once.
     let c = unsafe { Box::from_raw(c.cast::<Cache>()) };
-    if let Some(m) = default().xDestroy {
+    if let Some(m) = default().and_then(|d| d.xDestroy) {
         unsafe { m(c.inner) }
     }
 }
 
 unsafe extern "C" fn shrink(c: *mut ffi::sqlite3_pcache) {
     // SAFETY: as in `cachesize`.
-    if let Some(m) = default().xShrink {
+    if let Some(m) = default().and_then(|d| d.xShrink) {
         unsafe { m(cache(c).inner) }
     }
 }
