@@ -610,6 +610,17 @@ mod tests {
         Writer::start(scratch_connection(dir), Box::new(|| Ok(()))).unwrap()
     }
 
+    /// A writer on a scratch database whose sync finishes only when the test sends on the
+    /// returned channel.
+    fn writer_with_held_sync(dir: &tempfile::TempDir) -> (Writer, mpsc::Sender<()>) {
+        let (let_sync_finish, sync_may_finish) = mpsc::channel::<()>();
+        let sync: SyncWal = Box::new(move || sync_may_finish.recv().map_err(std::io::Error::other));
+        (
+            Writer::start(scratch_connection(dir), sync).unwrap(),
+            let_sync_finish,
+        )
+    }
+
     fn rows_of_t(conn: &Connection) -> Vec<i64> {
         let mut stmt = conn.prepare("SELECT x FROM t ORDER BY x").unwrap();
         stmt.query_map([], |r| r.get(0))
@@ -721,9 +732,7 @@ mod tests {
     fn a_commit_is_answered_only_after_the_wal_is_synced() {
         // Arrange: a writer whose sync waits until the test lets it finish.
         let dir = tempfile::tempdir().unwrap();
-        let (let_sync_finish, sync_may_finish) = mpsc::channel::<()>();
-        let sync: SyncWal = Box::new(move || sync_may_finish.recv().map_err(std::io::Error::other));
-        let writer = Writer::start(scratch_connection(&dir), sync).unwrap();
+        let (writer, let_sync_finish) = writer_with_held_sync(&dir);
         let runs = Arc::new(AtomicUsize::new(0));
         let (job, mut answer) = insert_job(5, false, &runs);
         // Act
@@ -761,9 +770,7 @@ mod tests {
         // that inserts, a settle that only reads (and finds the row before the commit), and a
         // plain write that only reads.
         let dir = tempfile::tempdir().unwrap();
-        let (let_sync_finish, sync_may_finish) = mpsc::channel::<()>();
-        let sync: SyncWal = Box::new(move || sync_may_finish.recv().map_err(std::io::Error::other));
-        let writer = Writer::start(scratch_connection(&dir), sync).unwrap();
+        let (writer, let_sync_finish) = writer_with_held_sync(&dir);
         let runs = Arc::new(AtomicUsize::new(0));
         let (insert, mut insert_answer) = insert_job(5, false, &runs);
         let (settle, mut settle_answer) = count_job(true);

@@ -2314,6 +2314,29 @@ async fn queued_code(store: &Arc<dyn Store>, clock: &FakeClock) -> String {
         .expect("a queued code")
 }
 
+/// A user of `tenant` with a password and a phone, no e-mail, made through the service.
+async fn phone_user(
+    core: &Otpgate,
+    tenant: &TenantId,
+    username: &str,
+    password: &str,
+    phone: &str,
+) -> User {
+    core.create_user(
+        tenant,
+        NewUser {
+            username: username.into(),
+            password: SecretString::from(password),
+            email: None,
+            phone: Some(phone.into()),
+            role: Role::User,
+        },
+        &ctx(),
+    )
+    .await
+    .unwrap()
+}
+
 async fn started(core: &Otpgate, tenant: &TenantId) -> Challenge {
     core.start_verification(
         tenant,
@@ -2422,19 +2445,14 @@ pub async fn service_malformed_codes_touch_no_counter(store: Arc<dyn Store>) {
 pub async fn service_two_step_login_issues_one_session(store: Arc<dyn Store>) {
     let (core, clock) = service(Arc::clone(&store)).await;
     let tenant = core.default_tenant().await.unwrap();
-    core.create_user(
+    phone_user(
+        &core,
         &tenant.id,
-        NewUser {
-            username: "ali".into(),
-            password: SecretString::from("correct horse battery"),
-            email: None,
-            phone: Some("+989121234567".into()),
-            role: Role::User,
-        },
-        &ctx(),
+        "ali",
+        "correct horse battery",
+        "+989121234567",
     )
-    .await
-    .unwrap();
+    .await;
     let wrong = core
         .login(&tenant.id, "ali", SecretString::from("nope"), &ctx())
         .await;
@@ -2475,20 +2493,7 @@ pub async fn service_a_locked_accounts_right_code_is_refused_and_counted(store: 
     // Arrange: step 1 done, then the account is locked before step 2.
     let (core, clock) = service(Arc::clone(&store)).await;
     let tenant = core.default_tenant().await.unwrap();
-    let user = core
-        .create_user(
-            &tenant.id,
-            NewUser {
-                username: "nima".into(),
-                password: SecretString::from("pw-nima-1234"),
-                email: None,
-                phone: Some("+989121230000".into()),
-                role: Role::User,
-            },
-            &ctx(),
-        )
-        .await
-        .unwrap();
+    let user = phone_user(&core, &tenant.id, "nima", "pw-nima-1234", "+989121230000").await;
     let started = core
         .login(
             &tenant.id,
@@ -2581,20 +2586,7 @@ pub async fn service_totp_codes_work_once(store: Arc<dyn Store>) {
 pub async fn service_recovery_codes_log_in_once(store: Arc<dyn Store>) {
     let (core, clock) = service(Arc::clone(&store)).await;
     let tenant = core.default_tenant().await.unwrap();
-    let user = core
-        .create_user(
-            &tenant.id,
-            NewUser {
-                username: "reza".into(),
-                password: SecretString::from("pw-reza-1234"),
-                email: None,
-                phone: Some("+989121234000".into()),
-                role: Role::User,
-            },
-            &ctx(),
-        )
-        .await
-        .unwrap();
+    let user = phone_user(&core, &tenant.id, "reza", "pw-reza-1234", "+989121234000").await;
     let enrolment = core
         .enroll_totp(&tenant.id, &user.id, true, &ctx())
         .await
