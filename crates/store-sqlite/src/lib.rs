@@ -20,12 +20,14 @@ mod schema;
 mod store;
 mod vfs;
 
+use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use otpgate_core::StoreError;
 use rusqlite::config::DbConfig;
+use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::oneshot;
 
@@ -239,14 +241,12 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreErro
     // whenever another connection committed), so theirs is small. The writer's 4 MiB keeps the
     // hot upper levels of every index; 16 MiB gave no more logins and 32 MiB fewer (measured
     // with `pcache`'s wrapper in place, which keeps each commit from walking the whole cache).
-    // The writer checkpoints the WAL into the database itself, after the commit that crossed
-    // the mark, while every request of the next batch waits: 1,000 pages (1 MiB) make each
-    // checkpoint short. At 4,000 pages acl-confirm's p99 was 26-28 ms, at 1,000 16 ms, at the
-    // same throughput (BENCHMARKS.md, 2026-11-30 evening).
+    // A writing connection checkpoints by SQLite's default (at 1,000 WAL frames), until the
+    // store's writer hands its checkpoints to a thread of their own (`Writer::start`).
     let tuning = if read_only {
         "PRAGMA cache_size = -1024;"
     } else {
-        "PRAGMA cache_size = -4096; PRAGMA wal_autocheckpoint = 1000;"
+        "PRAGMA cache_size = -4096;"
     };
     conn.execute_batch(tuning)
         .map_err(|e| map_error(e, "connection"))?;
@@ -299,7 +299,7 @@ impl SqliteStore {
             path: path.clone(),
             idle: Mutex::new(vec![open_connection(&path, true)?]),
         };
-        let writer = Writer::start(writer_conn, sync_wal_of(&path))?;
+        let writer = Writer::start(writer_conn, sync_wal_of(&path), checkpoint_of(&path)?)?;
         let (tx, rx) = mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("otpgate-sqlite-writer".into())
@@ -410,6 +410,18 @@ fn writer_loop(writer: Writer, rx: mpsc::Receiver<Job>) {
 /// Makes everything committed so far durable: `fdatasync` of the WAL file (tests put their own).
 type SyncWal = Box<dyn FnMut() -> std::io::Result<()> + Send>;
 
+/// Copies the WAL's frames into the database file: a `PASSIVE` checkpoint on a connection of
+/// its own (tests put their own).
+type CheckpointWal = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
+
+/// The WAL size, in frames, from which every commit asks the checkpoint thread to copy what
+/// is new (1,000 frames of 1 KiB is SQLite's own default mark).
+const CHECKPOINT_FROM_FRAMES: c_int = 1000;
+
+/// The WAL size, in frames, at which the writer copies what the checkpoint thread has not yet,
+/// so that its next transaction starts the WAL again from its beginning (4 MiB at most).
+const WRITER_CHECKPOINTS_AT_FRAMES: c_int = 4000;
+
 /// The writing connection, and the way to the sync thread that answers committed batches.
 struct Writer {
     conn: Connection,
@@ -419,7 +431,45 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(conn: Connection, sync: SyncWal) -> Result<Writer, StoreError> {
+    fn start(
+        mut conn: Connection,
+        sync: SyncWal,
+        checkpoint: CheckpointWal,
+    ) -> Result<Writer, StoreError> {
+        // The checkpoint leaves the writer's thread: copying a commit's pages into the database
+        // file (a read and a write call per page, and two fsyncs) was a fifth of the writer's
+        // time, and every request of the next batch waited for it. This hook replaces SQLite's
+        // automatic checkpoint: from the first mark, each commit asks the checkpoint thread to
+        // copy (never waiting: a request already pending covers this one).
+        //
+        // But only the writer can start the WAL again from its beginning, and only in a
+        // transaction that began when every frame had been copied; under steady load the
+        // thread's checkpoint always ends after the writer's next commit. So at the second
+        // mark the writer copies the few frames the thread has not (waiting for a checkpoint
+        // of the thread's in progress, since two cannot run at once), and its next transaction
+        // starts the WAL afresh.
+        let one_at_a_time = Arc::new(Mutex::new(()));
+        let (ask_for_checkpoint, checkpoint_asked) = mpsc::sync_channel::<()>(1);
+        let writers_turn = Arc::clone(&one_at_a_time);
+        conn.wal_hook(Some(
+            move |wal: &mut rusqlite::hooks::Wal, frames: c_int| {
+                if frames >= WRITER_CHECKPOINTS_AT_FRAMES {
+                    let _turn = writers_turn.lock();
+                    if let Err(e) = wal.checkpoint_v2(CheckpointMode::PASSIVE) {
+                        // Nothing is lost: the frames stay in the WAL, the next commit retries.
+                        tracing::warn!(error = %e, "SQLite checkpoint failed");
+                    }
+                } else if frames >= CHECKPOINT_FROM_FRAMES {
+                    let _ = ask_for_checkpoint.try_send(());
+                }
+                Ok(())
+            },
+        ))
+        .map_err(|e| map_error(e, "connection"))?;
+        std::thread::Builder::new()
+            .name("otpgate-sqlite-checkpoint".into())
+            .spawn(move || checkpointer_loop(checkpoint_asked, checkpoint, &one_at_a_time))
+            .map_err(|e| StoreError::Other(format!("checkpoint thread: {e}")))?;
         let broken = Arc::new(AtomicBool::new(false));
         let (committed, to_sync) = mpsc::channel::<Vec<Job>>();
         let flag = Arc::clone(&broken);
@@ -506,6 +556,42 @@ fn syncer_loop(committed: mpsc::Receiver<Vec<Job>>, mut sync: SyncWal, broken: &
             answer_all(batch, outcome.as_ref().map(|_| ()));
         }
     }
+}
+
+/// Runs the checkpoints the writer's commits ask for, beside the writer (WAL mode lets a
+/// checkpoint copy committed frames while new ones are appended). Its durability is SQLite's
+/// own: the checkpoint syncs the WAL before it copies frames into the database and syncs the
+/// database after, and only then may the writer start the WAL again from its beginning.
+fn checkpointer_loop(
+    asked: mpsc::Receiver<()>,
+    mut checkpoint: CheckpointWal,
+    one_at_a_time: &Mutex<()>,
+) {
+    while asked.recv().is_ok() {
+        let _turn = one_at_a_time.lock();
+        if let Err(e) = checkpoint() {
+            // Nothing is lost: the frames stay in the WAL, and the next request retries.
+            tracing::warn!(error = %e, "SQLite checkpoint failed");
+        }
+    }
+    tracing::debug!("sqlite checkpoint thread stopped");
+}
+
+/// A `PASSIVE` checkpoint of the database at `db`, on a connection of its own (SQLite's default
+/// VFS: it never writes the WAL, it reads it and writes the database file).
+fn checkpoint_of(db: &Path) -> Result<CheckpointWal, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(db, flags)
+        .map_err(|e| StoreError::Unavailable(format!("open {}: {e}", db.display())))?;
+    // FULL: the checkpoint syncs the WAL before copying and the database after (NORMAL would
+    // too; FULL says so without relying on it). Its page cache is never used by a checkpoint.
+    conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA cache_size = 16;")
+        .map_err(|e| map_error(e, "connection"))?;
+    Ok(Box::new(move || {
+        conn.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE)
+            .map(|_| ())
+            .map_err(|e| map_error(e, "checkpoint"))
+    }))
 }
 
 /// `fdatasync` of the database's WAL file, opened at the first sync (the writer has written it
@@ -605,9 +691,19 @@ mod tests {
         conn
     }
 
+    /// The real checkpoint, on the scratch database.
+    fn scratch_checkpoint(dir: &tempfile::TempDir) -> CheckpointWal {
+        checkpoint_of(&dir.path().join("scratch.db")).unwrap()
+    }
+
     /// A writer on a scratch database whose syncs succeed at once.
     fn scratch_writer(dir: &tempfile::TempDir) -> Writer {
-        Writer::start(scratch_connection(dir), Box::new(|| Ok(()))).unwrap()
+        Writer::start(
+            scratch_connection(dir),
+            Box::new(|| Ok(())),
+            scratch_checkpoint(dir),
+        )
+        .unwrap()
     }
 
     /// A writer on a scratch database whose sync finishes only when the test sends on the
@@ -616,7 +712,7 @@ mod tests {
         let (let_sync_finish, sync_may_finish) = mpsc::channel::<()>();
         let sync: SyncWal = Box::new(move || sync_may_finish.recv().map_err(std::io::Error::other));
         (
-            Writer::start(scratch_connection(dir), sync).unwrap(),
+            Writer::start(scratch_connection(dir), sync, scratch_checkpoint(dir)).unwrap(),
             let_sync_finish,
         )
     }
@@ -791,12 +887,126 @@ mod tests {
         assert!(matches!(plain_answer.blocking_recv(), Ok(Ok(Ok(1)))));
     }
 
+    /// A job that inserts a 100 KB blob into `big`: about a hundred WAL frames.
+    fn blob_job() -> (Job, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(PendingWrite {
+            job: |c: &Connection| -> Result<i64, JobError> {
+                exec(c, "INSERT INTO big (b) VALUES (zeroblob(100000))", [])?;
+                Ok(c.last_insert_rowid())
+            },
+            outcome: None,
+            changed: false,
+            unchanged_is_a_read: false,
+            reply,
+        });
+        (job, answer)
+    }
+
+    /// A scratch writer with a table `big` for [`blob_job`], and the checkpoint thread that
+    /// `checkpoint` makes once the database exists.
+    fn blob_writer(
+        dir: &tempfile::TempDir,
+        checkpoint: impl FnOnce(&Path) -> CheckpointWal,
+    ) -> Writer {
+        let conn = scratch_connection(dir);
+        conn.execute_batch("CREATE TABLE big (b BLOB NOT NULL)")
+            .unwrap();
+        let checkpoint = checkpoint(&dir.path().join("scratch.db"));
+        Writer::start(conn, Box::new(|| Ok(())), checkpoint).unwrap()
+    }
+
+    fn write_blobs(writer: &Writer, count: usize) {
+        for _ in 0..count {
+            let (job, answer) = blob_job();
+            assert!(writer.write_batch(vec![job]));
+            assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(_)))));
+        }
+    }
+
+    /// How many frames the WAL holds now, as another connection's checkpoint reports it.
+    fn frames_in_wal(db: &Path) -> i32 {
+        let other = open_connection(db, false).unwrap();
+        let (frames, _) = other
+            .wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE)
+            .unwrap();
+        frames
+    }
+
+    const FRAME_BYTES: u64 = 24 + 1024;
+
+    #[test]
+    fn commits_never_wait_for_the_checkpoint_thread_and_it_copies_the_wal() {
+        // Arrange: a checkpoint thread that, once asked, waits until the test lets it run the
+        // real checkpoint.
+        let dir = tempfile::tempdir().unwrap();
+        let (db, wal) = (
+            dir.path().join("scratch.db"),
+            dir.path().join("scratch.db-wal"),
+        );
+        let (asked_tx, asked) = mpsc::channel::<()>();
+        let (let_checkpoint_run, checkpoint_may_run) = mpsc::channel::<()>();
+        let (copied_tx, copied) = mpsc::channel::<()>();
+        let writer = blob_writer(&dir, |db| {
+            let mut real = checkpoint_of(db).unwrap();
+            Box::new(move || {
+                let _ = asked_tx.send(());
+                checkpoint_may_run
+                    .recv()
+                    .map_err(|e| StoreError::Other(e.to_string()))?;
+                real()?;
+                let _ = copied_tx.send(());
+                Ok(())
+            })
+        });
+        // Act: about 3,000 frames, three times the first mark, while the checkpoint is held.
+        write_blobs(&writer, 30);
+        // Assert: the thread was asked, and every commit went on without a checkpoint of the
+        // writer's own (one would have started the WAL again from its beginning near 1,000).
+        let timeout = std::time::Duration::from_secs(10);
+        asked.recv_timeout(timeout).unwrap();
+        assert!(std::fs::metadata(&wal).unwrap().len() > 2_500 * FRAME_BYTES);
+        assert!(std::fs::metadata(&db).unwrap().len() < 100 * 1024);
+        // Once it runs, the thread's checkpoint copies every frame into the database file.
+        let_checkpoint_run.send(()).unwrap();
+        copied.recv_timeout(timeout).unwrap();
+        assert!(std::fs::metadata(&db).unwrap().len() > 3_000_000);
+        drop(let_checkpoint_run);
+    }
+
+    #[test]
+    fn the_writer_starts_the_wal_afresh_at_its_mark_when_the_thread_falls_behind() {
+        // Arrange: a checkpoint thread that never copies anything.
+        let dir = tempfile::tempdir().unwrap();
+        let (db, wal) = (
+            dir.path().join("scratch.db"),
+            dir.path().join("scratch.db-wal"),
+        );
+        let writer = blob_writer(&dir, |_| Box::new(|| Ok(())));
+        // Act: about 9,000 frames, more than twice the writer's mark.
+        write_blobs(&writer, 90);
+        // Assert: the writer copied the WAL into the database at its mark and wrote on from the
+        // WAL's beginning, so the file never held much more than the mark.
+        let mark = u64::try_from(WRITER_CHECKPOINTS_AT_FRAMES).unwrap();
+        assert!(std::fs::metadata(&wal).unwrap().len() < (mark + 300) * FRAME_BYTES);
+        assert!(std::fs::metadata(&db).unwrap().len() > 4_000_000);
+        assert!(frames_in_wal(&db) < WRITER_CHECKPOINTS_AT_FRAMES);
+        assert_eq!(
+            writer
+                .conn
+                .query_row("SELECT count(*) FROM big", [], |r| r.get::<_, i64>(0))
+                .unwrap(),
+            90
+        );
+    }
+
     #[test]
     fn a_failed_sync_fails_its_batch_and_stops_every_later_write() {
         // Arrange: a writer whose disk refuses to sync.
         let dir = tempfile::tempdir().unwrap();
         let sync: SyncWal = Box::new(|| Err(std::io::Error::other("EIO")));
-        let writer = Writer::start(scratch_connection(&dir), sync).unwrap();
+        let writer =
+            Writer::start(scratch_connection(&dir), sync, scratch_checkpoint(&dir)).unwrap();
         let runs = Arc::new(AtomicUsize::new(0));
         let (job, answer) = insert_job(1, false, &runs);
         // Act
