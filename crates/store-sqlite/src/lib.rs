@@ -577,8 +577,9 @@ fn checkpointer_loop(
     tracing::debug!("sqlite checkpoint thread stopped");
 }
 
-/// A `PASSIVE` checkpoint of the database at `db`, on a connection of its own (SQLite's default
-/// VFS: it never writes the WAL, it reads it and writes the database file).
+/// A `PASSIVE` checkpoint of the database at `db`, on a connection of its own. It opens through
+/// SQLite's default VFS: a checkpoint reads the WAL and writes the database file, so the
+/// writer's WAL-gathering VFS would have nothing to gather.
 fn checkpoint_of(db: &Path) -> Result<CheckpointWal, StoreError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(db, flags)
