@@ -934,17 +934,21 @@ mod tests {
         frames
     }
 
-    const FRAME_BYTES: u64 = 24 + 1024;
+    /// A WAL frame of the scratch database: its header and a 1 KiB page.
+    const FRAME_BYTES: u64 = vfs::FRAME_HEADER as u64 + 1024;
+
+    /// The scratch database's file and its WAL file.
+    fn scratch_files(dir: &tempfile::TempDir) -> (PathBuf, PathBuf) {
+        let db = dir.path().join("scratch.db");
+        (db.clone(), dir.path().join("scratch.db-wal"))
+    }
 
     #[test]
     fn commits_never_wait_for_the_checkpoint_thread_and_it_copies_the_wal() {
         // Arrange: a checkpoint thread that, once asked, waits until the test lets it run the
         // real checkpoint.
         let dir = tempfile::tempdir().unwrap();
-        let (db, wal) = (
-            dir.path().join("scratch.db"),
-            dir.path().join("scratch.db-wal"),
-        );
+        let (db, wal) = scratch_files(&dir);
         let (asked_tx, asked) = mpsc::channel::<()>();
         let (let_checkpoint_run, checkpoint_may_run) = mpsc::channel::<()>();
         let (copied_tx, copied) = mpsc::channel::<()>();
@@ -979,10 +983,7 @@ mod tests {
     fn the_writer_starts_the_wal_afresh_at_its_mark_when_the_thread_falls_behind() {
         // Arrange: a checkpoint thread that never copies anything.
         let dir = tempfile::tempdir().unwrap();
-        let (db, wal) = (
-            dir.path().join("scratch.db"),
-            dir.path().join("scratch.db-wal"),
-        );
+        let (db, wal) = scratch_files(&dir);
         let writer = blob_writer(&dir, |_| Box::new(|| Ok(())));
         // Act: about 9,000 frames, more than twice the writer's mark.
         write_blobs(&writer, 90);

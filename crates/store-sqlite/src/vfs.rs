@@ -40,7 +40,7 @@ const MAX_PENDING: usize = 4 << 20;
 const MAX_WRITE: usize = 124 << 10;
 
 /// Bytes of a WAL frame header; bytes 4-7 are the commit's database size, zero otherwise.
-const FRAME_HEADER: usize = 24;
+pub(crate) const FRAME_HEADER: usize = 24;
 /// Bytes of the WAL file header, before the first frame.
 const WAL_HEADER: i64 = 32;
 
