@@ -22,6 +22,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0011_room_for_hot_updates.sql"),
     include_str!("../migrations/0012_unambiguous_send_indexes.sql"),
     include_str!("../migrations/0013_challenges_by_destination.sql"),
+    include_str!("../migrations/0014_room_for_a_batch_of_hot_updates.sql"),
 ];
 
 /// An arbitrary constant naming otpgate's migration lock.
@@ -61,4 +62,153 @@ pub(crate) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         tracing::info!(version = index + 1, "applied PostgreSQL migration");
     }
     tx.commit().await.map_err(db)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use otpgate_core::identity::Username;
+    use otpgate_core::model::{
+        Challenge, ChallengeId, ChallengeStatus, Channel, LoginTicket, Purpose, Role, Tenant,
+        TenantId, User, UserId,
+    };
+    use otpgate_core::store::Store;
+    use time::OffsetDateTime;
+
+    use crate::PgStore;
+    use crate::settle::ChallengeChange;
+    use crate::testing::{TestDatabase, test_server_url};
+
+    /// The page (block of the ctid) each row of `table` is on, by `key` as text.
+    async fn pages_of(store: &PgStore, table: &str, key: &str) -> HashMap<String, i64> {
+        let sql = format!("SELECT {key}, (ctid::text::point)[0]::int8 FROM {table}");
+        sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql))
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+            .into_iter()
+            .collect()
+    }
+
+    /// Pending login tickets, each with its challenge, written one after the other as logins
+    /// write them.
+    async fn pending_logins(store: &PgStore, count: usize, now: OffsetDateTime) -> Vec<Challenge> {
+        let tenant = Tenant {
+            id: TenantId::generate().unwrap(),
+            name: "pages".into(),
+            is_default: false,
+            settings: Default::default(),
+            created_at: now,
+        };
+        store.insert_tenant(&tenant).await.unwrap();
+        let user = User {
+            id: UserId::generate().unwrap(),
+            tenant_id: tenant.id.clone(),
+            username: Username::parse("ali").unwrap(),
+            email: None,
+            phone: None,
+            role: Role::User,
+            user_type: None,
+            password_hash: "$argon2id$not-a-real-hash".into(),
+            mobile_verified_at: None,
+            email_verified_at: None,
+            failed_logins: 0,
+            locked_until: None,
+            created_at: now,
+        };
+        store.insert_user(&user, &[]).await.unwrap();
+        let mut challenges = Vec::with_capacity(count);
+        for i in 0..count {
+            let challenge = Challenge {
+                id: ChallengeId::generate().unwrap(),
+                tenant_id: tenant.id.clone(),
+                user_id: Some(user.id.clone()),
+                purpose: Purpose::Login,
+                channel: Channel::Sms,
+                destination: format!("+98912{i:07}"),
+                code_hash: vec![1; 32],
+                locale: "fa".into(),
+                created_at: now,
+                expires_at: now + Duration::from_secs(300),
+                last_sent_at: now,
+                send_count: 1,
+                attempts: 0,
+                max_attempts: 5,
+                status: ChallengeStatus::Pending,
+            };
+            let mut hash = [0u8; 32];
+            hash[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let ticket = LoginTicket {
+                hash,
+                tenant_id: tenant.id.clone(),
+                user_id: user.id.clone(),
+                challenge_id: challenge.id.clone(),
+                channel: Channel::Sms,
+                created_at: now,
+                expires_at: now + Duration::from_secs(300),
+                used_at: None,
+            };
+            store
+                .insert_login_ticket(&ticket, &challenge, None, &[])
+                .await
+                .unwrap();
+            challenges.push(challenge);
+        }
+        challenges
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_changes_every_row_of_a_page_keeps_each_row_on_its_page() {
+        // Arrange: 300 logins written in order, so each page holds many of them.
+        let Some(url) = test_server_url().unwrap() else {
+            return;
+        };
+        let db = TestDatabase::create(&url).await.unwrap();
+        let store = db.store().await.unwrap();
+        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let challenges = pending_logins(&store, 300, now).await;
+        let challenge_pages = pages_of(&store, "challenges", "id").await;
+        let ticket_pages = pages_of(&store, "login_tickets", "encode(hash, 'hex')").await;
+        // Act: every challenge consumed in one statement (the batch's), every ticket spent in
+        // one statement that changes what the login batch changes.
+        let changes: Vec<ChallengeChange<'_>> = challenges
+            .iter()
+            .map(|c| ChallengeChange {
+                id: c.id.as_str(),
+                attempts: 0,
+                consume: true,
+                now,
+                audit: &[],
+            })
+            .collect();
+        let changed = store.change_challenges(&changes).await.unwrap();
+        sqlx::query("UPDATE login_tickets SET used_at = $1 WHERE used_at IS NULL")
+            .bind(crate::rows::ms(now))
+            .execute(store.pool())
+            .await
+            .unwrap();
+        // Assert: the pages held many rows each, and every new version stayed on its row's
+        // page, which a HOT update (no index entry) needs.
+        assert_eq!(changed.len(), 300);
+        for (before, table, key) in [
+            (&challenge_pages, "challenges", "id"),
+            (&ticket_pages, "login_tickets", "encode(hash, 'hex')"),
+        ] {
+            let distinct: std::collections::HashSet<_> = before.values().collect();
+            assert!(distinct.len() * 5 <= before.len(), "{table}: {distinct:?}");
+            let after = pages_of(&store, table, key).await;
+            let moved = before
+                .iter()
+                .filter(|(k, p)| after.get(*k) != Some(*p))
+                .count();
+            assert_eq!(
+                moved,
+                0,
+                "{table}: {moved} of {} rows left their page",
+                before.len()
+            );
+        }
+    }
 }
