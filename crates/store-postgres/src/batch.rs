@@ -16,14 +16,18 @@ const MAX_BATCH: usize = 256;
 /// Times a batcher lets the other ready tasks run before it sends what it gathered.
 const GATHER_YIELDS: usize = 2;
 
-/// Batches of one kind in flight at once. One: what arrives while it runs forms the next batch,
-/// and PostgreSQL's time per request is mostly per statement (planning, executor start, the
-/// commit), so fewer, larger batches cost it less. With two in flight and no gathering,
-/// `acl-confirm` ran about a fifth slower in pairs, and with two and the gathering about a
-/// tenth (BENCHMARKS.md, 2026-12-02); `v1-check` did not move beyond the spread. A statement
-/// that waits (a row lock held elsewhere) holds up the requests of its kind behind it, for at
-/// most the statement timeout.
-const BATCHERS: usize = 1;
+/// Batches of one kind in flight at once. With one, each batch's round trips ran one after
+/// the other and the database sat idle while the server answered the batch before and gathered
+/// the next: in `v1-check` a statement log showed PostgreSQL busy about 2 ms of each 6.5 ms
+/// cycle, and a fifth of the two cores idle. With two, one batch's statements run while the
+/// server answers the other's requests: on 2026-12-04 `v1-check` rose by about 15% and
+/// `acl-confirm` by about 10% (BENCHMARKS.md; on 2026-12-02, on another machine and before
+/// `0014`'s HOT updates, two had been slower for `acl-confirm`). Each batch is sorted by the
+/// rows it locks (challenge ids, accounts) before its statement, so two in flight that share
+/// rows wait for each other instead of deadlocking; a statement that does fail is retried
+/// request by request, as before. A statement that waits (a row lock held elsewhere) holds up
+/// the requests of its batch, for at most the statement timeout.
+const BATCHERS: usize = 2;
 
 /// A request waiting in a batch queue.
 pub(crate) trait Request: Send + 'static {
@@ -241,18 +245,26 @@ mod tests {
             })
         });
         let queue = start(handler, None, Duration::from_millis(50));
-        // Act: one request for the batcher, then three that must wait for it.
-        let first = probe(&queue, 1);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let late: Vec<_> = (2..5).map(|id| probe(&queue, id)).collect();
-        // Assert: the first ran; the late ones were refused, not run, once they were stale.
-        assert_eq!(first.await.unwrap().unwrap(), 1);
+        // Act: one request for each batcher, then three that must wait for them.
+        let busy = u32::try_from(BATCHERS).unwrap();
+        let mut first = Vec::new();
+        for id in 1..=busy {
+            first.push(probe(&queue, id));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let late: Vec<_> = (busy + 1..busy + 4).map(|id| probe(&queue, id)).collect();
+        // Assert: the first ones ran; the late ones were refused, not run, once they were stale.
+        for (id, answer) in (1..=busy).zip(first) {
+            assert_eq!(answer.await.unwrap().unwrap(), id);
+        }
         for answer in late {
             assert!(matches!(
                 answer.await.unwrap(),
                 Err(StoreError::Unavailable(_))
             ));
         }
-        assert_eq!(*seen.lock().unwrap(), vec![1]);
+        let mut ran = seen.lock().unwrap().clone();
+        ran.sort_unstable();
+        assert_eq!(ran, (1..=busy).collect::<Vec<_>>());
     }
 }

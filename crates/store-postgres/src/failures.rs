@@ -134,9 +134,12 @@ async fn count_batch(batch: Vec<LoginFailure>) {
         return;
     };
     let mut first_of_each = HashSet::new();
-    let (batch, mut alone): (Vec<_>, Vec<_>) = batch
+    let (mut batch, mut alone): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .partition(|r| first_of_each.insert(r.user.as_str().to_owned()));
+    // The statement locks the accounts in this order: two batches in flight that share some
+    // wait for each other instead of deadlocking.
+    batch.sort_unstable_by(|a, b| a.user.as_str().cmp(b.user.as_str()));
     match store.count_login_failures(&batch).await {
         Ok(counts) => {
             for request in batch {
@@ -171,7 +174,7 @@ impl PgStore {
     /// Counts these wrong codes (each challenge at most once) with the code checks' own batch
     /// statement; answers the ids of the challenges counted.
     async fn count_failed_checks(&self, batch: &[FailedCheck]) -> StoreResult<HashSet<String>> {
-        let changes: Vec<ChallengeChange<'_>> = batch
+        let mut changes: Vec<ChallengeChange<'_>> = batch
             .iter()
             .map(|r| ChallengeChange {
                 id: r.id.as_str(),
@@ -181,7 +184,7 @@ impl PgStore {
                 audit: &r.audit,
             })
             .collect();
-        self.change_challenges(&changes).await
+        self.change_challenges(&mut changes).await
     }
 
     /// Counts a failed login of each of these accounts (each at most once) in one statement;

@@ -46,10 +46,16 @@ async fn complete_batch(batch: Vec<LoginRequest>) {
         return;
     };
     let (mut tickets, mut challenges) = (HashSet::new(), HashSet::new());
-    let (batch, repeats): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| {
+    let (mut batch, repeats): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| {
         let new_ticket = tickets.insert(r.ticket);
         let new_challenge = challenges.insert(r.done.challenge_id.clone());
         new_ticket && new_challenge
+    });
+    // The statement locks challenges, then tickets, then accounts, each in this order: two
+    // batches in flight that share rows wait for each other instead of deadlocking.
+    batch.sort_unstable_by(|a, b| {
+        (a.done.user_id.as_str(), a.done.challenge_id.as_str())
+            .cmp(&(b.done.user_id.as_str(), b.done.challenge_id.as_str()))
     });
     match store.complete_code_logins(&batch).await {
         Ok(spent) => {

@@ -173,7 +173,7 @@ mod tests {
         let ticket_pages = pages_of(&store, "login_tickets", "encode(hash, 'hex')").await;
         // Act: every challenge consumed in one statement (the batch's), every ticket spent in
         // one statement that changes what the login batch changes.
-        let changes: Vec<ChallengeChange<'_>> = challenges
+        let mut changes: Vec<ChallengeChange<'_>> = challenges
             .iter()
             .map(|c| ChallengeChange {
                 id: c.id.as_str(),
@@ -183,7 +183,7 @@ mod tests {
                 audit: &[],
             })
             .collect();
-        let changed = store.change_challenges(&changes).await.unwrap();
+        let changed = store.change_challenges(&mut changes).await.unwrap();
         sqlx::query("UPDATE login_tickets SET used_at = $1 WHERE used_at IS NULL")
             .bind(crate::rows::ms(now))
             .execute(store.pool())

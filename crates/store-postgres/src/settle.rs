@@ -194,7 +194,7 @@ pub(crate) struct ChallengeChange<'a> {
 impl PgStore {
     /// Carries out the judged checks; answers the ids whose change was made.
     async fn carry_out(&self, judged: &[Judged]) -> StoreResult<HashSet<String>> {
-        let changes: Vec<ChallengeChange<'_>> = judged
+        let mut changes: Vec<ChallengeChange<'_>> = judged
             .iter()
             .filter_map(|j| {
                 let (consume, now, audit) = match &j.verdict {
@@ -211,15 +211,18 @@ impl PgStore {
                 })
             })
             .collect();
-        self.change_challenges(&changes).await
+        self.change_challenges(&mut changes).await
     }
 
     /// Makes these changes (each challenge at most once) in one statement; answers the ids of
-    /// the challenges changed.
+    /// the challenges changed. The statement locks the rows in the order it is given them, so
+    /// they are sorted by id first: two batches in flight that share challenges then wait for
+    /// each other instead of deadlocking.
     pub(crate) async fn change_challenges(
         &self,
-        changes: &[ChallengeChange<'_>],
+        changes: &mut [ChallengeChange<'_>],
     ) -> StoreResult<HashSet<String>> {
+        changes.sort_unstable_by(|a, b| a.id.cmp(b.id));
         let audit: Vec<AuditEvent> = changes
             .iter()
             .flat_map(|c| c.audit.iter().cloned())

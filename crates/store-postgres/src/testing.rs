@@ -70,6 +70,21 @@ impl TestDatabase {
         PgStore::connect(&settings).await.map_err(|e| e.to_string())
     }
 
+    /// Runs a `CHECKPOINT` on its server (a superuser's or `pg_checkpoint`'s right), so what was
+    /// written so far is on disk and the next writes start a checkpoint cycle afresh.
+    pub async fn checkpoint(&self) -> Result<(), String> {
+        let mut conn = PgConnection::connect(&self.url)
+            .await
+            .map_err(|e| format!("cannot reach PostgreSQL: {e}"))?;
+        let done = sqlx::raw_sql("CHECKPOINT")
+            .execute(&mut conn)
+            .await
+            .map(drop)
+            .map_err(|e| format!("checkpoint: {e}"));
+        let _ = conn.close().await;
+        done
+    }
+
     /// Connection options of this database (for tests that poke at it directly).
     pub fn options(&self) -> Result<PgConnectOptions, String> {
         PgConnectOptions::from_str(&self.url).map_err(|e| e.to_string())
