@@ -67,15 +67,11 @@ pub(crate) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;
-    use std::time::Duration;
 
-    use otpgate_core::identity::Username;
-    use otpgate_core::model::{
-        Challenge, ChallengeId, ChallengeStatus, Channel, LoginTicket, Purpose, Role, Tenant,
-        TenantId, User, UserId,
-    };
+    use otpgate_core::model::{Challenge, Channel, LoginTicket, Purpose, Tenant, TenantId};
     use otpgate_core::store::Store;
-    use time::OffsetDateTime;
+    use otpgate_store_testkit::contract;
+    use sqlx::{Connection, PgConnection};
 
     use crate::PgStore;
     use crate::settle::ChallengeChange;
@@ -93,50 +89,24 @@ mod tests {
     }
 
     /// Pending login tickets, each with its challenge, written one after the other as logins
-    /// write them.
-    async fn pending_logins(store: &PgStore, count: usize, now: OffsetDateTime) -> Vec<Challenge> {
+    /// write them, at [`contract::t0`].
+    async fn pending_logins(store: &PgStore, count: usize) -> Vec<Challenge> {
         let tenant = Tenant {
             id: TenantId::generate().unwrap(),
             name: "pages".into(),
             is_default: false,
             settings: Default::default(),
-            created_at: now,
+            created_at: contract::t0(),
         };
         store.insert_tenant(&tenant).await.unwrap();
-        let user = User {
-            id: UserId::generate().unwrap(),
-            tenant_id: tenant.id.clone(),
-            username: Username::parse("ali").unwrap(),
-            email: None,
-            phone: None,
-            role: Role::User,
-            user_type: None,
-            password_hash: "$argon2id$not-a-real-hash".into(),
-            mobile_verified_at: None,
-            email_verified_at: None,
-            failed_logins: 0,
-            locked_until: None,
-            created_at: now,
-        };
+        let user = contract::user(&tenant, "ali");
         store.insert_user(&user, &[]).await.unwrap();
         let mut challenges = Vec::with_capacity(count);
         for i in 0..count {
             let challenge = Challenge {
-                id: ChallengeId::generate().unwrap(),
-                tenant_id: tenant.id.clone(),
                 user_id: Some(user.id.clone()),
                 purpose: Purpose::Login,
-                channel: Channel::Sms,
-                destination: format!("+98912{i:07}"),
-                code_hash: vec![1; 32],
-                locale: "fa".into(),
-                created_at: now,
-                expires_at: now + Duration::from_secs(300),
-                last_sent_at: now,
-                send_count: 1,
-                attempts: 0,
-                max_attempts: 5,
-                status: ChallengeStatus::Pending,
+                ..contract::challenge(&tenant, &format!("+98912{i:07}"))
             };
             let mut hash = [0u8; 32];
             hash[..8].copy_from_slice(&(i as u64).to_be_bytes());
@@ -146,8 +116,8 @@ mod tests {
                 user_id: user.id.clone(),
                 challenge_id: challenge.id.clone(),
                 channel: Channel::Sms,
-                created_at: now,
-                expires_at: now + Duration::from_secs(300),
+                created_at: challenge.created_at,
+                expires_at: challenge.expires_at,
                 used_at: None,
             };
             store
@@ -167,12 +137,12 @@ mod tests {
         };
         let db = TestDatabase::create(&url).await.unwrap();
         let store = db.store().await.unwrap();
-        let now = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
-        let challenges = pending_logins(&store, 300, now).await;
+        let challenges = pending_logins(&store, 300).await;
         let challenge_pages = pages_of(&store, "challenges", "id").await;
         let ticket_pages = pages_of(&store, "login_tickets", "encode(hash, 'hex')").await;
         // Act: every challenge consumed in one statement (the batch's), every ticket spent in
         // one statement that changes what the login batch changes.
+        let now = contract::t0();
         let mut changes: Vec<ChallengeChange<'_>> = challenges
             .iter()
             .map(|c| ChallengeChange {
@@ -210,5 +180,87 @@ mod tests {
                 before.len()
             );
         }
+    }
+
+    /// Whether a statement of this database waits for a row lock now.
+    async fn a_statement_waits_for_a_lock(store: &PgStore) -> bool {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+            > 0
+    }
+
+    #[tokio::test]
+    async fn a_batch_locks_its_challenges_in_the_order_of_their_ids() {
+        // Arrange: two challenges, and another transaction holding the one with the later id.
+        let Some(url) = test_server_url().unwrap() else {
+            return;
+        };
+        let db = TestDatabase::create(&url).await.unwrap();
+        let store = db.store().await.unwrap();
+        let mut ids: Vec<String> = pending_logins(&store, 2)
+            .await
+            .iter()
+            .map(|c| c.id.as_str().to_owned())
+            .collect();
+        ids.sort_unstable();
+        let (earlier, later) = (ids[0].clone(), ids[1].clone());
+        let mut holder = PgConnection::connect(&db.url).await.unwrap();
+        sqlx::raw_sql("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::query("SELECT 1 FROM challenges WHERE id = $1 FOR UPDATE")
+            .bind(&later)
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        // Act: a batch that names the later one first, until it waits for the holder; then
+        // another connection asks for the earlier one without waiting.
+        let batch = {
+            let (store, earlier, later) = (store.clone(), earlier.clone(), later.clone());
+            tokio::spawn(async move {
+                let mut changes: Vec<ChallengeChange<'_>> = [&later, &earlier]
+                    .into_iter()
+                    .map(|id| ChallengeChange {
+                        id,
+                        attempts: 0,
+                        consume: true,
+                        now: contract::t0(),
+                        audit: &[],
+                    })
+                    .collect();
+                store.change_challenges(&mut changes).await
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !a_statement_waits_for_a_lock(&store).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the batch never waited"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let mut prober = PgConnection::connect(&db.url).await.unwrap();
+        sqlx::raw_sql("BEGIN").execute(&mut prober).await.unwrap();
+        let probe = sqlx::query("SELECT 1 FROM challenges WHERE id = $1 FOR UPDATE NOWAIT")
+            .bind(&earlier)
+            .execute(&mut prober)
+            .await;
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut prober)
+            .await
+            .unwrap();
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        // Assert: the batch had taken the earlier row before it waited for the later one, so
+        // a batch holding the later row and wanting the earlier can never be what it waits on.
+        let refused = probe.expect_err("the earlier row was free while the batch waited");
+        let code = refused.as_database_error().and_then(|e| e.code());
+        assert_eq!(code.as_deref(), Some("55P03"), "{refused}");
+        assert_eq!(batch.await.unwrap().unwrap().len(), 2);
     }
 }

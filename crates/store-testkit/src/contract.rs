@@ -108,7 +108,8 @@ macro_rules! store_contract_tests {
     };
 }
 
-fn t0() -> OffsetDateTime {
+/// The moment the fixtures are written at (the [`FakeClock`]'s start).
+pub fn t0() -> OffsetDateTime {
     FakeClock::new().now()
 }
 
@@ -132,7 +133,8 @@ async fn tenant(store: &Arc<dyn Store>, name: &str) -> Tenant {
     t
 }
 
-fn user(tenant: &Tenant, name: &str) -> User {
+/// A user of `tenant` without failures or verified contacts.
+pub fn user(tenant: &Tenant, name: &str) -> User {
     User {
         id: UserId::generate().unwrap(),
         tenant_id: tenant.id.clone(),
@@ -150,7 +152,8 @@ fn user(tenant: &Tenant, name: &str) -> User {
     }
 }
 
-fn challenge(tenant: &Tenant, destination: &str) -> Challenge {
+/// A pending SMS code of `tenant` to `destination`, sent at [`t0`], live for five minutes.
+pub fn challenge(tenant: &Tenant, destination: &str) -> Challenge {
     Challenge {
         id: ChallengeId::generate().unwrap(),
         tenant_id: tenant.id.clone(),
