@@ -77,6 +77,14 @@ mod tests {
     use crate::settle::ChallengeChange;
     use crate::testing::{TestDatabase, test_server_url};
 
+    /// A store on a database of its own, or `None` when PostgreSQL tests are skipped.
+    async fn fresh_store() -> Option<(TestDatabase, PgStore)> {
+        let url = test_server_url().unwrap()?;
+        let db = TestDatabase::create(&url).await.unwrap();
+        let store = db.store().await.unwrap();
+        Some((db, store))
+    }
+
     /// The page (block of the ctid) each row of `table` is on, by `key` as text.
     async fn pages_of(store: &PgStore, table: &str, key: &str) -> HashMap<String, i64> {
         let sql = format!("SELECT {key}, (ctid::text::point)[0]::int8 FROM {table}");
@@ -132,11 +140,9 @@ mod tests {
     #[tokio::test]
     async fn a_batch_that_changes_every_row_of_a_page_keeps_each_row_on_its_page() {
         // Arrange: 300 logins written in order, so each page holds many of them.
-        let Some(url) = test_server_url().unwrap() else {
+        let Some((_db, store)) = fresh_store().await else {
             return;
         };
-        let db = TestDatabase::create(&url).await.unwrap();
-        let store = db.store().await.unwrap();
         let challenges = pending_logins(&store, 300).await;
         let challenge_pages = pages_of(&store, "challenges", "id").await;
         let ticket_pages = pages_of(&store, "login_tickets", "encode(hash, 'hex')").await;
@@ -197,11 +203,9 @@ mod tests {
     #[tokio::test]
     async fn a_batch_locks_its_challenges_in_the_order_of_their_ids() {
         // Arrange: two challenges, and another transaction holding the one with the later id.
-        let Some(url) = test_server_url().unwrap() else {
+        let Some((db, store)) = fresh_store().await else {
             return;
         };
-        let db = TestDatabase::create(&url).await.unwrap();
-        let store = db.store().await.unwrap();
         let mut ids: Vec<String> = pending_logins(&store, 2)
             .await
             .iter()
