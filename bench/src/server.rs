@@ -114,8 +114,8 @@ impl Prepared {
     pub async fn start(self, binary: &Path) -> Result<Running, String> {
         // PostgreSQL checkpoints on its own every five minutes, or after 1 GB of WAL, and a
         // checkpoint that starts during a run (the seeding's writes, the scenario before) makes
-        // that run pay for it: `v1-check` gave from 10,600 to 15,700 checks/s in runs of one binary.
-        // From a checkpoint, each scenario starts alike.
+        // that run pay for it: `v1-check` gave from 10,600 to 15,700 checks/s in runs of one
+        // binary. From a checkpoint, each scenario starts alike.
         if let Some(db) = &self.database
             && let Err(e) = db.checkpoint().await
         {
