@@ -134,7 +134,10 @@ pub(crate) static CODE_LOGINS: std::sync::LazyLock<String> = std::sync::LazyLock
 impl PgStore {
     /// Completes these logins (each ticket and challenge at most once) in one statement;
     /// answers the tickets spent.
-    async fn complete_code_logins(&self, batch: &[LoginRequest]) -> StoreResult<HashSet<[u8; 32]>> {
+    pub(crate) async fn complete_code_logins(
+        &self,
+        batch: &[LoginRequest],
+    ) -> StoreResult<HashSet<[u8; 32]>> {
         let mut audit: Vec<AuditEvent> = Vec::new();
         let mut audit_of: Vec<Vec<u8>> = Vec::new();
         let mut columns = LoginColumns::default();

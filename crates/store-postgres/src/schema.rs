@@ -69,11 +69,12 @@ mod tests {
     use std::collections::HashMap;
 
     use otpgate_core::model::{Challenge, Channel, LoginTicket, Purpose, Tenant, TenantId};
-    use otpgate_core::store::Store;
+    use otpgate_core::store::{LoginCompletion, Store};
     use otpgate_store_testkit::contract;
     use sqlx::{Connection, PgConnection};
 
     use crate::PgStore;
+    use crate::login::LoginRequest;
     use crate::settle::ChallengeChange;
     use crate::testing::{TestDatabase, test_server_url};
 
@@ -96,6 +97,13 @@ mod tests {
             .collect()
     }
 
+    /// The hash of the `i`th ticket [`pending_logins`] writes.
+    fn ticket_hash(i: u64) -> [u8; 32] {
+        let mut hash = [0u8; 32];
+        hash[..8].copy_from_slice(&i.to_be_bytes());
+        hash
+    }
+
     /// Pending login tickets, each with its challenge, written one after the other as logins
     /// write them, at [`contract::t0`].
     async fn pending_logins(store: &PgStore, count: usize) -> Vec<Challenge> {
@@ -116,10 +124,8 @@ mod tests {
                 purpose: Purpose::Login,
                 ..contract::challenge(&tenant, &format!("+98912{i:07}"))
             };
-            let mut hash = [0u8; 32];
-            hash[..8].copy_from_slice(&(i as u64).to_be_bytes());
             let ticket = LoginTicket {
-                hash,
+                hash: ticket_hash(i as u64),
                 tenant_id: tenant.id.clone(),
                 user_id: user.id.clone(),
                 challenge_id: challenge.id.clone(),
@@ -139,17 +145,18 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_that_changes_every_row_of_a_page_keeps_each_row_on_its_page() {
-        // Arrange: 300 logins written in order, so each page holds many of them.
+        // Arrange: 600 logins written in order, so each page holds many of them.
         let Some((_db, store)) = fresh_store().await else {
             return;
         };
-        let challenges = pending_logins(&store, 300).await;
+        let challenges = pending_logins(&store, 600).await;
+        let (checked, logged_in) = challenges.split_at(300);
         let challenge_pages = pages_of(&store, "challenges", "id").await;
         let ticket_pages = pages_of(&store, "login_tickets", "encode(hash, 'hex')").await;
-        // Act: every challenge consumed in one statement (the batch's), every ticket spent in
-        // one statement that changes what the login batch changes.
+        // Act: 300 codes consumed by the code checks' batch statement, and 300 logins completed
+        // (challenge consumed, ticket spent) by the login batch's statement.
         let now = contract::t0();
-        let mut changes: Vec<ChallengeChange<'_>> = challenges
+        let mut changes: Vec<ChallengeChange<'_>> = checked
             .iter()
             .map(|c| ChallengeChange {
                 id: c.id.as_str(),
@@ -159,15 +166,33 @@ mod tests {
                 audit: &[],
             })
             .collect();
-        let changed = store.change_challenges(&mut changes).await.unwrap();
-        sqlx::query("UPDATE login_tickets SET used_at = $1 WHERE used_at IS NULL")
-            .bind(crate::rows::ms(now))
-            .execute(store.pool())
-            .await
-            .unwrap();
+        let consumed = store.change_challenges(&mut changes).await.unwrap();
+        let logins: Vec<LoginRequest> = logged_in
+            .iter()
+            .zip(300u64..)
+            .map(|(c, i)| LoginRequest {
+                store: store.clone(),
+                done: LoginCompletion {
+                    tenant_id: c.tenant_id.clone(),
+                    user_id: c.user_id.clone().unwrap(),
+                    ticket_hash: Some(ticket_hash(i)),
+                    challenge_id: c.id.clone(),
+                    expected_attempts: 0,
+                    totp_step: None,
+                    recovery_code: None,
+                    verified: None,
+                    session: None,
+                    now,
+                    audit: Vec::new(),
+                },
+                ticket: ticket_hash(i),
+                reply: tokio::sync::oneshot::channel().0,
+            })
+            .collect();
+        let spent = store.complete_code_logins(&logins).await.unwrap();
         // Assert: the pages held many rows each, and every new version stayed on its row's
         // page, which a HOT update (no index entry) needs.
-        assert_eq!(changed.len(), 300);
+        assert_eq!((consumed.len(), spent.len()), (300, 300));
         for (before, table, key) in [
             (&challenge_pages, "challenges", "id"),
             (&ticket_pages, "login_tickets", "encode(hash, 'hex')"),
