@@ -227,17 +227,27 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_locks_its_challenges_in_the_order_of_their_ids() {
-        // Arrange: two challenges, and another transaction holding the one with the later id.
+        // Arrange: a table of the size where PostgreSQL plans the statement as it does in
+        // service (an index lookup per id, in the order given; on a table of a few rows it may
+        // hash the ids and lock in the table's order instead), two challenges whose ids are in
+        // the opposite order to the table's, so that locking in the table's order fails too,
+        // and another transaction holding the one with the later id.
         let Some((db, store)) = fresh_store().await else {
             return;
         };
-        let mut ids: Vec<String> = pending_logins(&store, 2)
+        let ids: Vec<String> = pending_logins(&store, 1000)
             .await
             .iter()
             .map(|c| c.id.as_str().to_owned())
             .collect();
-        ids.sort_unstable();
-        let (earlier, later) = (ids[0].clone(), ids[1].clone());
+        sqlx::raw_sql("ANALYZE challenges")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let (later, earlier) = ids
+            .windows(2)
+            .find_map(|pair| (pair[1] < pair[0]).then(|| (pair[0].clone(), pair[1].clone())))
+            .expect("1,000 random ids are not all in order");
         let mut holder = PgConnection::connect(&db.url).await.unwrap();
         sqlx::raw_sql("BEGIN").execute(&mut holder).await.unwrap();
         sqlx::query("SELECT 1 FROM challenges WHERE id = $1 FOR UPDATE")

@@ -32,7 +32,7 @@ use crate::store::{
     ChallengeJudge, CodeReplacement, LoginCompletion, LoginContext, LoginJudge, LoginVerdict,
     SendScope, Settled, SettledLogin, Store, Verdict,
 };
-use crate::token::{hash_token, mint_api_key, mint_hex_token};
+use crate::token::{hash_token, mint_api_key, mint_hex_token, mint_ticket, ticket_key};
 
 mod keys;
 mod phone;
@@ -148,7 +148,7 @@ fn ticket_hash(ticket: &SecretString) -> CoreResult<[u8; 32]> {
     if text.is_empty() || text.len() > 200 {
         return Err(CoreError::Unauthorized);
     }
-    Ok(hash_token(text))
+    Ok(ticket_key(text))
 }
 
 pub(crate) fn new_session(
@@ -222,7 +222,7 @@ pub(crate) fn new_ticket(
     challenge: &Challenge,
     now: OffsetDateTime,
 ) -> CoreResult<(crate::token::Minted, LoginTicket)> {
-    let minted = mint_hex_token()?;
+    let minted = mint_ticket(now)?;
     let ticket = LoginTicket {
         hash: minted.hash,
         tenant_id: user.tenant_id.clone(),
@@ -959,7 +959,7 @@ impl Otpgate {
     ) -> CoreResult<OutboxMessage> {
         let ttl_minutes = policy.code_ttl(challenge.channel).as_secs().div_ceil(60);
         Ok(OutboxMessage {
-            id: MessageId::generate()?,
+            id: MessageId::generate_at(now)?,
             tenant_id: challenge.tenant_id.clone(),
             challenge_id: Some(challenge.id.clone()),
             channel: challenge.channel,
@@ -1029,7 +1029,7 @@ impl Otpgate {
         ctx: &RequestContext,
         now: OffsetDateTime,
     ) -> CoreResult<(Challenge, Option<OutboxMessage>)> {
-        let id = ChallengeId::generate()?;
+        let id = ChallengeId::generate_at(now)?;
         let code_hash = match channel {
             Channel::Totp => Vec::new(),
             Channel::Sms | Channel::Email => code.keyed_hash(&self.code_key, id.as_str()).to_vec(),

@@ -12,7 +12,7 @@ use otpgate::app::open_core;
 use otpgate::config::Settings;
 use otpgate_core::Otpgate;
 use otpgate_core::clock::SystemClock;
-use otpgate_core::token::hash_token;
+use otpgate_core::token::ticket_key;
 use otpgate_store_postgres::testing::{TestDatabase, test_server_url};
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
@@ -179,7 +179,7 @@ async fn crash_under_load(database_url: Option<&str>) {
     for (i, s) in seeded.iter().enumerate() {
         let ticket = after
             .store()
-            .get_login_ticket(&hash_token(&s.ticket))
+            .get_login_ticket(&ticket_key(&s.ticket))
             .await
             .unwrap();
         // The sweeper deletes spent tickets: gone means spent (every one of them was seeded).
