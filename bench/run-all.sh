@@ -25,8 +25,10 @@ timeout 900 $BENCH run --scenarios v1-check,acl-confirm --connections 100 --dura
   --fixtures 300000 --dead-challenges 1000000 --plans --json "$OUT/sqlite-dead.json"
 timeout 1500 $BENCH run --postgres "$PG_URL" --scenarios v1-check --connections 100 \
   --duration 10 --fixtures 250000 --dead-challenges 1000000 --plans --json "$OUT/postgres-dead.json"
+# 5 s each: SQLite's acl-confirm used up 60,000 fixtures and PostgreSQL's 40,000 before the 5 s
+# at 100-200 connections on 2026-12-04, hence the counts.
 timeout 900 $BENCH run --scenarios baseline,acl-confirm --connections 1,10,50,100,200 \
-  --duration 5 --fixtures 60000 --json "$OUT/sweep-sqlite.json"
+  --duration 5 --fixtures 120000 --json "$OUT/sweep-sqlite.json"
 timeout 1200 $BENCH run --postgres "$PG_URL" --scenarios baseline,acl-confirm \
-  --connections 1,10,50,100,200 --duration 5 --fixtures 40000 --json "$OUT/sweep-postgres.json"
+  --connections 1,10,50,100,200 --duration 5 --fixtures 60000 --json "$OUT/sweep-postgres.json"
 $BENCH plot "$OUT/sweep-sqlite.json" "$OUT/sweep-postgres.json" --out bench/plot.svg

@@ -64,8 +64,10 @@ impl Scenario {
 pub enum Expect {
     /// 200.
     Ok,
-    /// 200 and a 32-hex `data.token` (acl).
+    /// 200 and a 32-hex `data.token` (acl: the final token).
     AclToken,
+    /// 200 and a temporary token in `data.token` (acl step 1: the ticket, its time first).
+    AclTicket,
     /// 200 and `status: approved`.
     Approved,
     /// 200 and `success: true` with a JWT.
@@ -167,7 +169,13 @@ impl Fixtures {
         let ok = match expect {
             Expect::Ok => status == 200,
             Expect::AclToken => {
-                status == 200 && at("/data/token").as_str().is_some_and(|t| t.len() == 32)
+                status == 200 && at("/data/token").as_str().is_some_and(|t| is_hex(t, 32))
+            }
+            Expect::AclTicket => {
+                status == 200
+                    && at("/data/token")
+                        .as_str()
+                        .is_some_and(|t| is_hex(t, otpgate_core::token::TICKET_LEN))
             }
             Expect::Approved => status == 200 && at("/status") == "approved",
             Expect::DigipayToken => {
@@ -189,6 +197,11 @@ impl Fixtures {
             ))
         }
     }
+}
+
+/// Whether `text` is `len` lowercase hex digits.
+fn is_hex(text: &str, len: usize) -> bool {
+    text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 #[allow(clippy::disallowed_methods)] // the server checks TOTP codes against the wall clock
@@ -456,7 +469,7 @@ pub async fn seed(
                     totp_secret: None,
                 })
                 .collect();
-            Fixtures::new(scenario, Expect::AclToken, prepared, true)
+            Fixtures::new(scenario, Expect::AclTicket, prepared, true)
         }
         Scenario::Send => {
             let (_, key) = api_key(core).await?;
@@ -474,4 +487,37 @@ pub async fn seed(
             )
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn acl_answer(token: &str) -> Vec<u8> {
+        json!({"data": {"token": token}, "meta": {"status": true}})
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn the_acl_checks_accept_the_tokens_the_core_mints_and_nothing_else() {
+        // The bench must follow the formats of the core it measures: a check that refuses a
+        // right answer counts every request as an error.
+        let fixtures = seed_baseline();
+        let ticket = otpgate_core::token::mint_ticket(time::OffsetDateTime::UNIX_EPOCH).unwrap();
+        let ticket = ticket.secret.expose_secret().to_owned();
+        let session = otpgate_core::token::mint_hex_token().unwrap();
+        let session = session.secret.expose_secret().to_owned();
+        let check = |expect, body: &[u8]| fixtures.check(&expect, 200, body).is_ok();
+        assert!(check(Expect::AclTicket, &acl_answer(&ticket)));
+        assert!(check(Expect::AclToken, &acl_answer(&session)));
+        assert!(!check(Expect::AclTicket, &acl_answer(&session)));
+        assert!(!check(Expect::AclToken, &acl_answer(&ticket)));
+        assert!(!check(
+            Expect::AclToken,
+            &acl_answer(&session.to_uppercase())
+        ));
+        assert!(!check(Expect::AclTicket, b"{}"));
+    }
 }

@@ -360,7 +360,8 @@ impl Challenge {
 /// The temporary token of step 1 of a login.
 #[derive(Debug, Clone)]
 pub struct LoginTicket {
-    /// SHA-256 of the ticket.
+    /// The ticket's stored key ([`crate::token::ticket_key`]): its time, then most of its
+    /// SHA-256.
     pub hash: [u8; 32],
     /// Its tenant.
     pub tenant_id: TenantId,

@@ -398,10 +398,10 @@ pub trait Store: Send + Sync + 'static {
         message: Option<&OutboxMessage>,
         audit: &[AuditEvent],
     ) -> StoreResult<()>;
-    /// A login ticket by hash.
+    /// A login ticket by its stored key ([`LoginTicket::hash`]).
     async fn get_login_ticket(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginTicket>>;
-    /// A login ticket by hash with its user and its challenge: what a login's second step
-    /// reads first. A store may read the three at once (one snapshot, one round trip); the
+    /// A login ticket by its stored key with its user and its challenge: what a login's second
+    /// step reads first. A store may read the three at once (one snapshot, one round trip); the
     /// default reads them one after another.
     async fn get_login_context(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginContext>> {
         let Some(ticket) = self.get_login_ticket(hash).await? else {

@@ -1,5 +1,6 @@
 //! Bearer secrets: session tokens (32 lowercase hex, as the ACL document shows), login tickets and
-//! API keys. Each is 128 bits or more from the OS CSPRNG and stored only as its SHA-256.
+//! API keys. Each is 128 bits or more from the OS CSPRNG and stored only as its SHA-256 (a login
+//! ticket: its time, then most of its SHA-256), and the time prefix that orders stored keys.
 
 use secrecy::SecretString;
 use time::OffsetDateTime;
