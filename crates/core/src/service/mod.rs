@@ -140,10 +140,9 @@ pub(crate) fn totp_destination(user: &UserId) -> String {
     format!("totp:{user}")
 }
 
-/// A new session token for `user` (shown once) and the record the store keeps of it.
-/// The stored hash of a presented login ticket; anything that cannot be one is refused before
-/// a read.
-fn ticket_hash(ticket: &SecretString) -> CoreResult<[u8; 32]> {
+/// The stored key of a presented login ticket ([`ticket_key`]); anything that cannot be one is
+/// refused before a read.
+fn stored_ticket_key(ticket: &SecretString) -> CoreResult<[u8; 32]> {
     let text = ticket.expose_secret().trim();
     if text.is_empty() || text.len() > 200 {
         return Err(CoreError::Unauthorized);
@@ -151,6 +150,7 @@ fn ticket_hash(ticket: &SecretString) -> CoreResult<[u8; 32]> {
     Ok(ticket_key(text))
 }
 
+/// A new session token for `user` (shown once) and the record the store keeps of it.
 pub(crate) fn new_session(
     policy: &Policy,
     user: &User,
@@ -1578,7 +1578,11 @@ impl Otpgate {
         ticket: &SecretString,
         now: OffsetDateTime,
     ) -> CoreResult<LoginTicket> {
-        match self.store.get_login_ticket(&ticket_hash(ticket)?).await? {
+        match self
+            .store
+            .get_login_ticket(&stored_ticket_key(ticket)?)
+            .await?
+        {
             Some(t) if t.is_live(now) => Ok(t),
             _ => Err(CoreError::Unauthorized),
         }
@@ -1602,7 +1606,7 @@ impl Otpgate {
         let judge = self.code_login_judge(raw_code, minted.hash, ctx);
         let SettledLogin { context, verdict } = self
             .store
-            .settle_login(&ticket_hash(ticket)?, judge)
+            .settle_login(&stored_ticket_key(ticket)?, judge)
             .await?
             .ok_or(CoreError::Unauthorized)?;
         if let LoginVerdict::Complete(done) = verdict {
