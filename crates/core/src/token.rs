@@ -69,7 +69,7 @@ pub fn mint_ticket(now: OffsetDateTime) -> Result<Minted, CoreError> {
 /// 32 hex digits, alive for 5 minutes) keys as its SHA-256.
 pub fn ticket_key(presented: &str) -> [u8; 32] {
     let text = presented.trim();
-    let mut key = sha256(text.as_bytes());
+    let mut key = hash_token(text);
     let mut time = [0u8; 6];
     if text.len() == TICKET_LEN
         && let Some(prefix) = text.get(..TICKET_TIME_HEX)
