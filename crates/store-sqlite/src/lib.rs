@@ -34,6 +34,15 @@ use tokio::sync::oneshot;
 /// The most jobs one transaction takes, so one commit's latency stays bounded.
 const MAX_BATCH: usize = 512;
 
+/// Bytes of a page of a new database: SQLite's default. Until 2026-12-04 it was 1 KiB, so that
+/// the few pages a login dirties at random keys (the session's above all) cost a quarter of
+/// the bytes in the WAL. Since each commit's frames reach the WAL in one write (`vfs`) and the
+/// checkpoint has a thread of its own, what a page costs is mostly its system calls and B-tree
+/// levels, not its bytes: with 4 KiB pages `acl-confirm` gained 18% (the checkpoint copies 1.4
+/// pages per login instead of 2.9, the writer reads 0.4 pages from the file instead of 1.7), and
+/// no other scenario lost (BENCHMARKS.md, 2026-12-04).
+const PAGE_SIZE: u32 = 4096;
+
 /// A write job of the group commit, as the writer thread sees it.
 trait WriteJob: Send {
     /// Runs the job on the writer's connection; returns whether its changes are to be kept.
@@ -226,10 +235,8 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreErro
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(|e| map_error(e, "connection"))?;
     if !read_only {
-        // Only takes effect on a new database. Every commit writes each page it dirtied to the
-        // WAL, and a login dirties a few pages at random keys (ticket, challenge, session):
-        // small pages make that a quarter of the bytes.
-        conn.execute_batch("PRAGMA page_size = 1024;")
+        // Only takes effect on a new database.
+        conn.pragma_update(None, "page_size", PAGE_SIZE)
             .map_err(|e| map_error(e, "connection"))?;
     }
     // WAL lets readers run beside the writer; FULL makes every commit durable before we answer.
@@ -415,11 +422,12 @@ type SyncWal = Box<dyn FnMut() -> std::io::Result<()> + Send>;
 type CheckpointWal = Box<dyn FnMut() -> Result<(), StoreError> + Send>;
 
 /// The WAL size, in frames, from which every commit asks the checkpoint thread to copy what
-/// is new (1,000 frames of 1 KiB is SQLite's own default mark).
+/// is new (1,000 frames is SQLite's own default mark; 4 MiB of 4 KiB pages). A quarter of it
+/// and of the mark below gave `acl-confirm` the same figures.
 const CHECKPOINT_FROM_FRAMES: c_int = 1000;
 
 /// The WAL size, in frames, at which the writer copies what the checkpoint thread has not yet,
-/// so that its next transaction starts the WAL again from its beginning (4 MiB at most).
+/// so that its next transaction starts the WAL again from its beginning (16 MiB at most).
 const WRITER_CHECKPOINTS_AT_FRAMES: c_int = 4000;
 
 /// The writing connection, and the way to the sync thread that answers committed batches.
@@ -888,12 +896,12 @@ mod tests {
         assert!(matches!(plain_answer.blocking_recv(), Ok(Ok(Ok(1)))));
     }
 
-    /// A job that inserts a 100 KB blob into `big`: about a hundred WAL frames.
+    /// A job that inserts a 400 KB blob into `big`: about a hundred WAL frames.
     fn blob_job() -> (Job, Answer) {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(PendingWrite {
             job: |c: &Connection| -> Result<i64, JobError> {
-                exec(c, "INSERT INTO big (b) VALUES (zeroblob(100000))", [])?;
+                exec(c, "INSERT INTO big (b) VALUES (zeroblob(400000))", [])?;
                 Ok(c.last_insert_rowid())
             },
             outcome: None,
@@ -934,8 +942,8 @@ mod tests {
         frames
     }
 
-    /// A WAL frame of the scratch database: its header and a 1 KiB page.
-    const FRAME_BYTES: u64 = vfs::FRAME_HEADER as u64 + 1024;
+    /// A WAL frame of the scratch database: its header and a page.
+    const FRAME_BYTES: u64 = vfs::FRAME_HEADER as u64 + PAGE_SIZE as u64;
 
     /// The scratch database's file and its WAL file.
     fn scratch_files(dir: &tempfile::TempDir) -> (PathBuf, PathBuf) {

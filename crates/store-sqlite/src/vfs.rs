@@ -630,7 +630,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let writer = writer_with_table(&dir);
         // Act: a commit of about a hundred pages, and nothing else on the writer after it.
-        insert_blobs(&writer, 1, 200, 500);
+        insert_blobs(&writer, 1, 800, 500);
         // Assert: the file ends with a whole commit frame (its header's database size is
         // non-zero), so nothing of the commit is still held in memory...
         let wal = std::fs::read(dir.path().join("wal.db-wal")).unwrap();
@@ -648,7 +648,7 @@ mod tests {
         );
         // ...and a connection on SQLite's own VFS reads every row of it.
         let reader = open_connection(&dir.path().join("wal.db"), true).unwrap();
-        assert_eq!(count_and_sum(&reader), (200, 200 * 500));
+        assert_eq!(count_and_sum(&reader), (800, 800 * 500));
     }
 
     #[cfg(target_os = "linux")]
@@ -667,9 +667,8 @@ mod tests {
                 .unwrap()
         };
         let before = writes_so_far();
-        // Act: about a hundred and twenty pages, each a frame: SQLite alone writes each frame
-        // as two calls.
-        insert_blobs(&writer, 1, 200, 500);
+        // Act: about fifty pages, each a frame: SQLite alone writes each frame as two calls.
+        insert_blobs(&writer, 1, 400, 500);
         // Assert
         let writes = writes_so_far() - before;
         assert!(writes <= 4, "{writes} write calls for one commit");
