@@ -38,9 +38,10 @@ const MAX_BATCH: usize = 512;
 /// the few pages a login dirties at random keys (the session's above all) cost a quarter of
 /// the bytes in the WAL. Since each commit's frames reach the WAL in one write (`vfs`) and the
 /// checkpoint has a thread of its own, what a page costs is mostly its system calls and B-tree
-/// levels, not its bytes: with 4 KiB pages `acl-confirm` gained 18% (the checkpoint copies 1.4
-/// pages per login instead of 2.9, the writer reads 0.4 pages from the file instead of 1.7), and
-/// no other scenario lost (BENCHMARKS.md, 2026-12-04).
+/// levels, not its bytes: with 4 KiB pages `acl-confirm` gained 18% with 200,000 pending tickets
+/// and 7% with 400,000 (the checkpoint copies 1.4 pages per login instead of 2.9, the writer
+/// reads 0.4 pages from the file instead of 1.7), and no other scenario lost more than the
+/// noise (BENCHMARKS.md, 2026-12-04, midday).
 const PAGE_SIZE: u32 = 4096;
 
 /// A write job of the group commit, as the writer thread sees it.

@@ -629,8 +629,9 @@ mod tests {
         // Arrange
         let dir = tempfile::tempdir().unwrap();
         let writer = writer_with_table(&dir);
-        // Act: a commit of about a hundred pages, and nothing else on the writer after it.
-        insert_blobs(&writer, 1, 800, 500);
+        // Act: a commit of about a hundred and twenty pages, and nothing else on the writer
+        // after it.
+        insert_blobs(&writer, 1, 1000, 500);
         // Assert: the file ends with a whole commit frame (its header's database size is
         // non-zero), so nothing of the commit is still held in memory...
         let wal = std::fs::read(dir.path().join("wal.db-wal")).unwrap();
@@ -648,7 +649,7 @@ mod tests {
         );
         // ...and a connection on SQLite's own VFS reads every row of it.
         let reader = open_connection(&dir.path().join("wal.db"), true).unwrap();
-        assert_eq!(count_and_sum(&reader), (800, 800 * 500));
+        assert_eq!(count_and_sum(&reader), (1000, 1000 * 500));
     }
 
     #[cfg(target_os = "linux")]
