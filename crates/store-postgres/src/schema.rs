@@ -302,4 +302,101 @@ mod tests {
         assert_eq!(code.as_deref(), Some("55P03"), "{refused}");
         assert_eq!(batch.await.unwrap().unwrap().len(), 2);
     }
+
+    /// Pages the statement's top plan node touched (`Buffers:` of `EXPLAIN (ANALYZE, BUFFERS)`,
+    /// its children's included): what running it read, whatever plan was chosen.
+    fn pages_touched(plan: &[String]) -> u64 {
+        let Some(buffers) = plan
+            .iter()
+            .find(|line| line.trim_start().starts_with("Buffers:"))
+        else {
+            return 0;
+        };
+        buffers
+            .split_whitespace()
+            .filter_map(|part| part.split_once('='))
+            .filter(|(name, _)| matches!(*name, "hit" | "read"))
+            .filter_map(|(_, count)| count.parse::<u64>().ok())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn a_sweep_that_finds_nothing_to_delete_reads_a_few_pages_of_tables_without_statistics() {
+        // Arrange: 20,000 live rows in every table the sweeper deletes from, none expired or
+        // past the retention, written in bulk and never analysed: the planner knows nothing of
+        // their expiry times (a new database, or one where autovacuum is off).
+        let Some((_db, store)) = fresh_store().await else {
+            return;
+        };
+        let template = pending_logins(&store, 1).await.remove(0);
+        let rows = 20_000_i64;
+        for sql in [
+            "INSERT INTO challenges (id, tenant_id, user_id, purpose, channel, destination, \
+             code_hash, locale, created_at, expires_at, last_sent_at, send_count, attempts, \
+             max_attempts, status) \
+             SELECT c.id || '-' || g, c.tenant_id, c.user_id, c.purpose, c.channel, \
+             c.destination, c.code_hash, c.locale, c.created_at, c.expires_at, c.last_sent_at, \
+             c.send_count, c.attempts, c.max_attempts, c.status \
+             FROM challenges c, generate_series(1, $2) g WHERE c.id = $1",
+            "INSERT INTO login_tickets (hash, tenant_id, user_id, challenge_id, channel, \
+             created_at, expires_at) \
+             SELECT sha256(('t' || g)::bytea), c.tenant_id, c.user_id, c.id || '-' || g, \
+             c.channel, c.created_at, c.expires_at \
+             FROM challenges c, generate_series(1, $2) g WHERE c.id = $1",
+            "INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
+             SELECT sha256(('s' || g)::bytea), c.tenant_id, c.user_id, c.created_at, \
+             c.expires_at FROM challenges c, generate_series(1, $2) g WHERE c.id = $1",
+            "INSERT INTO outbox (id, tenant_id, challenge_id, channel, destination, purpose, \
+             locale, status, next_attempt_at, created_at) \
+             SELECT 'm-' || g, c.tenant_id, c.id || '-' || g, c.channel, c.destination, \
+             c.purpose, c.locale, 'sent', c.created_at, c.created_at \
+             FROM challenges c, generate_series(1, $2) g WHERE c.id = $1",
+            "INSERT INTO revoked_tokens (jti, tenant_id, revoked_at, expires_at) \
+             SELECT 'j-' || g, c.tenant_id, c.created_at, c.expires_at \
+             FROM challenges c, generate_series(1, $2) g WHERE c.id = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(template.id.as_str())
+                .bind(rows)
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+        let now = crate::rows::ms(contract::t0());
+        let retention_ago = now - 24 * 60 * 60 * 1000;
+        let mut too_many = Vec::new();
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            for (purpose, sql, cutoff) in crate::store::SWEEP_STATEMENTS {
+                let cutoff = match cutoff {
+                    crate::store::SweepCutoff::Now => now,
+                    crate::store::SweepCutoff::RetentionAgo => retention_ago,
+                };
+                // Act: the sweep statement as the sweeper runs it, measured, then undone.
+                let mut tx = store.pool().begin().await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "SET LOCAL plan_cache_mode = {mode}"
+                )))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+                let explain = format!("EXPLAIN (ANALYZE, BUFFERS) {sql}");
+                let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+                    .bind(cutoff)
+                    .bind(100_i64)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .unwrap();
+                tx.rollback().await.unwrap();
+                let pages = pages_touched(&plan);
+                if !(1..=30).contains(&pages) {
+                    too_many.push(format!(
+                        "{purpose} ({mode}): {pages} pages\n{}",
+                        plan.join("\n")
+                    ));
+                }
+            }
+        }
+        // Assert: each read a few index pages, where reading a table is hundreds.
+        assert!(too_many.is_empty(), "{}", too_many.join("\n\n"));
+    }
 }
