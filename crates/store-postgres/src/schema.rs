@@ -316,7 +316,7 @@ mod tests {
             .split_whitespace()
             .filter_map(|part| part.split_once('='))
             .filter(|(name, _)| matches!(*name, "hit" | "read"))
-            .filter_map(|(_, count)| count.parse::<u64>().ok())
+            .filter_map(|(_, count)| count.trim_end_matches(',').parse::<u64>().ok())
             .sum()
     }
 

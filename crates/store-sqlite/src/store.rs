@@ -262,8 +262,9 @@ enum SweepCutoff {
     RetentionAgo,
 }
 
-/// The sweeper's deletes, `?2` rows at most each. Every one finds its rows through an index
-/// (`query_plans` shows it, the contract suite checks it): a sweep costs what it deletes,
+/// The sweeper's deletes, `?2` rows at most each, the oldest first (as on PostgreSQL, where the
+/// `ORDER BY` is also what holds the planner to the index). Every one finds its rows through an
+/// index (`query_plans` shows it, the contract suite checks it): a sweep costs what it deletes,
 /// never the table's size.
 /// Spent tickets and revoked sessions wait for their expiry (minutes, hours): a spent or
 /// revoked row is refused all the same, and an `OR used_at IS NOT NULL` would scan the table.
@@ -271,25 +272,25 @@ const SWEEP_STATEMENTS: [(&str, &str, SweepCutoff); 5] = [
     (
         "sweep revocations",
         "DELETE FROM revoked_tokens WHERE rowid IN (SELECT rowid FROM revoked_tokens \
-         WHERE expires_at <= ?1 LIMIT ?2)",
+         WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)",
         SweepCutoff::Now,
     ),
     (
         "sweep login tickets",
         "DELETE FROM login_tickets WHERE rowid IN (SELECT rowid FROM login_tickets \
-         WHERE expires_at <= ?1 LIMIT ?2)",
+         WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)",
         SweepCutoff::Now,
     ),
     (
         "sweep sessions",
         "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions \
-         WHERE expires_at <= ?1 LIMIT ?2)",
+         WHERE expires_at <= ?1 ORDER BY expires_at LIMIT ?2)",
         SweepCutoff::Now,
     ),
     (
         "sweep settled messages",
         "DELETE FROM outbox WHERE rowid IN (SELECT rowid FROM outbox \
-         WHERE status <> 'queued' AND created_at < ?1 LIMIT ?2)",
+         WHERE status <> 'queued' AND created_at < ?1 ORDER BY created_at LIMIT ?2)",
         SweepCutoff::RetentionAgo,
     ),
     (
@@ -298,7 +299,7 @@ const SWEEP_STATEMENTS: [(&str, &str, SweepCutoff); 5] = [
          WHERE c.expires_at < ?1 \
          AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.challenge_id = c.id) \
          AND NOT EXISTS (SELECT 1 FROM login_tickets t WHERE t.challenge_id = c.id) \
-         LIMIT ?2)",
+         ORDER BY c.expires_at LIMIT ?2)",
         SweepCutoff::RetentionAgo,
     ),
 ];
