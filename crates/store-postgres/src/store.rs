@@ -2240,8 +2240,11 @@ impl Store for PgStore {
     async fn query_plans(&self) -> StoreResult<Vec<QueryPlan>> {
         // The generic plan (the one a prepared statement settles on, parameters unknown), with
         // sequential scans priced out: on a small table the planner would rightly pick one, and
-        // what this shows is whether an index can serve the statement at all. Nothing runs:
-        // EXPLAIN without ANALYZE only plans, and the transaction is rolled back.
+        // what this shows is whether an index can serve the statement at all, not whether the
+        // planner will choose it (a walk of a whole primary key also counts as an index here):
+        // for the sweeps that is measured by a test of its own, in pages read on tables without
+        // statistics (`schema::tests`). Nothing runs: EXPLAIN without ANALYZE only plans, and
+        // the transaction is rolled back.
         let mut tx = self.begin().await?;
         sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
             .execute(&mut *tx)
