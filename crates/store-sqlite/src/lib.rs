@@ -29,6 +29,7 @@ use otpgate_core::StoreError;
 use rusqlite::config::DbConfig;
 use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, WeakUnboundedSender};
 use tokio::sync::oneshot;
 
 /// The most jobs one transaction takes, so one commit's latency stays bounded.
@@ -111,6 +112,14 @@ where
 
 type Job = Box<dyn WriteJob>;
 
+/// What reaches the writer thread.
+enum ToWriter {
+    /// A caller's write.
+    Job(Job),
+    /// The sync thread made this many commits durable and is ready for the next.
+    Synced(usize),
+}
+
 /// Raised inside a write job when a condition no longer holds: the job's savepoint is rolled
 /// back and the caller gets `Ok(false)`.
 #[derive(Debug)]
@@ -161,7 +170,7 @@ pub(crate) fn map_error(e: rusqlite::Error, what: &'static str) -> StoreError {
 /// The SQLite implementation of [`otpgate_core::store::Store`].
 #[derive(Clone)]
 pub struct SqliteStore {
-    writer: mpsc::Sender<Job>,
+    writer: UnboundedSender<ToWriter>,
     readers: Arc<ReaderPool>,
     path: PathBuf,
 }
@@ -307,8 +316,13 @@ impl SqliteStore {
             path: path.clone(),
             idle: Mutex::new(vec![open_connection(&path, true)?]),
         };
-        let writer = Writer::start(writer_conn, sync_wal_of(&path), checkpoint_of(&path)?)?;
-        let (tx, rx) = mpsc::channel::<Job>();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ToWriter>();
+        let writer = Writer::start(
+            writer_conn,
+            sync_wal_of(&path),
+            checkpoint_of(&path)?,
+            tx.downgrade(),
+        )?;
         std::thread::Builder::new()
             .name("otpgate-sqlite-writer".into())
             .spawn(move || writer_loop(writer, rx))
@@ -371,7 +385,7 @@ impl SqliteStore {
             reply,
         });
         self.writer
-            .send(pending)
+            .send(ToWriter::Job(pending))
             .map_err(|_| StoreError::Unavailable("writer thread stopped".into()))?;
         answer
             .await
@@ -401,17 +415,35 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(writer: Writer, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+/// Runs the jobs as they come and commits when the sync thread is free. A commit's callers
+/// hear nothing before the sync after it, so committing while a sync runs only makes the next
+/// sync's commits more and smaller: each commit writes every page it changed, and the pages
+/// that most logins share (the ends of the tables and indexes that grow in time order, the
+/// B-trees' upper levels) were written once per commit of a few logins instead of once per
+/// sync. Jobs that arrive while the sync runs wait in the open transaction, and it commits
+/// when the sync thread says it is done (or holds [`MAX_BATCH`] jobs).
+fn writer_loop(mut writer: Writer, mut inbox: UnboundedReceiver<ToWriter>) {
+    while let Some(first) = inbox.blocking_recv() {
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(message) = next {
+            match message {
+                ToWriter::Job(job) => batch.push(job),
+                ToWriter::Synced(commits) => {
+                    writer.unsynced = writer.unsynced.saturating_sub(commits);
+                }
             }
+            if writer.open.len() + batch.len() >= MAX_BATCH {
+                break;
+            }
+            next = inbox.try_recv().ok();
         }
-        writer.write_batch(batch);
+        writer.run_jobs(batch);
+        if writer.unsynced == 0 || writer.open.len() >= MAX_BATCH {
+            writer.commit_open();
+        }
     }
+    writer.commit_open();
     tracing::debug!("sqlite writer stopped");
 }
 
@@ -437,13 +469,20 @@ struct Writer {
     committed: mpsc::Sender<Vec<Job>>,
     /// Set for good once a sync failed: nothing is written after that (see [`syncer_loop`]).
     broken: Arc<AtomicBool>,
+    /// Jobs run in the open transaction, waiting for its commit (none: no transaction open).
+    open: Vec<Job>,
+    /// Commits sent to the sync thread that it has not yet said are durable.
+    unsynced: usize,
 }
 
 impl Writer {
+    /// Starts the checkpoint and sync threads of `conn`; the sync thread tells `synced` when
+    /// it is done with what was committed (see [`writer_loop`]).
     fn start(
         mut conn: Connection,
         sync: SyncWal,
         checkpoint: CheckpointWal,
+        synced: WeakUnboundedSender<ToWriter>,
     ) -> Result<Writer, StoreError> {
         // The checkpoint leaves the writer's thread: copying a commit's pages into the database
         // file (a read and a write call per page, and two fsyncs) was a fifth of the writer's
@@ -484,40 +523,94 @@ impl Writer {
         let flag = Arc::clone(&broken);
         std::thread::Builder::new()
             .name("otpgate-sqlite-sync".into())
-            .spawn(move || syncer_loop(to_sync, sync, &flag))
+            .spawn(move || syncer_loop(to_sync, sync, &flag, &synced))
             .map_err(|e| StoreError::Other(format!("sync thread: {e}")))?;
         Ok(Writer {
             conn,
             committed,
             broken,
+            open: Vec::new(),
+            unsynced: 0,
         })
     }
 
-    /// Runs a batch and commits it (or rolls it back). A committed batch goes to the sync
-    /// thread, which answers its callers once it is durable; any other is answered here.
-    /// Returns whether it committed.
-    fn write_batch(&self, mut batch: Vec<Job>) -> bool {
+    /// Runs `batch` in the open transaction, beginning one if none is open; its jobs then wait
+    /// for [`Self::commit_open`]. Every job first runs bare: a savepoint per job costs two more
+    /// statements and a copy of every page the job touches (SQLite's sub-journal), and almost
+    /// every job succeeds. If one fails, the open transaction is rolled back and every job in
+    /// it runs again, each in its own savepoint, so the failure is undone alone, and that
+    /// transaction commits at once. Returns whether that happened and what came of it.
+    fn run_jobs(&mut self, mut batch: Vec<Job>) -> Option<bool> {
+        if batch.is_empty() {
+            return None;
+        }
         if self.broken.load(Ordering::Acquire) {
             answer_all(batch, Err(&broken_store()));
+            return Some(false);
+        }
+        if self.open.is_empty()
+            && let Err(e) =
+                exec(&self.conn, "BEGIN IMMEDIATE", []).map_err(|e| map_error(e, "begin"))
+        {
+            answer_all(batch, Err(&e));
+            return Some(false);
+        }
+        if batch.iter_mut().all(|job| job.run(&self.conn)) {
+            self.open.append(&mut batch);
+            return None;
+        }
+        let mut jobs = std::mem::take(&mut self.open);
+        jobs.append(&mut batch);
+        let outcome = exec(&self.conn, "ROLLBACK", [])
+            .map_err(|e| map_error(e, "rollback"))
+            .and_then(|_| match jobs.as_mut_slice() {
+                // Nothing else to keep: its failed outcome is its answer.
+                [_only] => Ok(()),
+                jobs => run_each_in_savepoint(&self.conn, jobs),
+            });
+        Some(self.finish(jobs, outcome))
+    }
+
+    /// Commits the open transaction, if there is one; returns whether it committed.
+    fn commit_open(&mut self) -> bool {
+        if self.open.is_empty() {
             return false;
         }
-        let commit = run_batch(&self.conn, &mut batch);
-        if let Err(e) = commit {
+        let jobs = std::mem::take(&mut self.open);
+        let outcome = commit(&self.conn);
+        self.finish(jobs, outcome)
+    }
+
+    /// Answers the jobs of a transaction that ended in `outcome`: a committed one goes to the
+    /// sync thread, which answers its callers once it is durable; any other is answered here.
+    /// Returns whether it committed.
+    fn finish(&mut self, jobs: Vec<Job>, outcome: Result<(), StoreError>) -> bool {
+        if let Err(e) = outcome {
             let _ = self.conn.execute_batch("ROLLBACK");
-            answer_all(batch, Err(&e));
+            answer_all(jobs, Err(&e));
             return false;
         }
         // A settle that changed no row has nothing to wait for: its answer rests on committed
         // rows, as a reader's does (see [`syncer_loop`] and [`SqliteStore::settle`]).
         let (to_sync, read_like): (Vec<Job>, Vec<Job>) =
-            batch.into_iter().partition(|job| job.waits_for_sync());
+            jobs.into_iter().partition(|job| job.waits_for_sync());
         answer_all(read_like, Ok(()));
-        if !to_sync.is_empty()
-            && let Err(mpsc::SendError(batch)) = self.committed.send(to_sync)
-        {
-            answer_all(batch, Err(&broken_store()));
+        if !to_sync.is_empty() {
+            self.unsynced += 1;
+            if let Err(mpsc::SendError(jobs)) = self.committed.send(to_sync) {
+                answer_all(jobs, Err(&broken_store()));
+            }
         }
         true
+    }
+
+    /// Runs a batch and commits it at once, whatever the sync thread is doing.
+    #[cfg(test)]
+    fn write_batch(&mut self, batch: Vec<Job>) -> bool {
+        match self.run_jobs(batch) {
+            Some(committed) => committed,
+            None => self.commit_open(),
+        }
     }
 }
 
@@ -548,7 +641,12 @@ fn broken_store() -> StoreError {
 /// A failed fsync leaves the kernel's copy of the file in doubt (it may have dropped the pages
 /// it could not write), so the store stops writing for good: every caller of the batches it
 /// covered, and every later write, gets "unavailable" until otpgate is restarted.
-fn syncer_loop(committed: mpsc::Receiver<Vec<Job>>, mut sync: SyncWal, broken: &AtomicBool) {
+fn syncer_loop(
+    committed: mpsc::Receiver<Vec<Job>>,
+    mut sync: SyncWal,
+    broken: &AtomicBool,
+    writer: &WeakUnboundedSender<ToWriter>,
+) {
     while let Ok(first) = committed.recv() {
         let mut batches = vec![first];
         batches.extend(committed.try_iter());
@@ -561,6 +659,11 @@ fn syncer_loop(committed: mpsc::Receiver<Vec<Job>>, mut sync: SyncWal, broken: &
                 broken_store()
             })
         };
+        // The writer holds its next commit until now: it goes before the answers wake their
+        // tasks, so that the next sync can start while they run.
+        if let Some(writer) = writer.upgrade() {
+            let _ = writer.send(ToWriter::Synced(batches.len()));
+        }
         for batch in batches {
             answer_all(batch, outcome.as_ref().map(|_| ()));
         }
@@ -631,20 +734,9 @@ fn sync_wal_of(db: &Path) -> SyncWal {
     })
 }
 
-/// Runs a batch in one transaction and commits it. Every job first runs bare: a savepoint per
-/// job costs two more statements and a copy of every page the job touches (SQLite's
-/// sub-journal), and almost every job succeeds. If one fails, the transaction is rolled back
-/// and the batch runs again with each job in its own savepoint, so the failure is undone alone.
-fn run_batch(conn: &Connection, batch: &mut [Job]) -> Result<(), StoreError> {
-    exec(conn, "BEGIN IMMEDIATE", []).map_err(|e| map_error(e, "begin"))?;
-    if batch.iter_mut().all(|job| job.run(conn)) {
-        return commit(conn);
-    }
-    exec(conn, "ROLLBACK", []).map_err(|e| map_error(e, "rollback"))?;
-    if let [_only] = batch {
-        // Nothing else to keep: its failed outcome is its answer.
-        return Ok(());
-    }
+/// Runs `batch` in a new transaction, each job in its own savepoint so that a failing job is
+/// undone alone, and commits it.
+fn run_each_in_savepoint(conn: &Connection, batch: &mut [Job]) -> Result<(), StoreError> {
     exec(conn, "BEGIN IMMEDIATE", []).map_err(|e| map_error(e, "begin"))?;
     for job in batch.iter_mut() {
         exec(conn, "SAVEPOINT job", []).map_err(|e| map_error(e, "savepoint"))?;
@@ -694,6 +786,14 @@ mod tests {
         (pending, answer)
     }
 
+    /// Where a writer driven by the test itself (no writer thread) hears from its sync thread:
+    /// nowhere.
+    fn no_writer_thread() -> WeakUnboundedSender<ToWriter> {
+        tokio::sync::mpsc::unbounded_channel::<ToWriter>()
+            .0
+            .downgrade()
+    }
+
     fn scratch_connection(dir: &tempfile::TempDir) -> Connection {
         let conn = open_connection(&dir.path().join("scratch.db"), false).unwrap();
         conn.execute_batch("CREATE TABLE t (x INTEGER NOT NULL)")
@@ -712,6 +812,7 @@ mod tests {
             scratch_connection(dir),
             Box::new(|| Ok(())),
             scratch_checkpoint(dir),
+            no_writer_thread(),
         )
         .unwrap()
     }
@@ -722,7 +823,13 @@ mod tests {
         let (let_sync_finish, sync_may_finish) = mpsc::channel::<()>();
         let sync: SyncWal = Box::new(move || sync_may_finish.recv().map_err(std::io::Error::other));
         (
-            Writer::start(scratch_connection(dir), sync, scratch_checkpoint(dir)).unwrap(),
+            Writer::start(
+                scratch_connection(dir),
+                sync,
+                scratch_checkpoint(dir),
+                no_writer_thread(),
+            )
+            .unwrap(),
             let_sync_finish,
         )
     }
@@ -739,7 +846,7 @@ mod tests {
     fn a_failing_job_is_undone_alone_and_the_rest_of_its_batch_commits() {
         // Arrange: three jobs in one batch; the middle one writes, then fails its condition.
         let dir = tempfile::tempdir().unwrap();
-        let writer = scratch_writer(&dir);
+        let mut writer = scratch_writer(&dir);
         let runs = Arc::new(AtomicUsize::new(0));
         let (first, first_answer) = insert_job(1, false, &runs);
         let (failing, failing_answer) = insert_job(2, true, &runs);
@@ -763,7 +870,7 @@ mod tests {
     fn a_panicking_job_fails_alone_and_the_writer_keeps_writing() {
         // Arrange: a job that writes, then panics, between two good ones.
         let dir = tempfile::tempdir().unwrap();
-        let writer = scratch_writer(&dir);
+        let mut writer = scratch_writer(&dir);
         let runs = Arc::new(AtomicUsize::new(0));
         let (first, first_answer) = insert_job(1, false, &runs);
         let (last, last_answer) = insert_job(3, false, &runs);
@@ -800,7 +907,7 @@ mod tests {
     fn a_batch_that_succeeds_runs_each_job_once() {
         // Arrange
         let dir = tempfile::tempdir().unwrap();
-        let writer = scratch_writer(&dir);
+        let mut writer = scratch_writer(&dir);
         let runs = Arc::new(AtomicUsize::new(0));
         let (jobs, answers): (Vec<Job>, Vec<Answer>) =
             (1..=4).map(|v| insert_job(v, false, &runs)).unzip();
@@ -819,7 +926,7 @@ mod tests {
     fn a_lone_failing_job_leaves_nothing_behind() {
         // Arrange
         let dir = tempfile::tempdir().unwrap();
-        let writer = scratch_writer(&dir);
+        let mut writer = scratch_writer(&dir);
         let runs = Arc::new(AtomicUsize::new(0));
         let (job, answer) = insert_job(7, true, &runs);
         // Act
@@ -838,7 +945,7 @@ mod tests {
     fn a_commit_is_answered_only_after_the_wal_is_synced() {
         // Arrange: a writer whose sync waits until the test lets it finish.
         let dir = tempfile::tempdir().unwrap();
-        let (writer, let_sync_finish) = writer_with_held_sync(&dir);
+        let (mut writer, let_sync_finish) = writer_with_held_sync(&dir);
         let runs = Arc::new(AtomicUsize::new(0));
         let (job, mut answer) = insert_job(5, false, &runs);
         // Act
@@ -876,7 +983,7 @@ mod tests {
         // that inserts, a settle that only reads (and finds the row before the commit), and a
         // plain write that only reads.
         let dir = tempfile::tempdir().unwrap();
-        let (writer, let_sync_finish) = writer_with_held_sync(&dir);
+        let (mut writer, let_sync_finish) = writer_with_held_sync(&dir);
         let runs = Arc::new(AtomicUsize::new(0));
         let (insert, mut insert_answer) = insert_job(5, false, &runs);
         let (settle, mut settle_answer) = count_job(true);
@@ -923,10 +1030,10 @@ mod tests {
         conn.execute_batch("CREATE TABLE big (b BLOB NOT NULL)")
             .unwrap();
         let checkpoint = checkpoint(&dir.path().join("scratch.db"));
-        Writer::start(conn, Box::new(|| Ok(())), checkpoint).unwrap()
+        Writer::start(conn, Box::new(|| Ok(())), checkpoint, no_writer_thread()).unwrap()
     }
 
-    fn write_blobs(writer: &Writer, count: usize) {
+    fn write_blobs(writer: &mut Writer, count: usize) {
         for _ in 0..count {
             let (job, answer) = blob_job();
             assert!(writer.write_batch(vec![job]));
@@ -961,7 +1068,7 @@ mod tests {
         let (asked_tx, asked) = mpsc::channel::<()>();
         let (let_checkpoint_run, checkpoint_may_run) = mpsc::channel::<()>();
         let (copied_tx, copied) = mpsc::channel::<()>();
-        let writer = blob_writer(&dir, |db| {
+        let mut writer = blob_writer(&dir, |db| {
             let mut real = checkpoint_of(db).unwrap();
             Box::new(move || {
                 let _ = asked_tx.send(());
@@ -974,7 +1081,7 @@ mod tests {
             })
         });
         // Act: about 3,000 frames, three times the first mark, while the checkpoint is held.
-        write_blobs(&writer, 30);
+        write_blobs(&mut writer, 30);
         // Assert: the thread was asked, and every commit went on without a checkpoint of the
         // writer's own (one would have started the WAL again from its beginning near 1,000).
         let timeout = std::time::Duration::from_secs(10);
@@ -993,9 +1100,9 @@ mod tests {
         // Arrange: a checkpoint thread that never copies anything.
         let dir = tempfile::tempdir().unwrap();
         let (db, wal) = scratch_files(&dir);
-        let writer = blob_writer(&dir, |_| Box::new(|| Ok(())));
+        let mut writer = blob_writer(&dir, |_| Box::new(|| Ok(())));
         // Act: about 9,000 frames, more than twice the writer's mark.
-        write_blobs(&writer, 90);
+        write_blobs(&mut writer, 90);
         // Assert: the writer copied the WAL into the database at its mark and wrote on from the
         // WAL's beginning, so the file never held much more than the mark.
         let mark = u64::try_from(WRITER_CHECKPOINTS_AT_FRAMES).unwrap();
@@ -1011,13 +1118,180 @@ mod tests {
         );
     }
 
+    /// A writer thread (as [`SqliteStore::open`] starts it) on a scratch database whose syncs
+    /// finish only when the test sends on the returned channel; its inbox, and the thread.
+    fn writer_thread_with_held_sync(
+        dir: &tempfile::TempDir,
+    ) -> (
+        UnboundedSender<ToWriter>,
+        mpsc::Sender<()>,
+        std::thread::JoinHandle<()>,
+    ) {
+        let (let_sync_finish, sync_may_finish) = mpsc::channel::<()>();
+        let sync: SyncWal = Box::new(move || sync_may_finish.recv().map_err(std::io::Error::other));
+        let (inbox, jobs) = tokio::sync::mpsc::unbounded_channel::<ToWriter>();
+        let writer = Writer::start(
+            scratch_connection(dir),
+            sync,
+            scratch_checkpoint(dir),
+            inbox.downgrade(),
+        )
+        .unwrap();
+        let thread = std::thread::spawn(move || writer_loop(writer, jobs));
+        (inbox, let_sync_finish, thread)
+    }
+
+    /// [`insert_job`] that also says when it has run, on `ran`.
+    fn reported_insert_job(value: i64, fails: bool, ran: &mpsc::Sender<i64>) -> (ToWriter, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let ran = ran.clone();
+        let job = move |c: &Connection| {
+            exec(c, "INSERT INTO t (x) VALUES (?1)", [value])?;
+            let _ = ran.send(value);
+            if fails {
+                return Err(JobError::Condition);
+            }
+            Ok(value)
+        };
+        let pending: Job = Box::new(PendingWrite {
+            job,
+            outcome: None,
+            changed: false,
+            unchanged_is_a_read: false,
+            reply,
+        });
+        (ToWriter::Job(pending), answer)
+    }
+
+    fn unanswered(answer: &mut Answer) -> bool {
+        matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+    }
+
+    #[test]
+    fn jobs_that_arrive_during_a_sync_wait_in_one_transaction_that_commits_when_it_ends() {
+        // Arrange: a writer thread whose first sync the test holds.
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, let_sync_finish, thread) = writer_thread_with_held_sync(&dir);
+        let reader = open_connection(&dir.path().join("scratch.db"), true).unwrap();
+        let (ran_tx, ran) = mpsc::channel::<i64>();
+        let wait = std::time::Duration::from_secs(10);
+        let (first, mut first_answer) = reported_insert_job(1, false, &ran_tx);
+        inbox.send(first).ok().unwrap();
+        assert_eq!(ran.recv_timeout(wait).unwrap(), 1);
+        // Act: two more jobs, one at a time, while the first commit's sync runs.
+        let mut later = Vec::new();
+        for value in [2, 3] {
+            let (job, answer) = reported_insert_job(value, false, &ran_tx);
+            inbox.send(job).ok().unwrap();
+            assert_eq!(ran.recv_timeout(wait).unwrap(), value);
+            later.push(answer);
+        }
+        // Assert: both ran, but only the first job is committed (another connection sees
+        // only it), and nobody is answered before the sync.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(rows_of_t(&reader), vec![1]);
+        assert!(unanswered(&mut first_answer));
+        // The sync ends: the first job is answered, the other two commit together.
+        let_sync_finish.send(()).unwrap();
+        assert!(matches!(first_answer.blocking_recv(), Ok(Ok(Ok(1)))));
+        let deadline = std::time::Instant::now() + wait;
+        while rows_of_t(&reader) != vec![1, 2, 3] {
+            assert!(std::time::Instant::now() < deadline, "never committed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // One sync more answers both: they were one commit (a second would need a third).
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(later.iter_mut().all(unanswered));
+        let_sync_finish.send(()).unwrap();
+        for (value, answer) in [2, 3].into_iter().zip(later) {
+            assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(v))) if v == value));
+        }
+        drop(inbox);
+        drop(let_sync_finish);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_job_that_fails_in_the_open_transaction_is_undone_alone() {
+        // Arrange: a writer thread whose first sync the test holds, and one job waiting in
+        // the open transaction behind it.
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, let_sync_finish, thread) = writer_thread_with_held_sync(&dir);
+        let reader = open_connection(&dir.path().join("scratch.db"), true).unwrap();
+        let (ran_tx, ran) = mpsc::channel::<i64>();
+        let wait = std::time::Duration::from_secs(10);
+        let mut answers = Vec::new();
+        for value in [1, 2] {
+            let (job, answer) = reported_insert_job(value, false, &ran_tx);
+            inbox.send(job).ok().unwrap();
+            assert_eq!(ran.recv_timeout(wait).unwrap(), value);
+            answers.push(answer);
+        }
+        // Act: a job that writes, then fails its condition, in the same open transaction.
+        let (failing, failing_answer) = reported_insert_job(3, true, &ran_tx);
+        inbox.send(failing).ok().unwrap();
+        // Assert: the waiting job ran again beside it and was committed with it at once,
+        // without the failing job's row; each is answered after its sync.
+        assert_eq!(ran.recv_timeout(wait).unwrap(), 3);
+        let deadline = std::time::Instant::now() + wait;
+        while rows_of_t(&reader) != vec![1, 2] {
+            assert!(std::time::Instant::now() < deadline, "never committed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let_sync_finish.send(()).unwrap();
+        let_sync_finish.send(()).unwrap();
+        for (value, answer) in [1, 2].into_iter().zip(answers) {
+            assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(v))) if v == value));
+        }
+        assert!(matches!(
+            failing_answer.blocking_recv(),
+            Ok(Ok(Err(ConditionFailed)))
+        ));
+        assert_eq!(rows_of_t(&reader), vec![1, 2]);
+        drop(inbox);
+        drop(let_sync_finish);
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_writer_that_stops_commits_the_jobs_waiting_in_its_open_transaction() {
+        // Arrange: a job waiting in the open transaction behind a held sync.
+        let dir = tempfile::tempdir().unwrap();
+        let (inbox, let_sync_finish, thread) = writer_thread_with_held_sync(&dir);
+        let (ran_tx, ran) = mpsc::channel::<i64>();
+        let wait = std::time::Duration::from_secs(10);
+        let mut answers = Vec::new();
+        for value in [1, 2] {
+            let (job, answer) = reported_insert_job(value, false, &ran_tx);
+            inbox.send(job).ok().unwrap();
+            assert_eq!(ran.recv_timeout(wait).unwrap(), value);
+            answers.push(answer);
+        }
+        // Act: the last sender goes (the store is dropped).
+        drop(inbox);
+        let_sync_finish.send(()).unwrap();
+        let_sync_finish.send(()).unwrap();
+        thread.join().unwrap();
+        // Assert: both committed and answered.
+        for (value, answer) in [1, 2].into_iter().zip(answers) {
+            assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(v))) if v == value));
+        }
+        let reader = open_connection(&dir.path().join("scratch.db"), true).unwrap();
+        assert_eq!(rows_of_t(&reader), vec![1, 2]);
+    }
+
     #[test]
     fn a_failed_sync_fails_its_batch_and_stops_every_later_write() {
         // Arrange: a writer whose disk refuses to sync.
         let dir = tempfile::tempdir().unwrap();
         let sync: SyncWal = Box::new(|| Err(std::io::Error::other("EIO")));
-        let writer =
-            Writer::start(scratch_connection(&dir), sync, scratch_checkpoint(&dir)).unwrap();
+        let mut writer = Writer::start(
+            scratch_connection(&dir),
+            sync,
+            scratch_checkpoint(&dir),
+            no_writer_thread(),
+        )
+        .unwrap();
         let runs = Arc::new(AtomicUsize::new(0));
         let (job, answer) = insert_job(1, false, &runs);
         // Act
