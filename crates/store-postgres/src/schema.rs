@@ -23,6 +23,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0012_unambiguous_send_indexes.sql"),
     include_str!("../migrations/0013_challenges_by_destination.sql"),
     include_str!("../migrations/0014_room_for_a_batch_of_hot_updates.sql"),
+    include_str!("../migrations/0015_no_session_user_foreign_key.sql"),
 ];
 
 /// An arbitrary constant naming otpgate's migration lock.
