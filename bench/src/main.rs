@@ -218,10 +218,12 @@ async fn run_one(
 
     // Login shares the machine with a trickle of baseline requests, whose p99 shows whether
     // password hashing stalls the rest of the service.
-    let side = (scenario == Scenario::Login).then(|| {
-        let addr = running.addr;
+    let side_fixtures = (scenario == Scenario::Login)
+        .then(scenario::seed_baseline)
+        .transpose()?;
+    let side = side_fixtures.map(|fixtures| {
+        let (addr, fixtures) = (running.addr, Arc::new(fixtures));
         tokio::spawn(async move {
-            let fixtures = Arc::new(scenario::seed_baseline());
             load::drive(addr, 4, duration, Duration::from_millis(10), fixtures).await
         })
     });
