@@ -764,13 +764,17 @@ mod tests {
 
     type Answer = oneshot::Receiver<Result<Result<i64, ConditionFailed>, StoreError>>;
 
-    /// A job that inserts `value` into `t`, counts its runs, and fails its condition if asked.
-    fn insert_job(value: i64, fails: bool, runs: &Arc<AtomicUsize>) -> (Job, Answer) {
+    /// A job that inserts `value` into `t`, calls `on_run` each time it has, and fails its
+    /// condition if asked.
+    fn insert_job_calling(
+        value: i64,
+        fails: bool,
+        on_run: impl Fn(i64) + Send + 'static,
+    ) -> (Job, Answer) {
         let (reply, answer) = oneshot::channel();
-        let runs = Arc::clone(runs);
         let job = move |c: &Connection| {
-            runs.fetch_add(1, Ordering::SeqCst);
             exec(c, "INSERT INTO t (x) VALUES (?1)", [value])?;
+            on_run(value);
             if fails {
                 return Err(JobError::Condition);
             }
@@ -784,6 +788,14 @@ mod tests {
             reply,
         });
         (pending, answer)
+    }
+
+    /// [`insert_job_calling`] that counts its runs in `runs`.
+    fn insert_job(value: i64, fails: bool, runs: &Arc<AtomicUsize>) -> (Job, Answer) {
+        let runs = Arc::clone(runs);
+        insert_job_calling(value, fails, move |_| {
+            runs.fetch_add(1, Ordering::SeqCst);
+        })
     }
 
     /// Where a writer driven by the test itself (no writer thread) hears from its sync thread:
@@ -1141,26 +1153,43 @@ mod tests {
         (inbox, let_sync_finish, thread)
     }
 
-    /// [`insert_job`] that also says when it has run, on `ran`.
+    /// [`insert_job_calling`] that says on `ran` when it has run, for the writer thread.
     fn reported_insert_job(value: i64, fails: bool, ran: &mpsc::Sender<i64>) -> (ToWriter, Answer) {
-        let (reply, answer) = oneshot::channel();
         let ran = ran.clone();
-        let job = move |c: &Connection| {
-            exec(c, "INSERT INTO t (x) VALUES (?1)", [value])?;
-            let _ = ran.send(value);
-            if fails {
-                return Err(JobError::Condition);
-            }
-            Ok(value)
-        };
-        let pending: Job = Box::new(PendingWrite {
-            job,
-            outcome: None,
-            changed: false,
-            unchanged_is_a_read: false,
-            reply,
+        let (job, answer) = insert_job_calling(value, fails, move |v| {
+            let _ = ran.send(v);
         });
-        (ToWriter::Job(pending), answer)
+        (ToWriter::Job(job), answer)
+    }
+
+    /// How long a test waits for the writer thread before it fails.
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Sends a job for each of `values`, each once the one before has run (so each is a batch
+    /// of its own); their answers.
+    fn run_one_by_one(
+        inbox: &UnboundedSender<ToWriter>,
+        values: &[i64],
+        ran_tx: &mpsc::Sender<i64>,
+        ran: &mpsc::Receiver<i64>,
+    ) -> Vec<Answer> {
+        let mut answers = Vec::new();
+        for &value in values {
+            let (job, answer) = reported_insert_job(value, false, ran_tx);
+            inbox.send(job).ok().unwrap();
+            assert_eq!(ran.recv_timeout(WAIT).unwrap(), value);
+            answers.push(answer);
+        }
+        answers
+    }
+
+    /// Waits until `reader` sees exactly `rows` committed in `t`.
+    fn wait_for_rows(reader: &Connection, rows: &[i64]) {
+        let deadline = std::time::Instant::now() + WAIT;
+        while rows_of_t(reader) != rows {
+            assert!(std::time::Instant::now() < deadline, "never committed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     fn unanswered(answer: &mut Answer) -> bool {
@@ -1174,18 +1203,9 @@ mod tests {
         let (inbox, let_sync_finish, thread) = writer_thread_with_held_sync(&dir);
         let reader = open_connection(&dir.path().join("scratch.db"), true).unwrap();
         let (ran_tx, ran) = mpsc::channel::<i64>();
-        let wait = std::time::Duration::from_secs(10);
-        let (first, mut first_answer) = reported_insert_job(1, false, &ran_tx);
-        inbox.send(first).ok().unwrap();
-        assert_eq!(ran.recv_timeout(wait).unwrap(), 1);
+        let mut first_answer = run_one_by_one(&inbox, &[1], &ran_tx, &ran).remove(0);
         // Act: two more jobs, one at a time, while the first commit's sync runs.
-        let mut later = Vec::new();
-        for value in [2, 3] {
-            let (job, answer) = reported_insert_job(value, false, &ran_tx);
-            inbox.send(job).ok().unwrap();
-            assert_eq!(ran.recv_timeout(wait).unwrap(), value);
-            later.push(answer);
-        }
+        let mut later = run_one_by_one(&inbox, &[2, 3], &ran_tx, &ran);
         // Assert: both ran, but only the first job is committed (another connection sees
         // only it), and nobody is answered before the sync.
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -1194,11 +1214,7 @@ mod tests {
         // The sync ends: the first job is answered, the other two commit together.
         let_sync_finish.send(()).unwrap();
         assert!(matches!(first_answer.blocking_recv(), Ok(Ok(Ok(1)))));
-        let deadline = std::time::Instant::now() + wait;
-        while rows_of_t(&reader) != vec![1, 2, 3] {
-            assert!(std::time::Instant::now() < deadline, "never committed");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        wait_for_rows(&reader, &[1, 2, 3]);
         // One sync more answers both: they were one commit (a second would need a third).
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(later.iter_mut().all(unanswered));
@@ -1219,25 +1235,14 @@ mod tests {
         let (inbox, let_sync_finish, thread) = writer_thread_with_held_sync(&dir);
         let reader = open_connection(&dir.path().join("scratch.db"), true).unwrap();
         let (ran_tx, ran) = mpsc::channel::<i64>();
-        let wait = std::time::Duration::from_secs(10);
-        let mut answers = Vec::new();
-        for value in [1, 2] {
-            let (job, answer) = reported_insert_job(value, false, &ran_tx);
-            inbox.send(job).ok().unwrap();
-            assert_eq!(ran.recv_timeout(wait).unwrap(), value);
-            answers.push(answer);
-        }
+        let answers = run_one_by_one(&inbox, &[1, 2], &ran_tx, &ran);
         // Act: a job that writes, then fails its condition, in the same open transaction.
         let (failing, failing_answer) = reported_insert_job(3, true, &ran_tx);
         inbox.send(failing).ok().unwrap();
         // Assert: the waiting job ran again beside it and was committed with it at once,
         // without the failing job's row; each is answered after its sync.
-        assert_eq!(ran.recv_timeout(wait).unwrap(), 3);
-        let deadline = std::time::Instant::now() + wait;
-        while rows_of_t(&reader) != vec![1, 2] {
-            assert!(std::time::Instant::now() < deadline, "never committed");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        assert_eq!(ran.recv_timeout(WAIT).unwrap(), 3);
+        wait_for_rows(&reader, &[1, 2]);
         let_sync_finish.send(()).unwrap();
         let_sync_finish.send(()).unwrap();
         for (value, answer) in [1, 2].into_iter().zip(answers) {
@@ -1259,14 +1264,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (inbox, let_sync_finish, thread) = writer_thread_with_held_sync(&dir);
         let (ran_tx, ran) = mpsc::channel::<i64>();
-        let wait = std::time::Duration::from_secs(10);
-        let mut answers = Vec::new();
-        for value in [1, 2] {
-            let (job, answer) = reported_insert_job(value, false, &ran_tx);
-            inbox.send(job).ok().unwrap();
-            assert_eq!(ran.recv_timeout(wait).unwrap(), value);
-            answers.push(answer);
-        }
+        let answers = run_one_by_one(&inbox, &[1, 2], &ran_tx, &ran);
         // Act: the last sender goes (the store is dropped).
         drop(inbox);
         let_sync_finish.send(()).unwrap();
