@@ -571,13 +571,18 @@ impl Writer {
         Some(self.finish(jobs, outcome))
     }
 
-    /// Commits the open transaction, if there is one; returns whether it committed.
+    /// Commits the open transaction, if there is one; returns whether it committed. After a
+    /// failed sync it is rolled back instead: nothing more is written to a file in doubt.
     fn commit_open(&mut self) -> bool {
         if self.open.is_empty() {
             return false;
         }
         let jobs = std::mem::take(&mut self.open);
-        let outcome = commit(&self.conn);
+        let outcome = if self.broken.load(Ordering::Acquire) {
+            Err(broken_store())
+        } else {
+            commit(&self.conn)
+        };
         self.finish(jobs, outcome)
     }
 
@@ -1256,6 +1261,43 @@ mod tests {
         drop(inbox);
         drop(let_sync_finish);
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn jobs_waiting_in_the_open_transaction_when_a_sync_fails_are_never_committed() {
+        // Arrange: a writer thread whose first sync waits for the test, then fails.
+        let dir = tempfile::tempdir().unwrap();
+        let (let_sync_fail, sync_may_fail) = mpsc::channel::<()>();
+        let sync: SyncWal = Box::new(move || {
+            sync_may_fail.recv().map_err(std::io::Error::other)?;
+            Err(std::io::Error::other("EIO"))
+        });
+        let (inbox, jobs) = tokio::sync::mpsc::unbounded_channel::<ToWriter>();
+        let writer = Writer::start(
+            scratch_connection(&dir),
+            sync,
+            scratch_checkpoint(&dir),
+            inbox.downgrade(),
+        )
+        .unwrap();
+        let thread = std::thread::spawn(move || writer_loop(writer, jobs));
+        let (ran_tx, ran) = mpsc::channel::<i64>();
+        let answers = run_one_by_one(&inbox, &[1, 2], &ran_tx, &ran);
+        // Act: the sync of the first commit fails while the second job waits.
+        let_sync_fail.send(()).unwrap();
+        // Assert: both callers hear "unavailable"; the waiting job's row never reached the
+        // database (the first one's did, before its sync).
+        for answer in answers {
+            assert!(matches!(
+                answer.blocking_recv(),
+                Ok(Err(StoreError::Unavailable(_)))
+            ));
+        }
+        drop(inbox);
+        drop(let_sync_fail);
+        thread.join().unwrap();
+        let reader = open_connection(&dir.path().join("scratch.db"), true).unwrap();
+        assert_eq!(rows_of_t(&reader), vec![1]);
     }
 
     #[test]
