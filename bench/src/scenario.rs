@@ -114,7 +114,8 @@ impl Wire {
             .into_iter()
             .map(|(name, value)| {
                 let value = HeaderValue::try_from(value).map_err(|e| e.to_string())?;
-                Ok((HeaderName::from_static(name), value))
+                let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+                Ok((name, value))
             })
             .collect::<Result<_, String>>()?;
         let body = match (&prepared.body, &prepared.totp_secret) {
