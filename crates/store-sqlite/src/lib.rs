@@ -1135,8 +1135,24 @@ mod tests {
         );
     }
 
-    /// A writer thread (as [`SqliteStore::open`] starts it) on a scratch database whose syncs
-    /// finish only when the test sends on the returned channel; its inbox, and the thread.
+    /// A writer thread (as [`SqliteStore::open`] starts it) on a scratch database with `sync`;
+    /// its inbox, and the thread.
+    fn writer_thread(
+        dir: &tempfile::TempDir,
+        sync: SyncWal,
+    ) -> (UnboundedSender<ToWriter>, std::thread::JoinHandle<()>) {
+        let (inbox, jobs) = tokio::sync::mpsc::unbounded_channel::<ToWriter>();
+        let writer = Writer::start(
+            scratch_connection(dir),
+            sync,
+            scratch_checkpoint(dir),
+            inbox.downgrade(),
+        )
+        .unwrap();
+        (inbox, std::thread::spawn(move || writer_loop(writer, jobs)))
+    }
+
+    /// [`writer_thread`] whose syncs finish only when the test sends on the returned channel.
     fn writer_thread_with_held_sync(
         dir: &tempfile::TempDir,
     ) -> (
@@ -1146,15 +1162,7 @@ mod tests {
     ) {
         let (let_sync_finish, sync_may_finish) = mpsc::channel::<()>();
         let sync: SyncWal = Box::new(move || sync_may_finish.recv().map_err(std::io::Error::other));
-        let (inbox, jobs) = tokio::sync::mpsc::unbounded_channel::<ToWriter>();
-        let writer = Writer::start(
-            scratch_connection(dir),
-            sync,
-            scratch_checkpoint(dir),
-            inbox.downgrade(),
-        )
-        .unwrap();
-        let thread = std::thread::spawn(move || writer_loop(writer, jobs));
+        let (inbox, thread) = writer_thread(dir, sync);
         (inbox, let_sync_finish, thread)
     }
 
@@ -1197,6 +1205,13 @@ mod tests {
         }
     }
 
+    /// Asserts that each answer is a success carrying its value.
+    fn assert_answered_with(values: &[i64], answers: Vec<Answer>) {
+        for (&value, answer) in values.iter().zip(answers) {
+            assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(v))) if v == value));
+        }
+    }
+
     fn unanswered(answer: &mut Answer) -> bool {
         matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Empty))
     }
@@ -1224,9 +1239,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(later.iter_mut().all(unanswered));
         let_sync_finish.send(()).unwrap();
-        for (value, answer) in [2, 3].into_iter().zip(later) {
-            assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(v))) if v == value));
-        }
+        assert_answered_with(&[2, 3], later);
         drop(inbox);
         drop(let_sync_finish);
         thread.join().unwrap();
@@ -1250,9 +1263,7 @@ mod tests {
         wait_for_rows(&reader, &[1, 2]);
         let_sync_finish.send(()).unwrap();
         let_sync_finish.send(()).unwrap();
-        for (value, answer) in [1, 2].into_iter().zip(answers) {
-            assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(v))) if v == value));
-        }
+        assert_answered_with(&[1, 2], answers);
         assert!(matches!(
             failing_answer.blocking_recv(),
             Ok(Ok(Err(ConditionFailed)))
@@ -1272,15 +1283,7 @@ mod tests {
             sync_may_fail.recv().map_err(std::io::Error::other)?;
             Err(std::io::Error::other("EIO"))
         });
-        let (inbox, jobs) = tokio::sync::mpsc::unbounded_channel::<ToWriter>();
-        let writer = Writer::start(
-            scratch_connection(&dir),
-            sync,
-            scratch_checkpoint(&dir),
-            inbox.downgrade(),
-        )
-        .unwrap();
-        let thread = std::thread::spawn(move || writer_loop(writer, jobs));
+        let (inbox, thread) = writer_thread(&dir, sync);
         let (ran_tx, ran) = mpsc::channel::<i64>();
         let answers = run_one_by_one(&inbox, &[1, 2], &ran_tx, &ran);
         // Act: the sync of the first commit fails while the second job waits.
@@ -1313,9 +1316,7 @@ mod tests {
         let_sync_finish.send(()).unwrap();
         thread.join().unwrap();
         // Assert: both committed and answered.
-        for (value, answer) in [1, 2].into_iter().zip(answers) {
-            assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(v))) if v == value));
-        }
+        assert_answered_with(&[1, 2], answers);
         let reader = open_connection(&dir.path().join("scratch.db"), true).unwrap();
         assert_eq!(rows_of_t(&reader), vec![1, 2]);
     }
