@@ -24,6 +24,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0013_challenges_by_destination.sql"),
     include_str!("../migrations/0014_room_for_a_batch_of_hot_updates.sql"),
     include_str!("../migrations/0015_no_session_user_foreign_key.sql"),
+    include_str!("../migrations/0016_one_audit_index.sql"),
 ];
 
 /// An arbitrary constant naming otpgate's migration lock.
@@ -319,6 +320,62 @@ mod tests {
             .filter(|(name, _)| matches!(*name, "hit" | "read"))
             .filter_map(|(_, count)| count.trim_end_matches(',').parse::<u64>().ok())
             .sum()
+    }
+
+    #[tokio::test]
+    async fn the_audit_listing_reads_a_few_pages_however_many_events_its_tenant_has() {
+        // Arrange: a small tenant's 4,000 events, then 36,000 of a busy one, analysed. Walking
+        // the `id` key back from the newest event would step over all the busy tenant's; a
+        // `(tenant_id, …)` index in another order would fetch and sort all the small one's.
+        let Some((_db, store)) = fresh_store().await else {
+            return;
+        };
+        sqlx::query(
+            "INSERT INTO audit_events (tenant_id, user_id, kind, detail, at) \
+             SELECT CASE WHEN g <= 4000 THEN 'small' ELSE 'busy' END, 'u' || (g % 100), \
+             'login_succeeded', '', g FROM generate_series(1, 40000) g",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        sqlx::raw_sql("ANALYZE audit_events")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let mut too_many = Vec::new();
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            for tenant in ["small", "busy"] {
+                // Act: the newest 20 of the tenant's events, as listed.
+                let mut tx = store.pool().begin().await.unwrap();
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "SET LOCAL plan_cache_mode = {mode}"
+                )))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+                let explain = format!(
+                    "EXPLAIN (ANALYZE, BUFFERS) {}",
+                    crate::store::AUDIT_NEWEST_FIRST.as_str()
+                );
+                let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+                    .bind(tenant)
+                    .bind(None::<&str>)
+                    .bind(20_i64)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .unwrap();
+                tx.rollback().await.unwrap();
+                let pages = pages_touched(&plan);
+                if !(1..=30).contains(&pages) {
+                    too_many.push(format!(
+                        "{tenant} ({mode}): {pages} pages\n{}",
+                        plan.join("\n")
+                    ));
+                }
+            }
+        }
+        // Assert: each read a few pages, from the tenant's newest event back.
+        assert!(too_many.is_empty(), "{}", too_many.join("\n\n"));
     }
 
     #[tokio::test]

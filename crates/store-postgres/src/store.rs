@@ -603,6 +603,18 @@ fn decode<T>(mapper: fn(&PgRow) -> sqlx::Result<T>) -> impl Fn(PgRow) -> StoreRe
 }
 
 /// Point reads of many keys at once, for the lookup batchers; each statement built once.
+/// A tenant's audit events (of one user, or of all when `$2` is NULL), newest first: a walk of
+/// the `(tenant_id, id)` key backwards, which stops at the limit (`$3`).
+pub(crate) static AUDIT_NEWEST_FIRST: std::sync::LazyLock<String> = std::sync::LazyLock::new(
+    || {
+        format!(
+            "SELECT {} FROM audit_events WHERE tenant_id = $1 AND ($2::TEXT IS NULL OR user_id = $2) \
+         ORDER BY id DESC LIMIT $3",
+            rows::AUDIT_COLUMNS
+        )
+    },
+);
+
 static TICKETS_BY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT {} FROM login_tickets WHERE hash = ANY($1::bytea[])",
@@ -2264,6 +2276,10 @@ impl Store for PgStore {
                     LOGIN_CONTEXTS_BY_HASH.as_str(),
                 ),
                 ("user by id", USERS_BY_ID.as_str()),
+                (
+                    "a tenant's audit events, newest first",
+                    AUDIT_NEWEST_FIRST.as_str(),
+                ),
                 ("challenge by id", CHALLENGES_BY_ID.as_str()),
                 ("complete a code login", CODE_LOGIN.as_str()),
                 ("consume a code with its audit", CONSUME_WITH_AUDIT.as_str()),
@@ -2417,13 +2433,8 @@ impl Store for PgStore {
         user: Option<&UserId>,
         limit: u32,
     ) -> StoreResult<Vec<AuditEvent>> {
-        let sql = format!(
-            "SELECT {} FROM audit_events WHERE tenant_id = $1 AND ($2::TEXT IS NULL OR user_id = $2) \
-             ORDER BY id DESC LIMIT $3",
-            rows::AUDIT_COLUMNS
-        );
         self.fetch_all(
-            sqlx::query(AssertSqlSafe(sql))
+            sqlx::query(AssertSqlSafe(AUDIT_NEWEST_FIRST.as_str()))
                 .bind(tenant.as_str())
                 .bind(user.map(|u| u.as_str()))
                 .bind(i64::from(limit)),

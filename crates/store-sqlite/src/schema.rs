@@ -18,6 +18,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0008_sweep_indexes.sql"),
     include_str!("../migrations/0009_no_session_user_index.sql"),
     include_str!("../migrations/0010_challenges_by_destination.sql"),
+    include_str!("../migrations/0011_audit_newest_first.sql"),
 ];
 
 /// The schema version this build expects.

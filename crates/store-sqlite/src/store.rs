@@ -202,6 +202,17 @@ static USER_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
+/// A tenant's audit events (of one user, or of all when `?2` is NULL), newest first: a walk of
+/// the `tenant_id` index (which holds the row id after it) backwards, which stops at the limit.
+pub(crate) static AUDIT_NEWEST_FIRST: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| {
+        format!(
+            "SELECT {} FROM audit_events WHERE tenant_id = ?1 AND (?2 IS NULL OR user_id = ?2) \
+             ORDER BY id DESC LIMIT ?3",
+            rows::AUDIT_COLUMNS
+        )
+    });
+
 /// A challenge by tenant and id (built once: checks read it on every request).
 static CHALLENGE_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
@@ -1431,6 +1442,10 @@ impl Store for SqliteStore {
         let statements: Vec<(&'static str, &'static str)> = HOT_STATEMENTS
             .into_iter()
             .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)))
+            .chain([(
+                "a tenant's audit events, newest first",
+                AUDIT_NEWEST_FIRST.as_str(),
+            )])
             .collect();
         self.scan(move |c| {
             statements
@@ -1549,13 +1564,8 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> StoreResult<Vec<AuditEvent>> {
         let (tenant, user) = (tenant.clone(), user.cloned());
-        let sql = format!(
-            "SELECT {} FROM audit_events WHERE tenant_id = ?1 AND (?2 IS NULL OR user_id = ?2) \
-             ORDER BY id DESC LIMIT ?3",
-            rows::AUDIT_COLUMNS
-        );
         self.scan(move |c| {
-            c.prepare_cached(&sql)?
+            c.prepare_cached(&AUDIT_NEWEST_FIRST)?
                 .query_map(
                     params![tenant.as_str(), user.as_ref().map(|u| u.as_str()), limit],
                     rows::audit,
@@ -1695,4 +1705,28 @@ fn consume(
         expected_attempts,
         ms(now)
     ])?)
+}
+
+#[cfg(test)]
+mod tests {
+    use otpgate_core::store::Store;
+
+    use crate::SqliteStore;
+
+    #[tokio::test]
+    async fn the_audit_listing_walks_its_index_in_order_instead_of_sorting_the_tenants_events() {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("otpgate.db")).unwrap();
+        // Act
+        let plans = store.query_plans().await.unwrap();
+        // Assert: no temporary B-tree, which would hold every event of the tenant to hand
+        // back the newest few.
+        let audit = plans
+            .iter()
+            .find(|p| p.purpose == "a tenant's audit events, newest first")
+            .unwrap();
+        assert!(audit.plan.contains("audit_by_tenant"), "{audit}");
+        assert!(!audit.plan.contains("TEMP B-TREE"), "{audit}");
+    }
 }

@@ -1896,6 +1896,13 @@ pub async fn every_hot_and_sweep_statement_goes_through_an_index(store: Arc<dyn 
             );
         }
     }
+    // The audit listing goes through an index of the tenant's events (whether it walks it in
+    // order and stops at its limit is each store's own test: PostgreSQL's generic plan on an
+    // empty table sorts).
+    let audit = plans
+        .iter()
+        .find(|p| p.purpose == "a tenant's audit events, newest first");
+    assert!(audit.is_some_and(|p| !p.full_scan), "{audit:?}");
     // A user by its key, never by walking the tenant's usernames.
     let user = plans.iter().find(|p| p.purpose == "user by id");
     assert!(
