@@ -322,6 +322,37 @@ mod tests {
             .sum()
     }
 
+    /// A query of `EXPLAIN (ANALYZE, BUFFERS)` lines, its parameters bound.
+    type Explain<'q> =
+        sqlx::query::QueryScalar<'q, sqlx::Postgres, String, sqlx::postgres::PgArguments>;
+
+    /// Runs `sql` under the plan cache mode `mode` (`force_custom_plan`, `force_generic_plan`),
+    /// with its parameters bound by `bind`, in a transaction then rolled back; answers how many
+    /// pages it read, or its plan if that is more than `most`.
+    async fn too_many_pages(
+        store: &PgStore,
+        mode: &str,
+        sql: &str,
+        bind: impl FnOnce(Explain<'static>) -> Explain<'static>,
+        most: u64,
+    ) -> Option<String> {
+        let mut tx = store.pool().begin().await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET LOCAL plan_cache_mode = {mode}"
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let explain = format!("EXPLAIN (ANALYZE, BUFFERS) {sql}");
+        let plan: Vec<String> = bind(sqlx::query_scalar(sqlx::AssertSqlSafe(explain)))
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        let pages = pages_touched(&plan);
+        (!(1..=most).contains(&pages)).then(|| format!("{pages} pages\n{}", plan.join("\n")))
+    }
+
     #[tokio::test]
     async fn the_audit_listing_reads_a_few_pages_however_many_events_its_tenant_has() {
         // Arrange: a small tenant's 4,000 events, then 36,000 of a busy one, analysed. Walking
@@ -346,31 +377,10 @@ mod tests {
         for mode in ["force_custom_plan", "force_generic_plan"] {
             for tenant in ["small", "busy"] {
                 // Act: the newest 20 of the tenant's events, as listed.
-                let mut tx = store.pool().begin().await.unwrap();
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "SET LOCAL plan_cache_mode = {mode}"
-                )))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-                let explain = format!(
-                    "EXPLAIN (ANALYZE, BUFFERS) {}",
-                    crate::store::AUDIT_NEWEST_FIRST.as_str()
-                );
-                let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
-                    .bind(tenant)
-                    .bind(None::<&str>)
-                    .bind(20_i64)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .unwrap();
-                tx.rollback().await.unwrap();
-                let pages = pages_touched(&plan);
-                if !(1..=30).contains(&pages) {
-                    too_many.push(format!(
-                        "{tenant} ({mode}): {pages} pages\n{}",
-                        plan.join("\n")
-                    ));
+                let bind = |q: Explain<'static>| q.bind(tenant).bind(None::<&str>).bind(20_i64);
+                let sql = crate::store::AUDIT_NEWEST_FIRST.as_str();
+                if let Some(plan) = too_many_pages(&store, mode, sql, bind, 30).await {
+                    too_many.push(format!("{tenant} ({mode}): {plan}"));
                 }
             }
         }
@@ -430,27 +440,9 @@ mod tests {
                     crate::store::SweepCutoff::RetentionAgo => retention_ago,
                 };
                 // Act: the sweep statement as the sweeper runs it, measured, then undone.
-                let mut tx = store.pool().begin().await.unwrap();
-                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "SET LOCAL plan_cache_mode = {mode}"
-                )))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-                let explain = format!("EXPLAIN (ANALYZE, BUFFERS) {sql}");
-                let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
-                    .bind(cutoff)
-                    .bind(100_i64)
-                    .fetch_all(&mut *tx)
-                    .await
-                    .unwrap();
-                tx.rollback().await.unwrap();
-                let pages = pages_touched(&plan);
-                if !(1..=30).contains(&pages) {
-                    too_many.push(format!(
-                        "{purpose} ({mode}): {pages} pages\n{}",
-                        plan.join("\n")
-                    ));
+                let bind = |q: Explain<'static>| q.bind(cutoff).bind(100_i64);
+                if let Some(plan) = too_many_pages(&store, mode, sql, bind, 30).await {
+                    too_many.push(format!("{purpose} ({mode}): {plan}"));
                 }
             }
         }
