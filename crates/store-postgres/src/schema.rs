@@ -327,8 +327,8 @@ mod tests {
         sqlx::query::QueryScalar<'q, sqlx::Postgres, String, sqlx::postgres::PgArguments>;
 
     /// Runs `sql` under the plan cache mode `mode` (`force_custom_plan`, `force_generic_plan`),
-    /// with its parameters bound by `bind`, in a transaction then rolled back; answers how many
-    /// pages it read, or its plan if that is more than `most`.
+    /// with its parameters bound by `bind`, in a transaction then rolled back; answers nothing
+    /// when it read between 1 and `most` pages, else how many and its plan.
     async fn too_many_pages(
         store: &PgStore,
         mode: &str,

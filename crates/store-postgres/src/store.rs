@@ -602,19 +602,19 @@ fn decode<T>(mapper: fn(&PgRow) -> sqlx::Result<T>) -> impl Fn(PgRow) -> StoreRe
     move |row| mapper(&row).map_err(db)
 }
 
-/// Point reads of many keys at once, for the lookup batchers; each statement built once.
 /// A tenant's audit events (of one user, or of all when `$2` is NULL), newest first: a walk of
 /// the `(tenant_id, id)` key backwards, which stops at the limit (`$3`).
-pub(crate) static AUDIT_NEWEST_FIRST: std::sync::LazyLock<String> = std::sync::LazyLock::new(
-    || {
+pub(crate) static AUDIT_NEWEST_FIRST: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| {
         format!(
-            "SELECT {} FROM audit_events WHERE tenant_id = $1 AND ($2::TEXT IS NULL OR user_id = $2) \
-         ORDER BY id DESC LIMIT $3",
+            "SELECT {} FROM audit_events \
+             WHERE tenant_id = $1 AND ($2::TEXT IS NULL OR user_id = $2) \
+             ORDER BY id DESC LIMIT $3",
             rows::AUDIT_COLUMNS
         )
-    },
-);
+    });
 
+/// Point reads of many keys at once, for the lookup batchers; each statement built once.
 static TICKETS_BY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT {} FROM login_tickets WHERE hash = ANY($1::bytea[])",
