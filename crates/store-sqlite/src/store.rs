@@ -204,14 +204,13 @@ static USER_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
 
 /// A tenant's audit events (of one user, or of all when `?2` is NULL), newest first: a walk of
 /// the `tenant_id` index (which holds the row id after it) backwards, which stops at the limit.
-pub(crate) static AUDIT_NEWEST_FIRST: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| {
-        format!(
-            "SELECT {} FROM audit_events WHERE tenant_id = ?1 AND (?2 IS NULL OR user_id = ?2) \
+static AUDIT_NEWEST_FIRST: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {} FROM audit_events WHERE tenant_id = ?1 AND (?2 IS NULL OR user_id = ?2) \
              ORDER BY id DESC LIMIT ?3",
-            rows::AUDIT_COLUMNS
-        )
-    });
+        rows::AUDIT_COLUMNS
+    )
+});
 
 /// A challenge by tenant and id (built once: checks read it on every request).
 static CHALLENGE_BY_ID: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
