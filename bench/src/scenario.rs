@@ -627,7 +627,8 @@ mod tests {
         let fixtures = seed_baseline().unwrap();
         let ticket = otpgate_core::token::mint_ticket(time::OffsetDateTime::UNIX_EPOCH).unwrap();
         let ticket = ticket.secret.expose_secret().to_owned();
-        let session = otpgate_core::token::mint_hex_token().unwrap();
+        let session =
+            otpgate_core::token::mint_session_token(time::OffsetDateTime::UNIX_EPOCH).unwrap();
         let session = session.secret.expose_secret().to_owned();
         let check = |expect, body: &[u8]| fixtures.check(&expect, 200, body).is_ok();
         assert!(check(Expect::AclTicket, &acl_answer(&ticket)));

@@ -1,6 +1,7 @@
 //! Bearer secrets: session tokens (32 lowercase hex, as the ACL document shows), login tickets and
-//! API keys. Each is 128 bits or more from the OS CSPRNG and stored only as its SHA-256 (a login
-//! ticket: its time, then most of its SHA-256), and the time prefix that orders stored keys.
+//! API keys, from the OS CSPRNG and stored only as hashes. Session tokens and login tickets begin
+//! with their minting time, and their stored keys keep it in front of the hash, so that the
+//! store's index takes new keys at one place instead of at random ones.
 
 use secrecy::SecretString;
 use time::OffsetDateTime;
@@ -19,15 +20,74 @@ pub struct Minted {
     pub hash: [u8; 32],
 }
 
-/// A new 128-bit token as 32 lowercase hex digits.
-pub fn mint_hex_token() -> Result<Minted, CoreError> {
-    let raw: [u8; 16] = random_bytes()?;
-    let text = hex::encode(raw);
-    let hash = hash_token(&text);
+/// Hex digits of a session token's time prefix: its minting time in steps of 4 ms, modulo 2^24.
+/// The count wraps every 18.6 hours, longer than a session lives (10 hours by default).
+const SESSION_TIME_HEX: usize = 6;
+
+/// Length of a session token: 32 lowercase hex digits, as the ACL document shows.
+pub const SESSION_TOKEN_LEN: usize = 32;
+
+/// A new session token: its minting time (6 hex digits, see [`SESSION_TIME_HEX`]), then 104
+/// random bits (26 hex digits). A token of 128 random bits would be a random key, and each
+/// login would write its session's key on a random page of the store's index: with SQLite,
+/// that page was most of what a login wrote to the WAL and what the checkpoint copied. 104
+/// bits are still beyond any guess (OWASP asks for 64), and the time says only when the
+/// client logged in, modulo 18.6 hours.
+pub fn mint_session_token(now: OffsetDateTime) -> Result<Minted, CoreError> {
+    let raw: [u8; 13] = random_bytes()?;
+    let text = format!("{}{}", hex::encode(session_time(now)), hex::encode(raw));
+    let hash = session_key(&text);
     Ok(Minted {
         secret: SecretString::from(text),
         hash,
     })
+}
+
+/// The 3 bytes of a session token's time: 4-millisecond steps since 1970, modulo 2^24. Sessions
+/// minted in the same few milliseconds (a commit's worth) share them.
+fn session_time(now: OffsetDateTime) -> [u8; 3] {
+    let steps = (now.unix_timestamp_nanos() / 4_000_000).rem_euclid(1 << 24) as u32;
+    let mut time = [0u8; 3];
+    time.copy_from_slice(&steps.to_be_bytes()[1..]);
+    time
+}
+
+/// The stored key of a presented session token: its 3 bytes of time, then the first 29 bytes of
+/// its SHA-256 (232 bits, more than any guess can match). Anything else keys as its SHA-256.
+/// Tokens minted before 2026-12-04 (128 random bits) were stored under their SHA-256; see
+/// [`legacy_session_key`].
+pub fn session_key(presented: &str) -> [u8; 32] {
+    ordered_key(presented.trim(), SESSION_TOKEN_LEN, SESSION_TIME_HEX)
+}
+
+/// The key a session token minted before 2026-12-04 was stored under (its SHA-256), when that
+/// differs from its [`session_key`]: such a token looks like any other of 32 hex digits, so a
+/// lookup that misses under the new key tries this one, until those sessions have expired.
+pub fn legacy_session_key(presented: &str) -> Option<[u8; 32]> {
+    let plain = hash_token(presented);
+    (plain != session_key(presented)).then_some(plain)
+}
+
+/// `text`'s SHA-256 with its first bytes replaced by the time its first `time_hex` hex digits
+/// spell, when it is `len` long and they are hex; otherwise its plain SHA-256.
+fn ordered_key(text: &str, len: usize, time_hex: usize) -> [u8; 32] {
+    let hash = hash_token(text);
+    let mut time = [0u8; 6];
+    let Some(time) = time.get_mut(..time_hex / 2) else {
+        return hash;
+    };
+    let spells_time = text.len() == len
+        && text
+            .get(..time_hex)
+            .is_some_and(|prefix| hex::decode_to_slice(prefix, time).is_ok());
+    if !spells_time {
+        return hash;
+    }
+    let mut key = [0u8; 32];
+    for (to, from) in key.iter_mut().zip(time.iter().chain(hash.iter())) {
+        *to = *from;
+    }
+    key
 }
 
 /// Hex digits of a login ticket's time prefix: its minting time in milliseconds, 48 bits.
@@ -68,17 +128,7 @@ pub fn mint_ticket(now: OffsetDateTime) -> Result<Minted, CoreError> {
 /// are still more than any guess can match. A ticket without a time prefix (before 2026-12-04,
 /// 32 hex digits, alive for 5 minutes) keys as its SHA-256.
 pub fn ticket_key(presented: &str) -> [u8; 32] {
-    let text = presented.trim();
-    let mut key = hash_token(text);
-    let mut time = [0u8; 6];
-    if text.len() == TICKET_LEN
-        && let Some(prefix) = text.get(..TICKET_TIME_HEX)
-        && hex::decode_to_slice(prefix, &mut time).is_ok()
-    {
-        key.copy_within(..26, 6);
-        key[..6].copy_from_slice(&time);
-    }
-    key
+    ordered_key(presented.trim(), TICKET_LEN, TICKET_TIME_HEX)
 }
 
 /// A new 256-bit API key, `ogk_` followed by 64 lowercase hex digits.
@@ -104,14 +154,51 @@ mod tests {
     use secrecy::ExposeSecret;
 
     #[test]
-    fn tokens_are_32_lowercase_hex_and_distinct() {
-        let a = mint_hex_token().unwrap();
-        let b = mint_hex_token().unwrap();
+    fn session_tokens_are_their_time_then_104_random_bits_in_32_lowercase_hex() {
+        let at = time::macros::datetime!(2026-12-04 05:00:00.123 UTC);
+        let a = mint_session_token(at).unwrap();
+        let b = mint_session_token(at).unwrap();
         let text = a.secret.expose_secret();
-        assert_eq!(text.len(), 32);
+        assert_eq!(text.len(), SESSION_TOKEN_LEN);
         assert!(text.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')));
-        assert_ne!(text, b.secret.expose_secret());
-        assert_eq!(hash_token(text), a.hash);
+        // 1,796,360,400,123 ms after 1970 are 449,090,100,030 steps of 4 ms; modulo 2^24,
+        // 0xdb1b3e.
+        assert_eq!(&text[..6], "db1b3e");
+        assert_eq!(text[..6], b.secret.expose_secret()[..6]);
+        assert_ne!(text[6..], b.secret.expose_secret()[6..]);
+        assert_eq!(session_key(text), a.hash);
+        assert_eq!(session_key(&format!(" {text}\n")), a.hash);
+    }
+
+    #[test]
+    fn a_session_tokens_key_is_its_time_then_its_hash() {
+        let at = time::macros::datetime!(2026-12-04 05:00 UTC);
+        let minted = mint_session_token(at).unwrap();
+        let text = minted.secret.expose_secret();
+        assert_eq!(minted.hash[..3], session_time(at));
+        assert_eq!(minted.hash[3..], sha256(text.as_bytes())[..29]);
+        // Its legacy key is its plain SHA-256, which a new token is never stored under.
+        assert_eq!(legacy_session_key(text), Some(sha256(text.as_bytes())));
+        assert_eq!(legacy_session_key("not a token"), None);
+    }
+
+    #[test]
+    fn keys_of_later_sessions_sort_after_earlier_ones_until_the_count_wraps() {
+        let start = time::macros::datetime!(2026-12-04 05:00 UTC);
+        let keys: Vec<[u8; 32]> = (0..200)
+            .map(|i| {
+                mint_session_token(start + time::Duration::milliseconds(4 * i))
+                    .unwrap()
+                    .hash
+            })
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] < w[1]));
+        // The count wraps after 2^24 steps of 4 ms (18.6 hours), longer than a session lives.
+        let wrap = time::Duration::milliseconds(4 << 24);
+        assert_eq!(session_time(start + wrap), session_time(start));
+        assert!(wrap > time::Duration::hours(18));
+        let before_1970 = OffsetDateTime::UNIX_EPOCH - time::Duration::milliseconds(4);
+        assert_eq!(session_time(before_1970), [0xff; 3]);
     }
 
     #[test]
@@ -165,8 +252,8 @@ mod tests {
     fn a_ticket_without_a_time_prefix_keys_as_its_plain_hash() {
         // Tickets of earlier versions (32 hex digits) and anything that is not a ticket of ours:
         // looked up by their SHA-256, found or not, never a panic.
-        let old = mint_hex_token().unwrap();
-        assert_eq!(ticket_key(old.secret.expose_secret()), old.hash);
+        let old = hex::encode(random_bytes::<16>().unwrap());
+        assert_eq!(ticket_key(&old), sha256(old.as_bytes()));
         let time_hex = "0194e3a1b2c3";
         let random_hex = "d4e5f60718293a4b5c6d7e8f9a0b1c2d";
         for odd in [

@@ -89,6 +89,7 @@ macro_rules! store_contract_tests {
             service_wrong_codes_kill_the_verification_after_five,
             service_malformed_codes_touch_no_counter,
             service_two_step_login_issues_one_session,
+            service_a_session_stored_under_its_plain_hash_still_opens,
             service_a_locked_accounts_right_code_is_refused_and_counted,
             service_totp_codes_work_once,
         );
@@ -2488,6 +2489,10 @@ pub async fn service_two_step_login_issues_one_session(store: Arc<dyn Store>) {
         .unwrap();
     let (session, user) = core.authenticate_session(&issued.token).await.unwrap();
     assert_eq!(user.username.as_str(), "ali");
+    // Stored under its ordered key (its time first), not its plain hash.
+    let token = secrecy::ExposeSecret::expose_secret(&issued.token);
+    assert_eq!(session.hash, otpgate_core::token::session_key(token));
+    assert_ne!(session.hash, otpgate_core::token::hash_token(token));
     assert_eq!(
         session.expires_at - session.created_at,
         time::Duration::hours(10)
@@ -2497,6 +2502,37 @@ pub async fn service_two_step_login_issues_one_session(store: Arc<dyn Store>) {
     assert_eq!(again.err().map(|e| e.code()), Some("unauthorized"));
     core.revoke_session(&issued.token, &ctx()).await.unwrap();
     assert!(core.authenticate_session(&issued.token).await.is_err());
+}
+
+pub async fn service_a_session_stored_under_its_plain_hash_still_opens(store: Arc<dyn Store>) {
+    // Arrange: a session of a token minted before session keys began with their time (128
+    // random bits, stored under its SHA-256), and a token of the same shape never issued.
+    let (core, clock) = service(Arc::clone(&store)).await;
+    let tenant = core.default_tenant().await.unwrap();
+    let user = phone_user(&core, &tenant.id, "leila", "pw-leila-1234", "+989121230001").await;
+    let old_token = "5f0e3c9a7b21d4e68c0f1a2b3c4d5e6f";
+    let now = clock.now();
+    let old = Session {
+        hash: otpgate_core::token::hash_token(old_token),
+        tenant_id: tenant.id.clone(),
+        user_id: user.id.clone(),
+        created_at: now,
+        expires_at: now + time::Duration::hours(10),
+        revoked_at: None,
+    };
+    store.insert_session(&old, &[]).await.unwrap();
+    let old_token = SecretString::from(old_token);
+    // Act
+    let opened = core.authenticate_session(&old_token).await;
+    let stranger = core
+        .authenticate_session(&SecretString::from("5f0e3c9a7b21d4e68c0f1a2b3c4d5e60"))
+        .await;
+    // Assert: it opens its user's session until it is revoked; the other token opens nothing.
+    let (session, found) = opened.unwrap();
+    assert_eq!((session.hash, found.id), (old.hash, user.id));
+    assert_eq!(stranger.err().map(|e| e.code()), Some("unauthorized"));
+    core.revoke_session(&old_token, &ctx()).await.unwrap();
+    assert!(core.authenticate_session(&old_token).await.is_err());
 }
 
 pub async fn service_a_locked_accounts_right_code_is_refused_and_counted(store: Arc<dyn Store>) {

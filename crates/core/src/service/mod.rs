@@ -32,7 +32,10 @@ use crate::store::{
     ChallengeJudge, CodeReplacement, LoginCompletion, LoginContext, LoginJudge, LoginVerdict,
     SendScope, Settled, SettledLogin, Store, Verdict,
 };
-use crate::token::{hash_token, mint_api_key, mint_hex_token, mint_ticket, ticket_key};
+use crate::token::{
+    hash_token, legacy_session_key, mint_api_key, mint_session_token, mint_ticket, session_key,
+    ticket_key,
+};
 
 mod keys;
 mod phone;
@@ -156,7 +159,7 @@ pub(crate) fn new_session(
     user: &User,
     now: OffsetDateTime,
 ) -> CoreResult<(crate::token::Minted, Session)> {
-    let minted = mint_hex_token()?;
+    let minted = mint_session_token(now)?;
     let session = session_record(policy, user, minted.hash, now);
     Ok((minted, session))
 }
@@ -1602,7 +1605,7 @@ impl Otpgate {
         raw_code: &str,
         ctx: &RequestContext,
     ) -> CoreResult<SessionIssued> {
-        let minted = mint_hex_token()?;
+        let minted = mint_session_token(self.clock.now())?;
         let judge = self.code_login_judge(raw_code, minted.hash, ctx);
         let SettledLogin { context, verdict } = self
             .store
@@ -1831,7 +1834,14 @@ impl Otpgate {
             return Err(CoreError::Unauthorized);
         }
         let now = self.clock.now();
-        let session = match self.store.get_session(&hash_token(text)).await? {
+        let found = match self.store.get_session(&session_key(text)).await? {
+            None => match legacy_session_key(text) {
+                Some(legacy) => self.store.get_session(&legacy).await?,
+                None => None,
+            },
+            found => found,
+        };
+        let session = match found {
             Some(s) if s.is_active(now) => s,
             _ => return Err(CoreError::Unauthorized),
         };
