@@ -13,22 +13,22 @@ BENCH=target/release/otpgate-bench
 ALL=baseline,acl-confirm,v1-check,digipay-verify,totp-confirm,wrong-code,login,send
 
 # Enough fixtures that no check scenario runs out of them before its 10 seconds are up
-# (`v1-check` checks about 40,000 codes a second on SQLite on a fast machine, and 18,000 on
-# PostgreSQL, whose 100,000 fixtures in the dead-challenge run lasted 5.4 s on 2026-12-04).
+# (`v1-check` checked 43,000 codes a second on SQLite and 24,000 on PostgreSQL on 2026-12-04,
+# evening: 400,000 SQLite fixtures ran out at 9.2 s, and 250,000 on PostgreSQL nearly did).
 timeout 1200 $BENCH run --scenarios "$ALL" --connections 100 --duration 10 \
-  --fixtures 400000 --json "$OUT/sqlite.json"
+  --fixtures 500000 --json "$OUT/sqlite.json"
 timeout 1200 $BENCH run --postgres "$PG_URL" --scenarios "$ALL" --connections 100 \
-  --duration 10 --fixtures 250000 --json "$OUT/postgres.json"
+  --duration 10 --fixtures 300000 --json "$OUT/postgres.json"
 # The same checks with a million dead challenges in the table (written in bulk first; on
 # PostgreSQL that takes several minutes), and the plans of every hot and sweep statement.
 timeout 900 $BENCH run --scenarios v1-check,acl-confirm --connections 100 --duration 10 \
-  --fixtures 300000 --dead-challenges 1000000 --plans --json "$OUT/sqlite-dead.json"
+  --fixtures 450000 --dead-challenges 1000000 --plans --json "$OUT/sqlite-dead.json"
 timeout 1500 $BENCH run --postgres "$PG_URL" --scenarios v1-check --connections 100 \
-  --duration 10 --fixtures 250000 --dead-challenges 1000000 --plans --json "$OUT/postgres-dead.json"
-# 5 s each: SQLite's acl-confirm used up 60,000 fixtures and PostgreSQL's 40,000 before the 5 s
-# at 100-200 connections on 2026-12-04, hence the counts.
+  --duration 10 --fixtures 300000 --dead-challenges 1000000 --plans --json "$OUT/postgres-dead.json"
+# 5 s each: SQLite's acl-confirm logged in 28,000 times a second and PostgreSQL's 14,700 at
+# 200 connections on 2026-12-04, evening, and both ran out of 120,000 and 60,000 fixtures.
 timeout 900 $BENCH run --scenarios baseline,acl-confirm --connections 1,10,50,100,200 \
-  --duration 5 --fixtures 120000 --json "$OUT/sweep-sqlite.json"
+  --duration 5 --fixtures 160000 --json "$OUT/sweep-sqlite.json"
 timeout 1200 $BENCH run --postgres "$PG_URL" --scenarios baseline,acl-confirm \
-  --connections 1,10,50,100,200 --duration 5 --fixtures 60000 --json "$OUT/sweep-postgres.json"
+  --connections 1,10,50,100,200 --duration 5 --fixtures 90000 --json "$OUT/sweep-postgres.json"
 $BENCH plot "$OUT/sweep-sqlite.json" "$OUT/sweep-postgres.json" --out bench/plot.svg
