@@ -55,23 +55,25 @@ fn session_time(now: OffsetDateTime) -> [u8; 3] {
 /// The stored key of a presented session token: its 3 bytes of time, then the first 29 bytes of
 /// its SHA-256 (232 bits, more than any guess can match). Anything else keys as its SHA-256.
 /// Tokens minted before 2026-12-04 (128 random bits) were stored under their SHA-256; see
-/// [`legacy_session_key`].
+/// [`session_keys`].
 pub fn session_key(presented: &str) -> [u8; 32] {
-    ordered_key(presented.trim(), SESSION_TOKEN_LEN, SESSION_TIME_HEX)
+    session_keys(presented).0
 }
 
-/// The key a session token minted before 2026-12-04 was stored under (its SHA-256), when that
-/// differs from its [`session_key`]: such a token looks like any other of 32 hex digits, so a
-/// lookup that misses under the new key tries this one, until those sessions have expired.
-pub fn legacy_session_key(presented: &str) -> Option<[u8; 32]> {
-    let plain = hash_token(presented);
-    (plain != session_key(presented)).then_some(plain)
+/// A presented session token's [`session_key`] and, when it differs, the key a token minted
+/// before 2026-12-04 was stored under (its plain SHA-256): such a token looks like any other of
+/// 32 hex digits, so a lookup that misses under the first key tries the second, until those
+/// sessions have expired. Both come from one SHA-256.
+pub fn session_keys(presented: &str) -> ([u8; 32], Option<[u8; 32]>) {
+    let text = presented.trim();
+    let plain = hash_token(text);
+    let key = time_first(text, plain, SESSION_TOKEN_LEN, SESSION_TIME_HEX);
+    (key, (plain != key).then_some(plain))
 }
 
-/// `text`'s SHA-256 with its first bytes replaced by the time its first `time_hex` hex digits
-/// spell, when it is `len` long and they are hex; otherwise its plain SHA-256.
-fn ordered_key(text: &str, len: usize, time_hex: usize) -> [u8; 32] {
-    let hash = hash_token(text);
+/// `hash` (`text`'s SHA-256) with its first bytes replaced by the time the first `time_hex` hex
+/// digits of `text` spell, when `text` is `len` long and they are hex; otherwise `hash` itself.
+fn time_first(text: &str, hash: [u8; 32], len: usize, time_hex: usize) -> [u8; 32] {
     let mut time = [0u8; 6];
     let Some(time) = time.get_mut(..time_hex / 2) else {
         return hash;
@@ -128,7 +130,8 @@ pub fn mint_ticket(now: OffsetDateTime) -> Result<Minted, CoreError> {
 /// are still more than any guess can match. A ticket without a time prefix (before 2026-12-04,
 /// 32 hex digits, alive for 5 minutes) keys as its SHA-256.
 pub fn ticket_key(presented: &str) -> [u8; 32] {
-    ordered_key(presented.trim(), TICKET_LEN, TICKET_TIME_HEX)
+    let text = presented.trim();
+    time_first(text, hash_token(text), TICKET_LEN, TICKET_TIME_HEX)
 }
 
 /// A new 256-bit API key, `ogk_` followed by 64 lowercase hex digits.
@@ -178,8 +181,11 @@ mod tests {
         assert_eq!(minted.hash[..3], session_time(at));
         assert_eq!(minted.hash[3..], sha256(text.as_bytes())[..29]);
         // Its legacy key is its plain SHA-256, which a new token is never stored under.
-        assert_eq!(legacy_session_key(text), Some(sha256(text.as_bytes())));
-        assert_eq!(legacy_session_key("not a token"), None);
+        assert_eq!(
+            session_keys(text),
+            (minted.hash, Some(sha256(text.as_bytes())))
+        );
+        assert_eq!(session_keys("not a token").1, None);
     }
 
     #[test]

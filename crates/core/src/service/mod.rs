@@ -33,8 +33,7 @@ use crate::store::{
     SendScope, Settled, SettledLogin, Store, Verdict,
 };
 use crate::token::{
-    hash_token, legacy_session_key, mint_api_key, mint_session_token, mint_ticket, session_key,
-    ticket_key,
+    hash_token, mint_api_key, mint_session_token, mint_ticket, session_keys, ticket_key,
 };
 
 mod keys;
@@ -1834,8 +1833,9 @@ impl Otpgate {
             return Err(CoreError::Unauthorized);
         }
         let now = self.clock.now();
-        let found = match self.store.get_session(&session_key(text)).await? {
-            None => match legacy_session_key(text) {
+        let (key, legacy_key) = session_keys(text);
+        let found = match self.store.get_session(&key).await? {
+            None => match legacy_key {
                 Some(legacy) => self.store.get_session(&legacy).await?,
                 None => None,
             },
