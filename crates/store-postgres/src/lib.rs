@@ -54,6 +54,8 @@ pub struct PgStore {
     settles: batch::Queue<settle::SettleRequest>,
     /// Code logins waiting to be completed in a batch (see the `login` module).
     logins: batch::Queue<login::LoginRequest>,
+    /// Login steps waiting to be read, judged and completed in a batch (the `login` module).
+    login_settles: batch::Queue<login::SettleLoginRequest>,
     /// New challenges and sent marks waiting for their batch (see the `send_writes` module).
     new_challenges: batch::Queue<send_writes::NewChallenge>,
     sent_marks: batch::Queue<send_writes::SentMark>,
@@ -126,6 +128,7 @@ impl PgStore {
             pool,
             settles: settle::start(settings.acquire_timeout),
             logins: login::start(settings.acquire_timeout),
+            login_settles: login::start_settles(settings.acquire_timeout),
             new_challenges: send_writes::start_new_challenges(settings.acquire_timeout),
             sent_marks: send_writes::start_sent_marks(settings.acquire_timeout),
             failed_checks: failures::start_failed_checks(settings.acquire_timeout),

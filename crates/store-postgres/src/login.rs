@@ -1,22 +1,36 @@
-//! Code logins completed in batches. Completing a login is one statement (consume the
-//! challenge, spend the ticket, clear the failed-login count, insert the session, write the
+//! Code logins settled and completed in batches. Completing a login is one statement (consume
+//! the challenge, spend the ticket, clear the failed-login count, insert the session, write the
 //! audit rows); the logins that arrive together share it here, arrays bound per column, so
 //! PostgreSQL starts, plans and commits one statement for all of them.
 //!
+//! A login's second step ([`Store::settle_login`]) is settled here whole: one batch reads the
+//! tickets with their users and challenges (one `ANY` statement), the core's judge decides each,
+//! and the right codes are completed by one more statement, on the same task. Before, the read
+//! and the completion were two queues of their own, and each login waited for, and was woken
+//! by, both.
+//!
 //! Every change stays conditional exactly as in the single statement (`CODE_LOGIN`): a login
-//! whose challenge or ticket changed under it gets `false`, and the core reads again and decides,
-//! as without the batch. A ticket or challenge asked twice in one batch, and every login of a
-//! batch whose statement failed, is completed alone, so one login's fault fails only itself.
+//! whose challenge or ticket changed under it gets `false` (a settled one `Leave`), and the core
+//! reads again and decides, as without the batch. A ticket or challenge asked twice in one
+//! batch, and every login of a batch whose statement failed, is completed alone, so one login's
+//! fault fails only itself.
+//!
+//! [`Store::settle_login`]: otpgate_core::store::Store::settle_login
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use otpgate_core::StoreError;
 use otpgate_core::model::AuditEvent;
-use otpgate_core::store::{LoginCompletion, StoreResult};
+use otpgate_core::store::{
+    LoginCompletion, LoginContext, LoginJudge, LoginVerdict, SettledLogin, Store, StoreResult,
+    settle_login_by_read_and_write,
+};
 use sqlx::AssertSqlSafe;
 use tokio::sync::oneshot;
 
+use crate::batch::Request as _;
 use crate::rows::ms;
 use crate::store::{bind_audit, tagged_audit_insert};
 use crate::{PgStore, db};
@@ -30,9 +44,26 @@ pub(crate) struct LoginRequest {
     pub reply: oneshot::Sender<StoreResult<bool>>,
 }
 
-crate::batch::answered_through_reply!(LoginRequest);
+/// One caller's login step, waiting for its batch to be read, judged and completed.
+pub(crate) struct SettleLoginRequest {
+    /// The store to settle in.
+    pub store: PgStore,
+    pub ticket: [u8; 32],
+    pub judge: LoginJudge,
+    pub reply: oneshot::Sender<StoreResult<Option<SettledLogin>>>,
+}
 
-/// Starts the batchers; completions go into the returned queue.
+crate::batch::answered_through_reply!(LoginRequest, SettleLoginRequest);
+
+/// The ticket of a completion that [`CODE_LOGINS`] can carry out: a right SMS or e-mail code
+/// for a login ticket (no authenticator step, recovery code or contact to mark).
+pub(crate) fn code_login_ticket(done: &LoginCompletion) -> Option<[u8; 32]> {
+    done.ticket_hash.filter(|_| {
+        done.recovery_code.is_none() && done.totp_step.is_none() && done.verified.is_none()
+    })
+}
+
+/// Starts the batchers of completions; they go into the returned queue.
 pub(crate) fn start(max_wait: Duration) -> crate::batch::Queue<LoginRequest> {
     crate::batch::start(
         Arc::new(|batch| Box::pin(complete_batch(batch))),
@@ -41,50 +72,217 @@ pub(crate) fn start(max_wait: Duration) -> crate::batch::Queue<LoginRequest> {
     )
 }
 
+/// Starts the batchers of login steps; they go into the returned queue. A step that arrives
+/// alone takes the same path: its read is the batch read (whose plan PostgreSQL keeps), and a
+/// lone completion is the single statement.
+pub(crate) fn start_settles(max_wait: Duration) -> crate::batch::Queue<SettleLoginRequest> {
+    crate::batch::start(
+        Arc::new(|batch| Box::pin(settle_batch(batch))),
+        None,
+        max_wait,
+    )
+}
+
+/// A completion with its ticket, to be carried out with others, and how its outcome is
+/// answered.
+trait Completing: Send + Sized + 'static {
+    fn completion(&self) -> (&LoginCompletion, [u8; 32]);
+    fn answer(self, outcome: StoreResult<bool>);
+}
+
+impl Completing for LoginRequest {
+    fn completion(&self) -> (&LoginCompletion, [u8; 32]) {
+        (&self.done, self.ticket)
+    }
+    fn answer(self, outcome: StoreResult<bool>) {
+        let _ = self.reply.send(outcome);
+    }
+}
+
+/// A login step the core judged right: its rows as read, and the completion to carry out.
+struct JudgedLogin {
+    request: SettleLoginRequest,
+    context: LoginContext,
+    done: Box<LoginCompletion>,
+    ticket: [u8; 32],
+}
+
+impl Completing for JudgedLogin {
+    fn completion(&self) -> (&LoginCompletion, [u8; 32]) {
+        (&self.done, self.ticket)
+    }
+    fn answer(self, outcome: StoreResult<bool>) {
+        answer_settled(self.request, self.context, self.done, outcome);
+    }
+}
+
+/// Answers a login step whose completion was tried. One whose conditions no longer held
+/// changed nothing: the caller decides again on the rows it was shown, as after
+/// [`settle_login_by_read_and_write`].
+fn answer_settled(
+    request: SettleLoginRequest,
+    context: LoginContext,
+    done: Box<LoginCompletion>,
+    outcome: StoreResult<bool>,
+) {
+    let settled = outcome.map(|completed| {
+        Some(SettledLogin {
+            context,
+            verdict: if completed {
+                LoginVerdict::Complete(done)
+            } else {
+                LoginVerdict::Leave
+            },
+        })
+    });
+    let _ = request.reply.send(settled);
+}
+
 async fn complete_batch(batch: Vec<LoginRequest>) {
     let Some(store) = batch.first().map(|r| r.store.clone()) else {
         return;
     };
+    complete_together(&store, batch).await;
+}
+
+/// Carries out these completions: each ticket and challenge once in one statement, the rest
+/// (and all of them, if that statement fails) each alone.
+async fn complete_together<C: Completing>(store: &PgStore, batch: Vec<C>) {
     let (mut tickets, mut challenges) = (HashSet::new(), HashSet::new());
-    let (mut batch, repeats): (Vec<_>, Vec<_>) = batch.into_iter().partition(|r| {
-        let new_ticket = tickets.insert(r.ticket);
-        let new_challenge = challenges.insert(r.done.challenge_id.clone());
+    let (mut batch, repeats): (Vec<_>, Vec<_>) = batch.into_iter().partition(|c| {
+        let (done, ticket) = c.completion();
+        let new_ticket = tickets.insert(ticket);
+        let new_challenge = challenges.insert(done.challenge_id.clone());
         new_ticket && new_challenge
     });
     // The statement locks challenges, then tickets, then accounts, each in this order: two
     // batches in flight that share rows wait for each other instead of deadlocking.
     batch.sort_unstable_by(|a, b| {
-        (a.done.user_id.as_str(), a.done.challenge_id.as_str())
-            .cmp(&(b.done.user_id.as_str(), b.done.challenge_id.as_str()))
+        let (a, b) = (a.completion().0, b.completion().0);
+        (a.user_id.as_str(), a.challenge_id.as_str())
+            .cmp(&(b.user_id.as_str(), b.challenge_id.as_str()))
     });
-    match store.complete_code_logins(&batch).await {
-        Ok(spent) => {
-            for request in batch {
-                let _ = request.reply.send(Ok(spent.contains(&request.ticket)));
+    if batch.len() == 1 {
+        // One login: the single statement, whose plan PostgreSQL keeps (a batch statement is
+        // planned afresh for each call).
+        batch.into_iter().for_each(|c| complete_alone(store, c));
+    } else if !batch.is_empty() {
+        let logins: Vec<_> = batch.iter().map(Completing::completion).collect();
+        match store.complete_code_logins(&logins).await {
+            Ok(spent) => {
+                for c in batch {
+                    let spent = spent.contains(&c.completion().1);
+                    c.answer(Ok(spent));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a batch of logins failed; completing each alone");
+                batch.into_iter().for_each(|c| complete_alone(store, c));
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "a batch of logins failed; completing each alone");
-            batch.into_iter().for_each(complete_alone);
-        }
     }
-    repeats.into_iter().for_each(complete_alone);
+    repeats.into_iter().for_each(|c| complete_alone(store, c));
 }
 
 /// Completes one login with its own statement, on its own task.
-fn complete_alone(request: LoginRequest) {
-    tokio::spawn(complete_one(request));
+fn complete_alone<C: Completing>(store: &PgStore, c: C) {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let outcome = {
+            let (done, ticket) = c.completion();
+            store.complete_code_login(done, &ticket).await
+        };
+        c.answer(outcome);
+    });
 }
 
 /// Completes one login with its own statement.
 async fn complete_one(request: LoginRequest) {
-    let LoginRequest {
+    let outcome = {
+        let (done, ticket) = request.completion();
+        request.store.complete_code_login(done, &ticket).await
+    };
+    request.answer(outcome);
+}
+
+/// Reads the batch's tickets with their users and challenges, lets each step's judge decide,
+/// and completes the right codes together.
+async fn settle_batch(batch: Vec<SettleLoginRequest>) {
+    let Some(store) = batch.first().map(|r| r.store.clone()) else {
+        return;
+    };
+    let mut first_of_each = HashSet::new();
+    let (batch, repeats): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .partition(|r| first_of_each.insert(r.ticket));
+    let hashes = batch.iter().map(|r| r.ticket).collect();
+    let mut contexts: HashMap<[u8; 32], LoginContext> =
+        match crate::store::fetch_login_contexts(store.clone(), hashes).await {
+            Ok(found) => found.into_iter().collect(),
+            Err(e) => {
+                batch.into_iter().chain(repeats).for_each(|r| r.fail(&e));
+                return;
+            }
+        };
+    let mut judged = Vec::new();
+    for request in batch {
+        let Some(context) = contexts.remove(&request.ticket) else {
+            let _ = request.reply.send(Ok(None));
+            continue;
+        };
+        // Judges are the core's code running on a task other logins share: one that panics
+        // fails its own login only.
+        let judge = &request.judge;
+        let verdict =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| judge(&context))) {
+                Ok(verdict) => verdict,
+                Err(_) => {
+                    tracing::error!("a login's judge panicked");
+                    let _ = request
+                        .reply
+                        .send(Err(StoreError::Other("judge panicked".into())));
+                    continue;
+                }
+            };
+        match verdict {
+            LoginVerdict::Complete(done) => match code_login_ticket(&done) {
+                Some(ticket) => judged.push(JudgedLogin {
+                    request,
+                    context,
+                    done,
+                    ticket,
+                }),
+                // Nothing the batch statement carries out: the store's general completion.
+                None => {
+                    let store = store.clone();
+                    tokio::spawn(async move {
+                        let outcome = Store::complete_login(&store, &done).await;
+                        answer_settled(request, context, done, outcome);
+                    });
+                }
+            },
+            LoginVerdict::Leave => {
+                let _ = request.reply.send(Ok(Some(SettledLogin {
+                    context,
+                    verdict: LoginVerdict::Leave,
+                })));
+            }
+        }
+    }
+    complete_together(&store, judged).await;
+    // A second step with the same ticket is read after the first's batch, as it would be
+    // after a concurrent step's write.
+    for SettleLoginRequest {
         store,
-        done,
         ticket,
+        judge,
         reply,
-    } = request;
-    let _ = reply.send(store.complete_code_login(&done, &ticket).await);
+    } in repeats
+    {
+        tokio::spawn(async move {
+            let _ = reply.send(settle_login_by_read_and_write(&store, &ticket, &judge).await);
+        });
+    }
 }
 
 /// `CODE_LOGIN` for many logins: the same conditions, each login's row of `logins` standing for
@@ -136,25 +334,24 @@ impl PgStore {
     /// answers the tickets spent.
     pub(crate) async fn complete_code_logins(
         &self,
-        batch: &[LoginRequest],
+        logins: &[(&LoginCompletion, [u8; 32])],
     ) -> StoreResult<HashSet<[u8; 32]>> {
         let mut audit: Vec<AuditEvent> = Vec::new();
         let mut audit_of: Vec<Vec<u8>> = Vec::new();
         let mut columns = LoginColumns::default();
-        for request in batch {
-            let done = &request.done;
+        for (done, ticket) in logins {
             let session = done.session.as_ref();
             columns.tenant.push(done.tenant_id.as_str());
             columns.user.push(done.user_id.as_str());
             columns.at.push(ms(done.now));
             columns.challenge.push(done.challenge_id.as_str());
             columns.attempts.push(i64::from(done.expected_attempts));
-            columns.ticket.push(request.ticket.to_vec());
+            columns.ticket.push(ticket.to_vec());
             columns.session.push(session.map(|s| s.hash.to_vec()));
             columns.created.push(session.map(|s| ms(s.created_at)));
             columns.expires.push(session.map(|s| ms(s.expires_at)));
             audit.extend(done.audit.iter().cloned());
-            audit_of.extend(done.audit.iter().map(|_| request.ticket.to_vec()));
+            audit_of.extend(done.audit.iter().map(|_| ticket.to_vec()));
         }
         let spent = bind_audit(sqlx::query(AssertSqlSafe(CODE_LOGINS.as_str())), &audit)
             .bind(columns.tenant)
@@ -193,4 +390,94 @@ struct LoginColumns<'a> {
     session: Vec<Option<Vec<u8>>>,
     created: Vec<Option<i64>>,
     expires: Vec<Option<i64>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use otpgate_core::StoreError;
+    use otpgate_core::model::{Challenge, Session};
+    use otpgate_core::store::{Contact, LoginCompletion, LoginJudge, LoginVerdict, Store};
+    use otpgate_store_testkit::contract;
+    use time::Duration;
+
+    use super::*;
+    use crate::testing::fixtures::{fresh_store, pending_logins, ticket_hash};
+
+    /// A judge that completes the login it is shown with a session of hash `[session; 32]`,
+    /// marking the phone verified when `verify` (which the batch statement cannot do).
+    fn completing(challenge: &Challenge, session: u8, verify: bool) -> LoginJudge {
+        let challenge_id = challenge.id.clone();
+        Arc::new(move |found: &LoginContext| {
+            let (Some(user), Some(challenge)) = (&found.user, &found.challenge) else {
+                return LoginVerdict::Leave;
+            };
+            assert_eq!(challenge.id, challenge_id, "shown another login's rows");
+            let now = contract::t0();
+            LoginVerdict::Complete(Box::new(LoginCompletion {
+                tenant_id: user.tenant_id.clone(),
+                user_id: user.id.clone(),
+                ticket_hash: Some(found.ticket.hash),
+                challenge_id: challenge.id.clone(),
+                expected_attempts: challenge.attempts,
+                totp_step: None,
+                recovery_code: None,
+                verified: verify.then_some(Contact::Phone),
+                session: Some(Session {
+                    hash: [session; 32],
+                    tenant_id: user.tenant_id.clone(),
+                    user_id: user.id.clone(),
+                    created_at: now,
+                    expires_at: now + Duration::hours(10),
+                    revoked_at: None,
+                }),
+                now,
+                audit: Vec::new(),
+            }))
+        })
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_login_steps_survives_a_panicking_judge_and_completes_the_rest() {
+        // Arrange: four pending logins of one user; their steps are queued together (this
+        // runtime has one thread, so the batcher runs only once all four are in its queue).
+        let Some((_db, store)) = fresh_store().await else {
+            return;
+        };
+        let challenges = pending_logins(&store, 4).await;
+        let panicking: LoginJudge = Arc::new(|_: &LoginContext| panic!("a judge's bug"));
+        let leaving: LoginJudge = Arc::new(|_: &LoginContext| LoginVerdict::Leave);
+        let tickets: Vec<[u8; 32]> = (0..4).map(ticket_hash).collect();
+        // Act
+        let (right, broken, verifying, wrong) = tokio::join!(
+            store.settle_login(&tickets[0], completing(&challenges[0], 10, false)),
+            store.settle_login(&tickets[1], panicking),
+            store.settle_login(&tickets[2], completing(&challenges[2], 12, true)),
+            store.settle_login(&tickets[3], leaving),
+        );
+        // Assert: the panic failed its own step only; the code login went through the batch
+        // statement and the one marking a contact through the general completion.
+        assert!(matches!(broken, Err(StoreError::Other(_))), "{broken:?}");
+        for (settled, session) in [(right, 10), (verifying, 12)] {
+            let settled = settled.unwrap().unwrap();
+            assert!(matches!(settled.verdict, LoginVerdict::Complete(_)));
+            assert!(store.get_session(&[session; 32]).await.unwrap().is_some());
+        }
+        let wrong = wrong.unwrap().unwrap();
+        assert!(matches!(wrong.verdict, LoginVerdict::Leave));
+        for (i, spent) in [(0, true), (1, false), (2, true), (3, false)] {
+            let ticket = store.get_login_ticket(&ticket_hash(i)).await.unwrap();
+            assert_eq!(ticket.unwrap().used_at.is_some(), spent, "ticket {i}");
+        }
+        let user = challenges[2].user_id.clone().unwrap();
+        let user = store.get_user(&challenges[2].tenant_id, &user).await;
+        assert!(user.unwrap().unwrap().mobile_verified_at.is_some());
+        // A step of a ticket that is spent now is shown its rows and changes nothing.
+        let again = store
+            .settle_login(&ticket_hash(0), completing(&challenges[0], 13, false))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(again.verdict, LoginVerdict::Leave));
+        assert!(store.get_session(&[13; 32]).await.unwrap().is_none());
+    }
 }

@@ -70,23 +70,13 @@ pub(crate) async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
 mod tests {
     use std::collections::HashMap;
 
-    use otpgate_core::model::{Challenge, Channel, LoginTicket, Purpose, Tenant, TenantId};
-    use otpgate_core::store::{LoginCompletion, Store};
+    use otpgate_core::store::LoginCompletion;
     use otpgate_store_testkit::contract;
     use sqlx::{Connection, PgConnection};
 
     use crate::PgStore;
-    use crate::login::LoginRequest;
     use crate::settle::ChallengeChange;
-    use crate::testing::{TestDatabase, test_server_url};
-
-    /// A store on a database of its own, or `None` when PostgreSQL tests are skipped.
-    async fn fresh_store() -> Option<(TestDatabase, PgStore)> {
-        let url = test_server_url().unwrap()?;
-        let db = TestDatabase::create(&url).await.unwrap();
-        let store = db.store().await.unwrap();
-        Some((db, store))
-    }
+    use crate::testing::fixtures::{fresh_store, pending_logins, ticket_hash};
 
     /// The page (block of the ctid) each row of `table` is on, by `key` as text.
     async fn pages_of(store: &PgStore, table: &str, key: &str) -> HashMap<String, i64> {
@@ -97,52 +87,6 @@ mod tests {
             .unwrap()
             .into_iter()
             .collect()
-    }
-
-    /// The hash of the `i`th ticket [`pending_logins`] writes.
-    fn ticket_hash(i: u64) -> [u8; 32] {
-        let mut hash = [0u8; 32];
-        hash[..8].copy_from_slice(&i.to_be_bytes());
-        hash
-    }
-
-    /// Pending login tickets, each with its challenge, written one after the other as logins
-    /// write them, at [`contract::t0`].
-    async fn pending_logins(store: &PgStore, count: usize) -> Vec<Challenge> {
-        let tenant = Tenant {
-            id: TenantId::generate().unwrap(),
-            name: "pages".into(),
-            is_default: false,
-            settings: Default::default(),
-            created_at: contract::t0(),
-        };
-        store.insert_tenant(&tenant).await.unwrap();
-        let user = contract::user(&tenant, "ali");
-        store.insert_user(&user, &[]).await.unwrap();
-        let mut challenges = Vec::with_capacity(count);
-        for i in 0..count {
-            let challenge = Challenge {
-                user_id: Some(user.id.clone()),
-                purpose: Purpose::Login,
-                ..contract::challenge(&tenant, &format!("+98912{i:07}"))
-            };
-            let ticket = LoginTicket {
-                hash: ticket_hash(i as u64),
-                tenant_id: tenant.id.clone(),
-                user_id: user.id.clone(),
-                challenge_id: challenge.id.clone(),
-                channel: Channel::Sms,
-                created_at: challenge.created_at,
-                expires_at: challenge.expires_at,
-                used_at: None,
-            };
-            store
-                .insert_login_ticket(&ticket, &challenge, None, &[])
-                .await
-                .unwrap();
-            challenges.push(challenge);
-        }
-        challenges
     }
 
     #[tokio::test]
@@ -169,27 +113,26 @@ mod tests {
             })
             .collect();
         let consumed = store.change_challenges(&mut changes).await.unwrap();
-        let logins: Vec<LoginRequest> = logged_in
+        let logins: Vec<LoginCompletion> = logged_in
             .iter()
             .zip(300u64..)
-            .map(|(c, i)| LoginRequest {
-                store: store.clone(),
-                done: LoginCompletion {
-                    tenant_id: c.tenant_id.clone(),
-                    user_id: c.user_id.clone().unwrap(),
-                    ticket_hash: Some(ticket_hash(i)),
-                    challenge_id: c.id.clone(),
-                    expected_attempts: 0,
-                    totp_step: None,
-                    recovery_code: None,
-                    verified: None,
-                    session: None,
-                    now,
-                    audit: Vec::new(),
-                },
-                ticket: ticket_hash(i),
-                reply: tokio::sync::oneshot::channel().0,
+            .map(|(c, i)| LoginCompletion {
+                tenant_id: c.tenant_id.clone(),
+                user_id: c.user_id.clone().unwrap(),
+                ticket_hash: Some(ticket_hash(i)),
+                challenge_id: c.id.clone(),
+                expected_attempts: 0,
+                totp_step: None,
+                recovery_code: None,
+                verified: None,
+                session: None,
+                now,
+                audit: Vec::new(),
             })
+            .collect();
+        let logins: Vec<_> = logins
+            .iter()
+            .map(|done| (done, done.ticket_hash.unwrap()))
             .collect();
         let spent = store.complete_code_logins(&logins).await.unwrap();
         // Assert: the pages held many rows each, and every new version stayed on its row's

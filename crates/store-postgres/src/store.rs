@@ -8,8 +8,9 @@ use otpgate_core::model::{
 };
 use otpgate_core::policy::PolicyOverrides;
 use otpgate_core::store::{
-    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, LoginContext, PhoneCompletion,
-    QueryPlan, RangeOutcomes, SealedKind, SealedSecret, SendScope, Settled, Store, StoreResult,
+    ChallengeJudge, CodeReplacement, Contact, LoginCompletion, LoginContext, LoginJudge,
+    PhoneCompletion, QueryPlan, RangeOutcomes, SealedKind, SealedSecret, SendScope, Settled,
+    SettledLogin, Store, StoreResult,
 };
 use sqlx::postgres::PgRow;
 // Dynamic SQL here is built only from the constant column lists in `rows`; every value is bound.
@@ -1537,17 +1538,30 @@ impl Store for PgStore {
         crate::lookup::look_up(&self.login_contexts, self, *hash).await
     }
 
+    async fn settle_login(
+        &self,
+        ticket_hash: &[u8; 32],
+        judge: LoginJudge,
+    ) -> StoreResult<Option<SettledLogin>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.login_settles.submit(crate::login::SettleLoginRequest {
+            store: self.clone(),
+            ticket: *ticket_hash,
+            judge,
+            reply,
+        });
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the login batcher stopped".into()))?
+    }
+
     async fn complete_login(&self, done: &LoginCompletion) -> StoreResult<bool> {
-        if let Some(ticket) = &done.ticket_hash
-            && done.recovery_code.is_none()
-            && done.totp_step.is_none()
-            && done.verified.is_none()
-        {
+        if let Some(ticket) = crate::login::code_login_ticket(done) {
             let (reply, answer) = tokio::sync::oneshot::channel();
             let request = crate::login::LoginRequest {
                 store: self.clone(),
                 done: done.clone(),
-                ticket: *ticket,
+                ticket,
                 reply,
             };
             self.logins.submit(request);

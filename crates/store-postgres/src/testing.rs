@@ -137,3 +137,68 @@ mod tests {
         );
     }
 }
+
+/// Stores and rows for this crate's own tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use otpgate_core::model::{Challenge, Channel, LoginTicket, Purpose, Tenant, TenantId};
+    use otpgate_core::store::Store;
+    use otpgate_store_testkit::contract;
+
+    use super::{TestDatabase, test_server_url};
+    use crate::PgStore;
+
+    /// A store on a database of its own, or `None` when PostgreSQL tests are skipped.
+    pub(crate) async fn fresh_store() -> Option<(TestDatabase, PgStore)> {
+        let url = test_server_url().unwrap()?;
+        let db = TestDatabase::create(&url).await.unwrap();
+        let store = db.store().await.unwrap();
+        Some((db, store))
+    }
+
+    /// The hash of the `i`th ticket [`pending_logins`] writes.
+    pub(crate) fn ticket_hash(i: u64) -> [u8; 32] {
+        let mut hash = [0u8; 32];
+        hash[..8].copy_from_slice(&i.to_be_bytes());
+        hash
+    }
+
+    /// Pending login tickets, each with its challenge, written one after the other as logins
+    /// write them, at [`contract::t0`].
+    pub(crate) async fn pending_logins(store: &PgStore, count: usize) -> Vec<Challenge> {
+        let tenant = Tenant {
+            id: TenantId::generate().unwrap(),
+            name: "pages".into(),
+            is_default: false,
+            settings: Default::default(),
+            created_at: contract::t0(),
+        };
+        store.insert_tenant(&tenant).await.unwrap();
+        let user = contract::user(&tenant, "ali");
+        store.insert_user(&user, &[]).await.unwrap();
+        let mut challenges = Vec::with_capacity(count);
+        for i in 0..count {
+            let challenge = Challenge {
+                user_id: Some(user.id.clone()),
+                purpose: Purpose::Login,
+                ..contract::challenge(&tenant, &format!("+98912{i:07}"))
+            };
+            let ticket = LoginTicket {
+                hash: ticket_hash(i as u64),
+                tenant_id: tenant.id.clone(),
+                user_id: user.id.clone(),
+                challenge_id: challenge.id.clone(),
+                channel: Channel::Sms,
+                created_at: challenge.created_at,
+                expires_at: challenge.expires_at,
+                used_at: None,
+            };
+            store
+                .insert_login_ticket(&ticket, &challenge, None, &[])
+                .await
+                .unwrap();
+            challenges.push(challenge);
+        }
+        challenges
+    }
+}
