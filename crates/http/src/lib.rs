@@ -44,7 +44,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(ops::router())
         .merge(api::v1::router())
-        .nest("/api/acl", api::acl::router())
+        .merge(api::acl::router())
         .merge(api::verify_login::router())
         .merge(api::digipay::router())
         .merge(panel::router())

@@ -244,14 +244,29 @@ async fn malformed_bodies_get_acl_shaped_errors() {
         (huge.status, huge.body["meta"]["message_code"].as_str()),
         (413, Some("413-1"))
     );
-    let unknown = app.send(app.client.get(app.url("/api/acl/nothing"))).await;
-    assert_eq!(
-        (
-            unknown.status,
-            unknown.body["meta"]["message_code"].as_str()
-        ),
-        (404, Some("404-1"))
-    );
+    // Every other path under /api/acl, and a known path asked with another method, answers
+    // in the acl's envelope.
+    for (method, path) in [
+        (reqwest::Method::GET, "/api/acl/nothing"),
+        (reqwest::Method::GET, "/api/acl"),
+        (reqwest::Method::GET, "/api/acl/"),
+        (reqwest::Method::POST, "/api/acl/auth"),
+        (reqwest::Method::GET, "/api/acl/auth/confirm_otp"),
+        (reqwest::Method::DELETE, "/api/acl/auth/login"),
+        (reqwest::Method::POST, "/api/acl/auth/login/"),
+    ] {
+        let unknown = app
+            .send(app.client.request(method.clone(), app.url(path)))
+            .await;
+        assert_eq!(
+            (
+                unknown.status,
+                unknown.body["meta"]["message_code"].as_str()
+            ),
+            (404, Some("404-1")),
+            "{method} {path}"
+        );
+    }
 }
 
 #[tokio::test]

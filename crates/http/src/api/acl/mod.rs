@@ -11,7 +11,7 @@ use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, any, get, post};
 use axum::{Json, Router};
 use data_encoding::BASE64;
 use otpgate_core::model::{RequestContext, User};
@@ -23,21 +23,33 @@ use self::messages::{AclMessage, Lang};
 use crate::context::Ctx;
 use crate::{AppState, rfc3339};
 
-/// The acl routes, nested under `/api/acl`.
+/// The acl routes, each under its full path (`/api/acl/auth/...`). Every other path under
+/// `/api/acl`, and a known path asked with another method, is the acl's own 404.
+///
+/// They are not a router nested under `/api/acl/auth`: each level of nesting wraps every
+/// request in another route service, which strips its prefix into a new URI and is polled
+/// through again each time the handler wakes (a code check's step wakes once more, for its
+/// store).
 pub fn router() -> Router<AppState> {
-    let auth = Router::new()
-        .route("/login", post(login))
-        .route("/confirm_otp", post(confirm_otp))
-        .route("/resend_otp", post(resend_otp))
-        .route("/me", get(me))
-        .route("/logout", post(logout))
-        .route("/totp", post(enroll_totp).delete(remove_totp))
-        .route("/totp/confirm", post(confirm_totp))
-        .route("/recovery_codes", post(regenerate_recovery_codes));
+    let route = |handler: MethodRouter<AppState>| handler.fallback(not_found);
     Router::new()
-        .nest("/auth", auth)
-        .fallback(not_found)
-        .method_not_allowed_fallback(not_found)
+        .route("/api/acl/auth/login", route(post(login)))
+        .route("/api/acl/auth/confirm_otp", route(post(confirm_otp)))
+        .route("/api/acl/auth/resend_otp", route(post(resend_otp)))
+        .route("/api/acl/auth/me", route(get(me)))
+        .route("/api/acl/auth/logout", route(post(logout)))
+        .route(
+            "/api/acl/auth/totp",
+            route(post(enroll_totp).delete(remove_totp)),
+        )
+        .route("/api/acl/auth/totp/confirm", route(post(confirm_totp)))
+        .route(
+            "/api/acl/auth/recovery_codes",
+            route(post(regenerate_recovery_codes)),
+        )
+        .route("/api/acl", any(not_found))
+        .route("/api/acl/", any(not_found))
+        .route("/api/acl/{*rest}", any(not_found))
 }
 
 // ------------------------------------------------------------------ envelope
