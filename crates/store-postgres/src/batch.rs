@@ -88,6 +88,24 @@ impl<R: Request> Queue<R> {
     }
 }
 
+/// Runs one request's judge (the core's code) on a batcher's task, which the batch's other
+/// requests share: a judge that panics fails its own request only. `None` after a panic, which
+/// is logged; the caller answers that request with [`judge_panicked`].
+pub(crate) fn run_judge<V>(judge: impl FnOnce() -> V, what: &'static str) -> Option<V> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(judge)) {
+        Ok(verdict) => Some(verdict),
+        Err(_) => {
+            tracing::error!(judge = what, "a judge panicked");
+            None
+        }
+    }
+}
+
+/// The answer of a request whose judge panicked.
+pub(crate) fn judge_panicked() -> StoreError {
+    StoreError::Other("judge panicked".into())
+}
+
 /// Starts the tasks of one kind of batch. The tasks end when every sender is gone (requests
 /// should carry what the handler needs, the store included, so that no task keeps the store,
 /// and so its queue, alive).

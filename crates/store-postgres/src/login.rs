@@ -21,7 +21,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use otpgate_core::StoreError;
 use otpgate_core::model::AuditEvent;
 use otpgate_core::store::{
     LoginCompletion, LoginContext, LoginJudge, LoginVerdict, SettledLogin, Store, StoreResult,
@@ -230,20 +229,11 @@ async fn settle_batch(batch: Vec<SettleLoginRequest>) {
             let _ = request.reply.send(Ok(None));
             continue;
         };
-        // Judges are the core's code running on a task other logins share: one that panics
-        // fails its own login only.
         let judge = &request.judge;
-        let verdict =
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| judge(&context))) {
-                Ok(verdict) => verdict,
-                Err(_) => {
-                    tracing::error!("a login's judge panicked");
-                    let _ = request
-                        .reply
-                        .send(Err(StoreError::Other("judge panicked".into())));
-                    continue;
-                }
-            };
+        let Some(verdict) = crate::batch::run_judge(|| judge(&context), "login") else {
+            let _ = request.reply.send(Err(crate::batch::judge_panicked()));
+            continue;
+        };
         match verdict {
             LoginVerdict::Complete(done) => match code_login_ticket(&done) {
                 Some(ticket) => judged.push(JudgedLogin {

@@ -16,7 +16,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use otpgate_core::StoreError;
 use otpgate_core::model::{AuditEvent, Challenge, ChallengeId, TenantId};
 use otpgate_core::store::{
     ChallengeJudge, Settled, StoreResult, Verdict, settle_by_read_and_write,
@@ -85,20 +84,11 @@ async fn settle_batch(batch: Vec<SettleRequest>) {
             let _ = request.reply.send(Ok(None));
             continue;
         };
-        // Judges are the core's code running on a task other checks share: one that panics
-        // fails its own check only.
         let judge = &request.judge;
-        let verdict =
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| judge(&challenge))) {
-                Ok(verdict) => verdict,
-                Err(_) => {
-                    tracing::error!("a code check's judge panicked");
-                    let _ = request
-                        .reply
-                        .send(Err(StoreError::Other("judge panicked".into())));
-                    continue;
-                }
-            };
+        let Some(verdict) = crate::batch::run_judge(|| judge(&challenge), "code check") else {
+            let _ = request.reply.send(Err(crate::batch::judge_panicked()));
+            continue;
+        };
         if let Verdict::Leave(_) = verdict {
             let _ = request.reply.send(Ok(Some(Settled { challenge, verdict })));
             continue;
