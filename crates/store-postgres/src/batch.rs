@@ -2,12 +2,15 @@
 //! login completions): requests that arrive together are handed to one call of a handler, which
 //! runs one statement for all of them and answers each.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use otpgate_core::StoreError;
+use otpgate_core::store::StoreResult;
 use tokio::sync::{Mutex, mpsc};
 
 /// The most requests one batch takes, so one statement stays small.
@@ -84,6 +87,33 @@ impl<R: Request> Queue<R> {
             self.sender.send((Instant::now(), request))
         {
             request.fail(&StoreError::Unavailable("the batchers stopped".into()));
+        }
+    }
+}
+
+/// The rows a settling batch judges: the batch split into the first request of each key and
+/// the repeats (settled after the batch, as a concurrent request would be), and the rows of
+/// those keys as `fetch` read them with one statement. When the read fails every request,
+/// repeats too, is answered with its error, and `None` comes back.
+pub(crate) async fn read_distinct<R, K, T, F>(
+    batch: Vec<R>,
+    key: impl Fn(&R) -> K,
+    fetch: impl FnOnce(Vec<K>) -> F,
+) -> Option<(Vec<R>, Vec<R>, HashMap<K, T>)>
+where
+    R: Request,
+    K: Eq + Hash + Clone,
+    F: Future<Output = StoreResult<Vec<(K, T)>>>,
+{
+    let mut first_of_each = HashSet::new();
+    let (firsts, repeats): (Vec<R>, Vec<R>) = batch
+        .into_iter()
+        .partition(|r| first_of_each.insert(key(r)));
+    match fetch(firsts.iter().map(&key).collect()).await {
+        Ok(rows) => Some((firsts, repeats, rows.into_iter().collect())),
+        Err(e) => {
+            firsts.into_iter().chain(repeats).for_each(|r| r.fail(&e));
+            None
         }
     }
 }
@@ -216,6 +246,51 @@ mod tests {
             })
         });
         start(many, Some(single), Duration::from_secs(5))
+    }
+
+    #[tokio::test]
+    async fn a_batch_reads_each_key_once_and_a_failed_read_answers_every_request() {
+        // Arrange: five requests for three keys (two repeated).
+        let batch = |answers: &mut Vec<oneshot::Receiver<Result<u32, StoreError>>>| {
+            [1, 2, 1, 3, 2]
+                .into_iter()
+                .map(|id| {
+                    let (reply, answer) = oneshot::channel();
+                    answers.push(answer);
+                    Probe { id, reply }
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut unused = Vec::new();
+        // Act: one read that finds keys 1 and 3, one that fails.
+        let read = read_distinct(
+            batch(&mut unused),
+            |p| p.id,
+            |keys| async move {
+                assert_eq!(keys, vec![1, 2, 3], "each key once, in order");
+                Ok(vec![(1, "one"), (3, "three")])
+            },
+        )
+        .await;
+        let mut answers = Vec::new();
+        let failed = read_distinct(
+            batch(&mut answers),
+            |p| p.id,
+            |_| async { Err::<Vec<(u32, ())>, _>(StoreError::Unavailable("down".into())) },
+        )
+        .await;
+        // Assert
+        let (firsts, repeats, rows) = read.unwrap();
+        let ids = |ps: &[Probe]| ps.iter().map(|p| p.id).collect::<Vec<_>>();
+        assert_eq!((ids(&firsts), ids(&repeats)), (vec![1, 2, 3], vec![1, 2]));
+        assert_eq!(rows, HashMap::from([(1, "one"), (3, "three")]));
+        assert!(failed.is_none());
+        for answer in answers {
+            assert!(matches!(
+                answer.await.unwrap(),
+                Err(StoreError::Unavailable(_))
+            ));
+        }
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@
 //!
 //! [`Store::settle_login`]: otpgate_core::store::Store::settle_login
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,6 @@ use otpgate_core::store::{
 use sqlx::AssertSqlSafe;
 use tokio::sync::oneshot;
 
-use crate::batch::Request as _;
 use crate::rows::ms;
 use crate::store::{bind_audit, tagged_audit_insert};
 use crate::{PgStore, db};
@@ -210,19 +209,15 @@ async fn settle_batch(batch: Vec<SettleLoginRequest>) {
     let Some(store) = batch.first().map(|r| r.store.clone()) else {
         return;
     };
-    let mut first_of_each = HashSet::new();
-    let (batch, repeats): (Vec<_>, Vec<_>) = batch
-        .into_iter()
-        .partition(|r| first_of_each.insert(r.ticket));
-    let hashes = batch.iter().map(|r| r.ticket).collect();
-    let mut contexts: HashMap<[u8; 32], LoginContext> =
-        match crate::store::fetch_login_contexts(store.clone(), hashes).await {
-            Ok(found) => found.into_iter().collect(),
-            Err(e) => {
-                batch.into_iter().chain(repeats).for_each(|r| r.fail(&e));
-                return;
-            }
-        };
+    let Some((batch, repeats, mut contexts)) = crate::batch::read_distinct(
+        batch,
+        |r| r.ticket,
+        |hashes| crate::store::fetch_login_contexts(store.clone(), hashes),
+    )
+    .await
+    else {
+        return;
+    };
     let mut judged = Vec::new();
     for request in batch {
         let Some(context) = contexts.remove(&request.ticket) else {

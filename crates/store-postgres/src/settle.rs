@@ -12,7 +12,7 @@
 //! alone again by [`settle_by_read_and_write`], as it would have been without the batch. So is
 //! the second check of one challenge in the same batch.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,19 +62,15 @@ async fn settle_batch(batch: Vec<SettleRequest>) {
     let Some(store) = batch.first().map(|r| r.store.clone()) else {
         return;
     };
-    let mut first_of_each = HashSet::new();
-    let (batch, repeats): (Vec<_>, Vec<_>) = batch
-        .into_iter()
-        .partition(|r| first_of_each.insert(r.id.clone()));
-    let ids: Vec<String> = batch.iter().map(|r| r.id.as_str().to_owned()).collect();
-    let mut challenges: HashMap<String, Challenge> =
-        match crate::store::fetch_challenges(store.clone(), ids).await {
-            Ok(found) => found.into_iter().collect(),
-            Err(e) => {
-                batch.into_iter().chain(repeats).for_each(|r| r.fail(&e));
-                return;
-            }
-        };
+    let Some((batch, repeats, mut challenges)) = crate::batch::read_distinct(
+        batch,
+        |r| r.id.as_str().to_owned(),
+        |ids| crate::store::fetch_challenges(store.clone(), ids),
+    )
+    .await
+    else {
+        return;
+    };
     let mut judged = Vec::new();
     for request in batch {
         let Some(challenge) = challenges
