@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use otpgate_core::StoreError;
 use otpgate_core::store::StoreResult;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 /// The most requests one batch takes, so one statement stays small.
 const MAX_BATCH: usize = 256;
@@ -88,6 +88,20 @@ impl<R: Request> Queue<R> {
         {
             request.fail(&StoreError::Unavailable("the batchers stopped".into()));
         }
+    }
+
+    /// Submits the request `make` builds around its reply, and waits for the answer; `what`
+    /// names the batcher in the error when its task stopped before answering.
+    pub(crate) async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<StoreResult<T>>) -> R,
+        what: &'static str,
+    ) -> StoreResult<T> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(make(reply));
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("the {what} batcher stopped")))?
     }
 }
 
@@ -246,6 +260,27 @@ mod tests {
             })
         });
         start(many, Some(single), Duration::from_secs(5))
+    }
+
+    #[tokio::test]
+    async fn an_asked_request_gets_its_answer_or_the_batchers_name_when_none_comes() {
+        // Arrange: a queue that answers, and one whose handler drops every request unanswered.
+        let answering = sizing_queue();
+        let dropping: Handler<Probe> = Arc::new(|batch: Vec<Probe>| {
+            Box::pin(async move {
+                drop(batch);
+            })
+        });
+        let silent = start(dropping, None, Duration::from_secs(5));
+        // Act
+        let answered = answering.ask(|reply| Probe { id: 7, reply }, "probe").await;
+        let unanswered = silent.ask(|reply| Probe { id: 7, reply }, "probe").await;
+        // Assert
+        assert_eq!(answered.ok(), Some(700));
+        assert!(
+            matches!(&unanswered, Err(StoreError::Unavailable(why)) if why == "the probe batcher stopped"),
+            "{unanswered:?}"
+        );
     }
 
     #[tokio::test]

@@ -65,15 +65,16 @@ where
     K: Send + 'static,
     T: Send + 'static,
 {
-    let (reply, answer) = oneshot::channel();
-    queue.submit(LookupRequest {
-        store: store.clone(),
-        key,
-        reply,
-    });
-    answer
+    queue
+        .ask(
+            |reply| LookupRequest {
+                store: store.clone(),
+                key,
+                reply,
+            },
+            "lookup",
+        )
         .await
-        .map_err(|_| StoreError::Unavailable("the lookup batcher stopped".into()))?
 }
 
 async fn answer<K, T>(batch: Vec<LookupRequest<K, T>>, fetch: Fetch<K, T>)

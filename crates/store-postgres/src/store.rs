@@ -1182,17 +1182,18 @@ impl Store for PgStore {
     ) -> StoreResult<u32> {
         // A wrong code is what an attacker sends most: the counts that arrive together share
         // a statement (see the `failures` module).
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.login_failures.submit(crate::failures::LoginFailure {
-            store: self.clone(),
-            tenant: tenant.clone(),
-            user: user.clone(),
-            audit: audit.to_vec(),
-            reply,
-        });
-        answer
+        self.login_failures
+            .ask(
+                |reply| crate::failures::LoginFailure {
+                    store: self.clone(),
+                    tenant: tenant.clone(),
+                    user: user.clone(),
+                    audit: audit.to_vec(),
+                    reply,
+                },
+                "failed login",
+            )
             .await
-            .map_err(|_| StoreError::Unavailable("the failed login batcher stopped".into()))?
     }
 
     async fn unlock_user(
@@ -1263,18 +1264,18 @@ impl Store for PgStore {
         message: Option<&OutboxMessage>,
         audit: &[AuditEvent],
     ) -> StoreResult<()> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
         self.new_challenges
-            .submit(crate::send_writes::NewChallenge {
-                store: self.clone(),
-                challenge: challenge.clone(),
-                message: message.cloned(),
-                audit: audit.to_vec(),
-                reply,
-            });
-        answer
+            .ask(
+                |reply| crate::send_writes::NewChallenge {
+                    store: self.clone(),
+                    challenge: challenge.clone(),
+                    message: message.cloned(),
+                    audit: audit.to_vec(),
+                    reply,
+                },
+                "new challenge",
+            )
             .await
-            .map_err(|_| StoreError::Unavailable("the new challenge batcher stopped".into()))?
     }
 
     async fn get_challenge(
@@ -1345,18 +1346,19 @@ impl Store for PgStore {
     ) -> StoreResult<bool> {
         // A wrong code is what an attacker sends most: the ones that arrive together share a
         // statement (see the `failures` module).
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.failed_checks.submit(crate::failures::FailedCheck {
-            store: self.clone(),
-            id: id.clone(),
-            expected_attempts,
-            now,
-            audit: audit.to_vec(),
-            reply,
-        });
-        answer
+        self.failed_checks
+            .ask(
+                |reply| crate::failures::FailedCheck {
+                    store: self.clone(),
+                    id: id.clone(),
+                    expected_attempts,
+                    now,
+                    audit: audit.to_vec(),
+                    reply,
+                },
+                "wrong code",
+            )
             .await
-            .map_err(|_| StoreError::Unavailable("the wrong code batcher stopped".into()))?
     }
 
     async fn consume_challenge(
@@ -1378,18 +1380,18 @@ impl Store for PgStore {
         id: &ChallengeId,
         judge: ChallengeJudge,
     ) -> StoreResult<Option<Settled>> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let request = crate::settle::SettleRequest {
-            store: self.clone(),
-            tenant: tenant.clone(),
-            id: id.clone(),
-            judge,
-            reply,
-        };
-        self.settles.submit(request);
-        answer
+        self.settles
+            .ask(
+                |reply| crate::settle::SettleRequest {
+                    store: self.clone(),
+                    tenant: tenant.clone(),
+                    id: id.clone(),
+                    judge,
+                    reply,
+                },
+                "code check",
+            )
             .await
-            .map_err(|_| StoreError::Unavailable("the code check batcher stopped".into()))?
     }
 
     async fn cancel_challenge(
@@ -1543,31 +1545,33 @@ impl Store for PgStore {
         ticket_hash: &[u8; 32],
         judge: LoginJudge,
     ) -> StoreResult<Option<SettledLogin>> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.login_settles.submit(crate::login::SettleLoginRequest {
-            store: self.clone(),
-            ticket: *ticket_hash,
-            judge,
-            reply,
-        });
-        answer
+        self.login_settles
+            .ask(
+                |reply| crate::login::SettleLoginRequest {
+                    store: self.clone(),
+                    ticket: *ticket_hash,
+                    judge,
+                    reply,
+                },
+                "login",
+            )
             .await
-            .map_err(|_| StoreError::Unavailable("the login batcher stopped".into()))?
     }
 
     async fn complete_login(&self, done: &LoginCompletion) -> StoreResult<bool> {
         if let Some(ticket) = crate::login::code_login_ticket(done) {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let request = crate::login::LoginRequest {
-                store: self.clone(),
-                done: done.clone(),
-                ticket,
-                reply,
-            };
-            self.logins.submit(request);
-            return answer
-                .await
-                .map_err(|_| StoreError::Unavailable("the login batcher stopped".into()))?;
+            return self
+                .logins
+                .ask(
+                    |reply| crate::login::LoginRequest {
+                        store: self.clone(),
+                        done: done.clone(),
+                        ticket,
+                        reply,
+                    },
+                    "login",
+                )
+                .await;
         }
         // Few round trips: each costs more here than the work of its statement. Returning
         // false drops the transaction, which rolls back whatever it did.
@@ -2163,17 +2167,18 @@ impl Store for PgStore {
     ) -> StoreResult<()> {
         // The delivery worker marks every message it sends, beside the requests that queue
         // them: the marks that arrive together share a statement.
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        self.sent_marks.submit(crate::send_writes::SentMark {
-            store: self.clone(),
-            id: id.clone(),
-            provider_message_id: provider_message_id.map(str::to_owned),
-            audit: audit.to_vec(),
-            reply,
-        });
-        answer
+        self.sent_marks
+            .ask(
+                |reply| crate::send_writes::SentMark {
+                    store: self.clone(),
+                    id: id.clone(),
+                    provider_message_id: provider_message_id.map(str::to_owned),
+                    audit: audit.to_vec(),
+                    reply,
+                },
+                "sent mark",
+            )
             .await
-            .map_err(|_| StoreError::Unavailable("the sent mark batcher stopped".into()))?
     }
 
     async fn mark_message_retry(
