@@ -8,7 +8,7 @@ use otpgate_core::model::{
 };
 use otpgate_core::otp::{Algorithm, TotpParams};
 use rusqlite::Row;
-use rusqlite::types::Type;
+use rusqlite::types::{Type, ValueRef};
 use time::OffsetDateTime;
 
 /// Unix milliseconds of a time.
@@ -40,13 +40,32 @@ fn opt_time_at(row: &Row<'_>, column: usize) -> rusqlite::Result<Option<OffsetDa
         .transpose()
 }
 
+/// A text column, borrowed from the row (`None` for NULL): parsing it needs no copy of its own.
+fn text<'row>(row: &'row Row<'_>, column: usize) -> rusqlite::Result<Option<&'row str>> {
+    match row.get_ref(column)? {
+        ValueRef::Null => Ok(None),
+        ValueRef::Text(bytes) => std::str::from_utf8(bytes)
+            .map(Some)
+            .map_err(|e| rusqlite::Error::Utf8Error(column, e)),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            column,
+            String::new(),
+            other.data_type(),
+        )),
+    }
+}
+
 fn parsed<T>(
     row: &Row<'_>,
     column: usize,
     parse: impl FnOnce(&str) -> Result<T, otpgate_core::CoreError>,
 ) -> rusqlite::Result<T> {
-    let text: String = row.get(column)?;
-    parse(&text).map_err(|_| bad(column, "value"))
+    let text = text(row, column)?.ok_or(rusqlite::Error::InvalidColumnType(
+        column,
+        String::new(),
+        Type::Null,
+    ))?;
+    parse(text).map_err(|_| bad(column, "value"))
 }
 
 fn opt_parsed<T>(
@@ -54,19 +73,38 @@ fn opt_parsed<T>(
     column: usize,
     parse: impl FnOnce(&str) -> Result<T, otpgate_core::CoreError>,
 ) -> rusqlite::Result<Option<T>> {
-    let text: Option<String> = row.get(column)?;
-    text.map(|t| parse(&t).map_err(|_| bad(column, "value")))
+    text(row, column)?
+        .map(|t| parse(t).map_err(|_| bad(column, "value")))
         .transpose()
 }
 
 fn hash32(row: &Row<'_>, column: usize) -> rusqlite::Result<[u8; 32]> {
-    let bytes: Vec<u8> = row.get(column)?;
-    bytes.try_into().map_err(|_| bad(column, "hash"))
+    match row.get_ref(column)? {
+        ValueRef::Blob(bytes) => bytes.try_into().map_err(|_| bad(column, "hash")),
+        other => Err(rusqlite::Error::InvalidColumnType(
+            column,
+            String::new(),
+            other.data_type(),
+        )),
+    }
 }
 
 fn count(row: &Row<'_>, column: usize) -> rusqlite::Result<u32> {
     let n: i64 = row.get(column)?;
     u32::try_from(n).map_err(|_| bad(column, "count"))
+}
+
+/// How many columns a column list (`a, b, c`) names.
+pub(crate) const fn width(columns: &str) -> usize {
+    let mut rest = columns.as_bytes();
+    let mut commas = 0;
+    while let [first, tail @ ..] = rest {
+        if *first == b',' {
+            commas += 1;
+        }
+        rest = tail;
+    }
+    commas + 1
 }
 
 pub(crate) const TENANT_COLUMNS: &str = "id, name, is_default, created_at, settings";
@@ -86,22 +124,27 @@ pub(crate) const USER_COLUMNS: &str = "id, tenant_id, username, email, phone, ro
      mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type";
 
 pub(crate) fn user(row: &Row<'_>) -> rusqlite::Result<User> {
+    user_from(row, 0)
+}
+
+/// A user whose columns start at `base` (of a join).
+pub(crate) fn user_from(row: &Row<'_>, base: usize) -> rusqlite::Result<User> {
     Ok(User {
-        id: parsed(row, 0, UserId::parse)?,
-        tenant_id: parsed(row, 1, TenantId::parse)?,
-        username: parsed(row, 2, Username::parse)?,
-        email: opt_parsed(row, 3, Email::parse)?,
-        phone: opt_parsed(row, 4, E164Phone::parse)?,
-        role: parsed(row, 5, Role::parse)?,
-        password_hash: row.get(6)?,
-        mobile_verified_at: opt_time_at(row, 7)?,
-        email_verified_at: opt_time_at(row, 8)?,
-        failed_logins: count(row, 9)?,
-        locked_until: opt_time_at(row, 10)?,
-        created_at: time_at(row, 11)?,
+        id: parsed(row, base, UserId::parse)?,
+        tenant_id: parsed(row, base + 1, TenantId::parse)?,
+        username: parsed(row, base + 2, Username::parse)?,
+        email: opt_parsed(row, base + 3, Email::parse)?,
+        phone: opt_parsed(row, base + 4, E164Phone::parse)?,
+        role: parsed(row, base + 5, Role::parse)?,
+        password_hash: row.get(base + 6)?,
+        mobile_verified_at: opt_time_at(row, base + 7)?,
+        email_verified_at: opt_time_at(row, base + 8)?,
+        failed_logins: count(row, base + 9)?,
+        locked_until: opt_time_at(row, base + 10)?,
+        created_at: time_at(row, base + 11)?,
         user_type: row
-            .get::<_, Option<i64>>(12)?
-            .map(|t| u16::try_from(t).map_err(|_| bad(12, "user type")))
+            .get::<_, Option<i64>>(base + 12)?
+            .map(|t| u16::try_from(t).map_err(|_| bad(base + 12, "user type")))
             .transpose()?,
     })
 }
@@ -135,22 +178,27 @@ pub(crate) const CHALLENGE_COLUMNS: &str = "id, tenant_id, user_id, purpose, cha
      code_hash, locale, created_at, expires_at, last_sent_at, send_count, attempts, max_attempts, status";
 
 pub(crate) fn challenge(row: &Row<'_>) -> rusqlite::Result<Challenge> {
+    challenge_from(row, 0)
+}
+
+/// A challenge whose columns start at `base` (of a join).
+pub(crate) fn challenge_from(row: &Row<'_>, base: usize) -> rusqlite::Result<Challenge> {
     Ok(Challenge {
-        id: parsed(row, 0, ChallengeId::parse)?,
-        tenant_id: parsed(row, 1, TenantId::parse)?,
-        user_id: opt_parsed(row, 2, UserId::parse)?,
-        purpose: parsed(row, 3, Purpose::parse)?,
-        channel: parsed(row, 4, Channel::parse)?,
-        destination: row.get(5)?,
-        code_hash: row.get(6)?,
-        locale: row.get(7)?,
-        created_at: time_at(row, 8)?,
-        expires_at: time_at(row, 9)?,
-        last_sent_at: time_at(row, 10)?,
-        send_count: count(row, 11)?,
-        attempts: count(row, 12)?,
-        max_attempts: count(row, 13)?,
-        status: parsed(row, 14, ChallengeStatus::parse)?,
+        id: parsed(row, base, ChallengeId::parse)?,
+        tenant_id: parsed(row, base + 1, TenantId::parse)?,
+        user_id: opt_parsed(row, base + 2, UserId::parse)?,
+        purpose: parsed(row, base + 3, Purpose::parse)?,
+        channel: parsed(row, base + 4, Channel::parse)?,
+        destination: row.get(base + 5)?,
+        code_hash: row.get(base + 6)?,
+        locale: row.get(base + 7)?,
+        created_at: time_at(row, base + 8)?,
+        expires_at: time_at(row, base + 9)?,
+        last_sent_at: time_at(row, base + 10)?,
+        send_count: count(row, base + 11)?,
+        attempts: count(row, base + 12)?,
+        max_attempts: count(row, base + 13)?,
+        status: parsed(row, base + 14, ChallengeStatus::parse)?,
     })
 }
 
@@ -158,15 +206,20 @@ pub(crate) const TICKET_COLUMNS: &str =
     "hash, tenant_id, user_id, challenge_id, channel, created_at, expires_at, used_at";
 
 pub(crate) fn ticket(row: &Row<'_>) -> rusqlite::Result<LoginTicket> {
+    ticket_from(row, 0)
+}
+
+/// A ticket whose columns start at `base` (of a join).
+pub(crate) fn ticket_from(row: &Row<'_>, base: usize) -> rusqlite::Result<LoginTicket> {
     Ok(LoginTicket {
-        hash: hash32(row, 0)?,
-        tenant_id: parsed(row, 1, TenantId::parse)?,
-        user_id: parsed(row, 2, UserId::parse)?,
-        challenge_id: parsed(row, 3, ChallengeId::parse)?,
-        channel: parsed(row, 4, Channel::parse)?,
-        created_at: time_at(row, 5)?,
-        expires_at: time_at(row, 6)?,
-        used_at: opt_time_at(row, 7)?,
+        hash: hash32(row, base)?,
+        tenant_id: parsed(row, base + 1, TenantId::parse)?,
+        user_id: parsed(row, base + 2, UserId::parse)?,
+        challenge_id: parsed(row, base + 3, ChallengeId::parse)?,
+        channel: parsed(row, base + 4, Channel::parse)?,
+        created_at: time_at(row, base + 5)?,
+        expires_at: time_at(row, base + 6)?,
+        used_at: opt_time_at(row, base + 7)?,
     })
 }
 
@@ -250,4 +303,18 @@ pub(crate) fn audit(row: &Row<'_>) -> rusqlite::Result<AuditEvent> {
         },
         at: time_at(row, 8)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_column_lists_width_counts_its_columns() {
+        // Arrange, act, assert: the login context's join reads its rows at these offsets.
+        assert_eq!(width("a"), 1);
+        assert_eq!(width(TICKET_COLUMNS), 8);
+        assert_eq!(width(USER_COLUMNS), 13);
+        assert_eq!(width(CHALLENGE_COLUMNS), 15);
+    }
 }

@@ -185,6 +185,34 @@ pub(crate) const CONSUME_CHALLENGE: &str = "UPDATE challenges SET status = 'appr
      WHERE id = ?1 AND attempts = ?2 AND status = 'pending' AND expires_at > ?3";
 const SPEND_TICKET: &str = "UPDATE login_tickets SET used_at = ?2 \
      WHERE hash = ?1 AND used_at IS NULL AND expires_at > ?2";
+/// The two above for rows that the same transaction has just read ([`read_login_context`]):
+/// found by row id, they skip the search of their key's index.
+const CONSUME_CHALLENGE_AT: &str = "UPDATE challenges SET status = 'approved', resolved_at = ?3 \
+     WHERE rowid = ?1 AND attempts = ?2 AND status = 'pending' AND expires_at > ?3";
+const SPEND_TICKET_AT: &str = "UPDATE login_tickets SET used_at = ?2 \
+     WHERE rowid = ?1 AND used_at IS NULL AND expires_at > ?2";
+
+/// A login ticket with its user and challenge, in one statement (a login reads them on every
+/// step), and where the ticket and challenge rows are: [`rows::ticket_from`]'s columns, then
+/// [`rows::user_from`]'s, [`rows::challenge_from`]'s and the two row ids.
+static LOGIN_CONTEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let of = |table: &str, columns: &str| {
+        columns
+            .split(", ")
+            .map(|column| format!("{table}.{}", column.trim()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "SELECT {}, {}, {}, t.rowid, c.rowid FROM login_tickets AS t \
+         LEFT JOIN users AS u ON u.tenant_id = t.tenant_id AND u.id = t.user_id \
+         LEFT JOIN challenges AS c ON c.tenant_id = t.tenant_id AND c.id = t.challenge_id \
+         WHERE t.hash = ?1",
+        of("t", rows::TICKET_COLUMNS),
+        of("u", rows::USER_COLUMNS),
+        of("c", rows::CHALLENGE_COLUMNS),
+    )
+});
 
 /// A login ticket by hash (built once, as the two below: logins read them on every request).
 static TICKET_BY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -235,7 +263,7 @@ const SENDS_OF_USER: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM outbox \
 
 /// The statements of the hot paths whose plans [`Store::query_plans`] shows: the writes as
 /// they run, the reads with the `WHERE` they run with (their column lists change no plan).
-const HOT_STATEMENTS: [(&str, &str); 11] = [
+const HOT_STATEMENTS: [(&str, &str); 13] = [
     (
         "login ticket by hash",
         "SELECT * FROM login_tickets WHERE hash = ?1",
@@ -256,6 +284,8 @@ const HOT_STATEMENTS: [(&str, &str); 11] = [
     ("session by hash", "SELECT * FROM sessions WHERE hash = ?1"),
     ("consume a challenge", CONSUME_CHALLENGE),
     ("spend a login ticket", SPEND_TICKET),
+    ("consume a challenge just read", CONSUME_CHALLENGE_AT),
+    ("spend a login ticket just read", SPEND_TICKET_AT),
     ("sends to a destination", SENDS_TO_DESTINATION),
     ("sends to a country", SENDS_TO_COUNTRY),
     ("sends from an address", SENDS_FROM_IP),
@@ -816,20 +846,14 @@ impl Store for SqliteStore {
 
     async fn get_login_context(&self, hash: &[u8; 32]) -> StoreResult<Option<LoginContext>> {
         let hash = *hash;
-        self.read(move |c| {
-            // One read transaction: one snapshot for the three rows, and one look at the WAL
-            // for new commits where three statements alone would each take one.
-            let snapshot = c.unchecked_transaction()?;
-            let found = read_login_context(&snapshot, &hash)?;
-            snapshot.commit()?;
-            Ok(found)
-        })
-        .await
+        // One statement: one snapshot for the three rows.
+        self.read(move |c| Ok(read_login_context(c, &hash)?.map(|(context, _)| context)))
+            .await
     }
 
     async fn complete_login(&self, completion: &LoginCompletion) -> StoreResult<bool> {
         let done = completion.clone();
-        self.write(move |c| complete_login(c, &done, true))
+        self.write(move |c| complete_login(c, &done, true, Located::default()))
             .await
             .map(flag)
     }
@@ -844,7 +868,7 @@ impl Store for SqliteStore {
         self.settle(move |c| {
             // The writer's page cache survives commits (they are its own); a reader's is
             // emptied by every commit of another connection, so it would load each page again.
-            let Some(context) = read_login_context(c, &hash)? else {
+            let Some((context, found)) = read_login_context(c, &hash)? else {
                 return Ok(None);
             };
             let verdict = judge(&context);
@@ -855,7 +879,18 @@ impl Store for SqliteStore {
                     .user
                     .as_ref()
                     .is_none_or(|u| u.failed_logins != 0 || u.locked_until.is_some());
-                complete_login(c, done, failures)?;
+                // The rows just read are found again by row id, where the completion names
+                // them (it may name other rows: the judge is the core's).
+                let located = Located {
+                    ticket: (done.ticket_hash == Some(context.ticket.hash)).then_some(found.ticket),
+                    challenge: found.challenge.filter(|_| {
+                        context
+                            .challenge
+                            .as_ref()
+                            .is_some_and(|read| read.id == done.challenge_id)
+                    }),
+                };
+                complete_login(c, done, failures, located)?;
             }
             Ok(Some(SettledLogin { context, verdict }))
         })
@@ -1441,10 +1476,16 @@ impl Store for SqliteStore {
         let statements: Vec<(&'static str, &'static str)> = HOT_STATEMENTS
             .into_iter()
             .chain(SWEEP_STATEMENTS.map(|(purpose, sql, _)| (purpose, sql)))
-            .chain([(
-                "a tenant's audit events, newest first",
-                AUDIT_NEWEST_FIRST.as_str(),
-            )])
+            .chain([
+                (
+                    "a tenant's audit events, newest first",
+                    AUDIT_NEWEST_FIRST.as_str(),
+                ),
+                (
+                    "a login's ticket, user and challenge",
+                    LOGIN_CONTEXT.as_str(),
+                ),
+            ])
             .collect();
         self.scan(move |c| {
             statements
@@ -1575,23 +1616,43 @@ impl Store for SqliteStore {
     }
 }
 
+/// Where rows of a login are in their tables, when the same transaction has just read them.
+#[derive(Clone, Copy, Default)]
+struct Located {
+    /// The row id of the completion's ticket.
+    ticket: Option<i64>,
+    /// The row id of the completion's challenge.
+    challenge: Option<i64>,
+}
+
 /// Everything a right code changes ([`LoginCompletion`]), each change under its condition.
-/// `reset_failures` false skips the reset, for a caller that has just read the account clean.
+/// `reset_failures` false skips the reset, for a caller that has just read the account clean;
+/// `located` the rows the caller has just read, found again by row id.
 fn complete_login(
     c: &Connection,
     done: &LoginCompletion,
     reset_failures: bool,
+    located: Located,
 ) -> Result<(), JobError> {
     let now = ms(done.now);
     if let Some(ticket) = &done.ticket_hash {
-        require_one(exec(c, SPEND_TICKET, params![ticket.as_slice(), now])?)?;
+        let spent = match located.ticket {
+            Some(rowid) => c
+                .prepare_cached(SPEND_TICKET_AT)?
+                .execute(params![rowid, now])?,
+            None => exec(c, SPEND_TICKET, params![ticket.as_slice(), now])?,
+        };
+        require_one(spent)?;
     }
-    require_one(consume(
-        c,
-        &done.challenge_id,
-        done.expected_attempts,
-        done.now,
-    )?)?;
+    let consumed = match located.challenge {
+        Some(rowid) => c.prepare_cached(CONSUME_CHALLENGE_AT)?.execute(params![
+            rowid,
+            done.expected_attempts,
+            now
+        ])?,
+        None => consume(c, &done.challenge_id, done.expected_attempts, done.now)?,
+    };
+    require_one(consumed)?;
     if let Some(hash) = &done.recovery_code {
         require_one(exec(
             c,
@@ -1646,34 +1707,46 @@ fn complete_login(
     insert_audit(c, &done.audit)
 }
 
-/// A login ticket with its user and challenge, on `c` (inside the caller's transaction).
-fn read_login_context(c: &Connection, hash: &[u8; 32]) -> rusqlite::Result<Option<LoginContext>> {
-    let Some(ticket) = c
-        .prepare_cached(&TICKET_BY_HASH)?
-        .query_row([hash.as_slice()], rows::ticket)
-        .optional()?
-    else {
-        return Ok(None);
-    };
-    let user = c
-        .prepare_cached(&USER_BY_ID)?
-        .query_row(
-            params![ticket.tenant_id.as_str(), ticket.user_id.as_str()],
-            rows::user,
-        )
-        .optional()?;
-    let challenge = c
-        .prepare_cached(&CHALLENGE_BY_ID)?
-        .query_row(
-            params![ticket.tenant_id.as_str(), ticket.challenge_id.as_str()],
-            rows::challenge,
-        )
-        .optional()?;
-    Ok(Some(LoginContext {
-        ticket,
-        user,
-        challenge,
-    }))
+/// A login ticket with its user and challenge, on `c`, in one statement, and where the ticket
+/// and challenge rows are ([`Located`]'s row ids, for the writes of the same transaction).
+fn read_login_context(
+    c: &Connection,
+    hash: &[u8; 32],
+) -> rusqlite::Result<Option<(LoginContext, FoundRows)>> {
+    const USER: usize = rows::width(rows::TICKET_COLUMNS);
+    const CHALLENGE: usize = USER + rows::width(rows::USER_COLUMNS);
+    const ROW_IDS: usize = CHALLENGE + rows::width(rows::CHALLENGE_COLUMNS);
+    c.prepare_cached(&LOGIN_CONTEXT)?
+        .query_row([hash.as_slice()], |row| {
+            // A joined row that is missing reads as NULL in every column, its id first.
+            let present = |column: usize| -> rusqlite::Result<bool> {
+                Ok(!matches!(
+                    row.get_ref(column)?,
+                    rusqlite::types::ValueRef::Null
+                ))
+            };
+            let context = LoginContext {
+                ticket: rows::ticket_from(row, 0)?,
+                user: present(USER)?
+                    .then(|| rows::user_from(row, USER))
+                    .transpose()?,
+                challenge: present(CHALLENGE)?
+                    .then(|| rows::challenge_from(row, CHALLENGE))
+                    .transpose()?,
+            };
+            let found = FoundRows {
+                ticket: row.get(ROW_IDS)?,
+                challenge: row.get(ROW_IDS + 1)?,
+            };
+            Ok((context, found))
+        })
+        .optional()
+}
+
+/// The row ids [`read_login_context`] found.
+struct FoundRows {
+    ticket: i64,
+    challenge: Option<i64>,
 }
 
 /// The one statement that counts a wrong code: pending, unexpired, attempts unchanged.
