@@ -21,40 +21,27 @@ use crate::{ConditionFailed, JobError, SqliteStore, exec, map_error, query_row_c
 const INSERT_AUDIT: &str = "INSERT INTO audit_events \
      (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
-/// Two events in one statement: `audit_events` counts its ids with AUTOINCREMENT, which reads
-/// and rewrites its `sqlite_sequence` row once per statement, and a login writes two events.
-const INSERT_AUDIT_PAIR: &str = "INSERT INTO audit_events \
-     (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9), (?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)";
 
 fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), JobError> {
-    fn bind(
-        stmt: &mut rusqlite::Statement<'_>,
-        first: usize,
-        e: &AuditEvent,
-    ) -> rusqlite::Result<()> {
-        stmt.raw_bind_parameter(first, e.tenant_id.as_str())?;
-        stmt.raw_bind_parameter(first + 1, e.user_id.as_ref().map(|u| u.as_str()))?;
-        stmt.raw_bind_parameter(first + 2, e.kind.as_str())?;
-        stmt.raw_bind_parameter(first + 3, &e.detail)?;
-        stmt.raw_bind_parameter(first + 4, &e.context.ip)?;
-        stmt.raw_bind_parameter(first + 5, e.context.latitude)?;
-        stmt.raw_bind_parameter(first + 6, e.context.longitude)?;
-        stmt.raw_bind_parameter(first + 7, &e.context.mode)?;
-        stmt.raw_bind_parameter(first + 8, ms(e.at))
+    fn bind(stmt: &mut rusqlite::Statement<'_>, e: &AuditEvent) -> rusqlite::Result<()> {
+        stmt.raw_bind_parameter(1, e.tenant_id.as_str())?;
+        stmt.raw_bind_parameter(2, e.user_id.as_ref().map(|u| u.as_str()))?;
+        stmt.raw_bind_parameter(3, e.kind.as_str())?;
+        stmt.raw_bind_parameter(4, &e.detail)?;
+        stmt.raw_bind_parameter(5, &e.context.ip)?;
+        stmt.raw_bind_parameter(6, e.context.latitude)?;
+        stmt.raw_bind_parameter(7, e.context.longitude)?;
+        stmt.raw_bind_parameter(8, &e.context.mode)?;
+        stmt.raw_bind_parameter(9, ms(e.at))
     }
-    let mut pairs = events.chunks_exact(2);
-    for pair in pairs.by_ref() {
-        if let [a, b] = pair {
-            let mut stmt = conn.prepare_cached(INSERT_AUDIT_PAIR)?;
-            bind(&mut stmt, 1, a)?;
-            bind(&mut stmt, 10, b)?;
-            stmt.raw_execute()?;
-        }
-    }
-    for e in pairs.remainder() {
+    // One statement per event, not one for all: a statement of several rows may fail after
+    // its first (a constraint), so SQLite copies each page it touches to a statement journal
+    // before changing it, to undo that statement alone; a login's two events in one statement
+    // spent more on those copies than the second statement costs (its `sqlite_sequence`
+    // update included).
+    for e in events {
         let mut stmt = conn.prepare_cached(INSERT_AUDIT)?;
-        bind(&mut stmt, 1, e)?;
+        bind(&mut stmt, e)?;
         stmt.raw_execute()?;
     }
     Ok(())
