@@ -47,12 +47,18 @@ fn text<'row>(row: &'row Row<'_>, column: usize) -> rusqlite::Result<Option<&'ro
         ValueRef::Text(bytes) => std::str::from_utf8(bytes)
             .map(Some)
             .map_err(|e| rusqlite::Error::Utf8Error(column, e)),
-        other => Err(rusqlite::Error::InvalidColumnType(
-            column,
-            String::new(),
-            other.data_type(),
-        )),
+        other => Err(wrong_type(row, column, other.data_type())),
     }
+}
+
+/// The error of a column whose stored type is not the one read, as `Row::get` names it.
+fn wrong_type(row: &Row<'_>, column: usize, found: Type) -> rusqlite::Error {
+    let name = row
+        .as_ref()
+        .column_name(column)
+        .map(str::to_owned)
+        .unwrap_or_default();
+    rusqlite::Error::InvalidColumnType(column, name, found)
 }
 
 fn parsed<T>(
@@ -60,11 +66,7 @@ fn parsed<T>(
     column: usize,
     parse: impl FnOnce(&str) -> Result<T, otpgate_core::CoreError>,
 ) -> rusqlite::Result<T> {
-    let text = text(row, column)?.ok_or(rusqlite::Error::InvalidColumnType(
-        column,
-        String::new(),
-        Type::Null,
-    ))?;
+    let text = text(row, column)?.ok_or_else(|| wrong_type(row, column, Type::Null))?;
     parse(text).map_err(|_| bad(column, "value"))
 }
 
@@ -81,11 +83,7 @@ fn opt_parsed<T>(
 fn hash32(row: &Row<'_>, column: usize) -> rusqlite::Result<[u8; 32]> {
     match row.get_ref(column)? {
         ValueRef::Blob(bytes) => bytes.try_into().map_err(|_| bad(column, "hash")),
-        other => Err(rusqlite::Error::InvalidColumnType(
-            column,
-            String::new(),
-            other.data_type(),
-        )),
+        other => Err(wrong_type(row, column, other.data_type())),
     }
 }
 

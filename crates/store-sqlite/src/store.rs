@@ -201,7 +201,8 @@ static LOGIN_CONTEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| 
     )
 });
 
-/// A login ticket by hash (built once, as the two below: logins read them on every request).
+/// A login ticket by hash (built once, as the two below; a login's step reads all three at
+/// once, [`LOGIN_CONTEXT`]).
 static TICKET_BY_HASH: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT {} FROM login_tickets WHERE hash = ?1",
