@@ -1758,6 +1758,7 @@ pub async fn login_failures_count_up_and_locks_never_shorten(store: Arc<dyn Stor
 }
 
 pub async fn audit_events_are_listed_newest_first(store: Arc<dyn Store>) {
+    // Arrange: an event, another, then three in one call (a login writes its events so).
     let t = tenant(&store, "audit").await;
     store
         .insert_audit(&[event(&t, AuditKind::LoginFailed, "first")])
@@ -1767,11 +1768,25 @@ pub async fn audit_events_are_listed_newest_first(store: Arc<dyn Store>) {
         .insert_audit(&[event(&t, AuditKind::OtpSent, "second")])
         .await
         .unwrap();
+    store
+        .insert_audit(&[
+            event(&t, AuditKind::LoginFailed, "third"),
+            event(&t, AuditKind::OtpSent, "fourth"),
+            event(&t, AuditKind::LoginFailed, "fifth"),
+        ])
+        .await
+        .unwrap();
+    // Act
     let events = store.list_audit(&t.id, None, 10).await.unwrap();
-    assert_eq!(events.len(), 2);
-    assert_eq!(events[0].kind, AuditKind::OtpSent);
-    assert_eq!(events[1].detail, "first");
-    assert_eq!(events[1].context.ip.as_deref(), Some("127.0.0.1"));
+    // Assert: every event of the three is kept, after the two before them.
+    let details: Vec<&str> = events.iter().map(|e| e.detail.as_str()).collect();
+    assert_eq!(details.len(), 5, "{details:?}");
+    let mut batch = details[..3].to_vec();
+    batch.sort_unstable();
+    assert_eq!(batch, ["fifth", "fourth", "third"]);
+    assert_eq!(details[3..], ["second", "first"]);
+    assert_eq!(events[3].kind, AuditKind::OtpSent);
+    assert_eq!(events[4].context.ip.as_deref(), Some("127.0.0.1"));
 }
 
 pub async fn the_sweeper_deletes_only_what_can_no_longer_matter(store: Arc<dyn Store>) {
