@@ -870,7 +870,9 @@ impl Store for SqliteStore {
                 // The rows just read are found again by row id, where the completion names
                 // them (it may name other rows: the judge is the core's).
                 let located = Located {
-                    ticket: (done.ticket_hash == Some(context.ticket.hash)).then_some(found.ticket),
+                    ticket: found
+                        .ticket
+                        .filter(|_| done.ticket_hash == Some(context.ticket.hash)),
                     challenge: found.challenge.filter(|_| {
                         context
                             .challenge
@@ -1604,12 +1606,12 @@ impl Store for SqliteStore {
     }
 }
 
-/// Where rows of a login are in their tables, when the same transaction has just read them.
+/// Where a login's rows are in their tables, when the same transaction has just read them.
 #[derive(Clone, Copy, Default)]
 struct Located {
-    /// The row id of the completion's ticket.
+    /// The ticket's row id.
     ticket: Option<i64>,
-    /// The row id of the completion's challenge.
+    /// The challenge's row id (none when the ticket names no challenge that is there).
     challenge: Option<i64>,
 }
 
@@ -1696,11 +1698,11 @@ fn complete_login(
 }
 
 /// A login ticket with its user and challenge, on `c`, in one statement, and where the ticket
-/// and challenge rows are ([`Located`]'s row ids, for the writes of the same transaction).
+/// and challenge rows are (for the writes of the same transaction).
 fn read_login_context(
     c: &Connection,
     hash: &[u8; 32],
-) -> rusqlite::Result<Option<(LoginContext, FoundRows)>> {
+) -> rusqlite::Result<Option<(LoginContext, Located)>> {
     const USER: usize = rows::width(rows::TICKET_COLUMNS);
     const CHALLENGE: usize = USER + rows::width(rows::USER_COLUMNS);
     const ROW_IDS: usize = CHALLENGE + rows::width(rows::CHALLENGE_COLUMNS);
@@ -1722,19 +1724,13 @@ fn read_login_context(
                     .then(|| rows::challenge_from(row, CHALLENGE))
                     .transpose()?,
             };
-            let found = FoundRows {
-                ticket: row.get(ROW_IDS)?,
+            let found = Located {
+                ticket: Some(row.get(ROW_IDS)?),
                 challenge: row.get(ROW_IDS + 1)?,
             };
             Ok((context, found))
         })
         .optional()
-}
-
-/// The row ids [`read_login_context`] found.
-struct FoundRows {
-    ticket: i64,
-    challenge: Option<i64>,
 }
 
 /// The one statement that counts a wrong code: pending, unexpired, attempts unchanged.
