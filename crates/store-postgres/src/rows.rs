@@ -43,8 +43,8 @@ fn parsed<T>(
     column: &str,
     parse: impl FnOnce(&str) -> Result<T, otpgate_core::CoreError>,
 ) -> sqlx::Result<T> {
-    let text: String = row.try_get(column)?;
-    parse(&text).map_err(|_| bad(column, "value"))
+    let text: &str = row.try_get(column)?;
+    parse(text).map_err(|_| bad(column, "value"))
 }
 
 fn opt_parsed<T>(
@@ -52,13 +52,13 @@ fn opt_parsed<T>(
     column: &str,
     parse: impl FnOnce(&str) -> Result<T, otpgate_core::CoreError>,
 ) -> sqlx::Result<Option<T>> {
-    let text: Option<String> = row.try_get(column)?;
-    text.map(|t| parse(&t).map_err(|_| bad(column, "value")))
+    let text: Option<&str> = row.try_get(column)?;
+    text.map(|t| parse(t).map_err(|_| bad(column, "value")))
         .transpose()
 }
 
 fn hash32(row: &PgRow, column: &str) -> sqlx::Result<[u8; 32]> {
-    let bytes: Vec<u8> = row.try_get(column)?;
+    let bytes: &[u8] = row.try_get(column)?;
     bytes.try_into().map_err(|_| bad(column, "hash"))
 }
 
