@@ -496,7 +496,7 @@ enum CheckpointBy {
 #[derive(Default)]
 struct CheckpointCadence {
     /// The WAL's size, in frames, when the thread was last asked (0: not since it started
-    /// again from its beginning).
+    /// again from its beginning, so the first mark asks).
     asked_at: c_int,
 }
 
@@ -510,7 +510,7 @@ impl CheckpointCadence {
         if frames >= WRITER_CHECKPOINTS_AT_FRAMES {
             CheckpointBy::Writer
         } else if frames >= CHECKPOINT_FROM_FRAMES
-            && (self.asked_at == 0 || frames - self.asked_at >= CHECKPOINT_EVERY_FRAMES)
+            && frames - self.asked_at >= CHECKPOINT_EVERY_FRAMES
         {
             self.asked_at = frames;
             CheckpointBy::Thread

@@ -185,7 +185,7 @@ const SPEND_TICKET_AT: &str = "UPDATE login_tickets SET used_at = ?2 \
 static LOGIN_CONTEXT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let of = |table: &str, columns: &str| {
         columns
-            .split(", ")
+            .split(',')
             .map(|column| format!("{table}.{}", column.trim()))
             .collect::<Vec<_>>()
             .join(", ")
