@@ -4,6 +4,7 @@
 //! reports requests/s, latency quantiles, errors and the server's peak RSS (table and JSON).
 //! See BENCHMARKS.md for the commands and the latest figures.
 
+mod cpu;
 mod load;
 mod report;
 mod scenario;
@@ -227,6 +228,11 @@ async fn run_one(
             load::drive(addr, 4, duration, Duration::from_millis(10), fixtures).await
         })
     });
+    let watched = cpu::Watched {
+        server: running.pid(),
+        postgres: matches!(store, Store::Postgres(_)),
+    };
+    let cpu_before = cpu::snapshot(watched);
     let measured = load::drive(
         running.addr,
         connections,
@@ -235,6 +241,12 @@ async fn run_one(
         Arc::clone(&fixtures_ready),
     )
     .await;
+    let cpu_after = cpu::snapshot(watched);
+    extra.extend(cpu::per_request(
+        &cpu_before,
+        &cpu_after,
+        measured.latencies_us.len(),
+    ));
     if let Some(side) = side
         && let Ok(side) = side.await
     {

@@ -92,8 +92,11 @@ pub fn table(report: &Report) -> String {
             r.peak_rss_mib,
             r.fixtures
         );
-        for (k, v) in &r.extra {
+        for (k, v) in r.extra.iter().filter(|(k, _)| !is_cpu_figure(k)) {
             let _ = writeln!(out, "{:<15}   {k} = {v:.2}", "");
+        }
+        if let Some(line) = cpu_line(&r.extra) {
+            let _ = writeln!(out, "{:<15}   {line}", "");
         }
         if let Some(e) = &r.first_error {
             let _ = writeln!(out, "{:<15}   first error: {e}", "");
@@ -108,7 +111,7 @@ pub fn table(report: &Report) -> String {
             b.scenario == "baseline" && b.store == r.store && b.connections == r.connections
         }) && base.rps > 0.0
         {
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "{} / baseline ({}, {} connections): {:.1}%",
                 r.scenario,
@@ -116,9 +119,66 @@ pub fn table(report: &Report) -> String {
                 r.connections,
                 100.0 * r.rps / base.rps
             );
+            if let Some(ceiling) = cpu_ceiling(base, r) {
+                let _ = write!(
+                    out,
+                    " (the CPU a request costs would allow {:.1}% with no idle core)",
+                    100.0 * ceiling
+                );
+            }
+            let _ = writeln!(out);
         }
     }
     out
+}
+
+fn is_cpu_figure(key: &str) -> bool {
+    key.starts_with("cpu_us_") || key == "cores_idle_pct"
+}
+
+/// The run's CPU on one line: µs per request of the server (and of each of its thread names),
+/// the bench and PostgreSQL, and how idle the cores were.
+fn cpu_line(extra: &BTreeMap<String, f64>) -> Option<String> {
+    let of = |group: &str| extra.get(&format!("cpu_us_{group}")).copied();
+    let server = of("server")?;
+    let mut threads: Vec<(&str, f64)> = extra
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("cpu_us_server_")?, *v)))
+        .filter(|(_, v)| *v >= 0.05)
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let threads: Vec<String> = threads
+        .iter()
+        .map(|(name, v)| format!("{name} {v:.1}"))
+        .collect();
+    let mut line = format!(
+        "CPU µs a request: server {server:.1} ({})",
+        threads.join(", ")
+    );
+    for group in ["bench", "postgres"] {
+        if let Some(v) = of(group) {
+            let _ = write!(line, ", {group} {v:.1}");
+        }
+    }
+    if let Some(idle) = extra.get("cores_idle_pct") {
+        let _ = write!(line, "; cores idle {idle:.1}%");
+    }
+    Some(line)
+}
+
+/// CPU µs a request of everything the run watched: the server, the bench, PostgreSQL.
+fn cpu_per_request(row: &Row) -> Option<f64> {
+    let of = |group: &str| row.extra.get(&format!("cpu_us_{group}")).copied();
+    Some(of("server")? + of("bench")? + of("postgres").unwrap_or(0.0))
+}
+
+/// The ratio to `base` that `row`'s CPU a request allows if the cores never idle: the same
+/// cores serve `base` at its own idle share, so the ratio is bounded by base's CPU a request
+/// over row's, divided by the share of the time base kept the cores busy.
+fn cpu_ceiling(base: &Row, row: &Row) -> Option<f64> {
+    let (base_cpu, row_cpu) = (cpu_per_request(base)?, cpu_per_request(row)?);
+    let base_busy = 1.0 - base.extra.get("cores_idle_pct")? / 100.0;
+    (row_cpu > 0.0 && base_busy > 0.0).then(|| base_cpu / (row_cpu * base_busy))
 }
 
 /// Ratios B/A for every run both reports have.
@@ -254,4 +314,86 @@ pub fn svg(rows: &[Row], title: &str) -> String {
     }
     out.push_str("</svg>\n");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(scenario: &str, rps: f64, cpu: &[(&str, f64)]) -> Row {
+        Row {
+            scenario: scenario.to_owned(),
+            store: "sqlite".to_owned(),
+            connections: 100,
+            requests: 1000,
+            rps,
+            p50_ms: 1.0,
+            p90_ms: 1.0,
+            p99_ms: 1.0,
+            max_ms: 1.0,
+            errors: 0,
+            first_error: None,
+            peak_rss_mib: 40.0,
+            fixtures: 1,
+            seed_secs: 0.0,
+            exhausted: false,
+            extra: cpu.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_cpu_ceiling_divides_baselines_cpu_by_the_scenarios_at_baselines_busy_share() {
+        // The figures of 2026-12-05, 05:05: 19.8 µs a baseline request at 2.9% idle, 60.2 µs a
+        // login (its idle share does not enter: the ceiling is what no idle would give).
+        let base = row(
+            "baseline",
+            94_942.0,
+            &[
+                ("cpu_us_server", 10.3),
+                ("cpu_us_bench", 9.5),
+                ("cores_idle_pct", 2.9),
+            ],
+        );
+        let login = row(
+            "acl-confirm",
+            25_773.0,
+            &[
+                ("cpu_us_server", 45.0),
+                ("cpu_us_server_sqlite-writer", 19.4),
+                ("cpu_us_bench", 15.2),
+                ("cores_idle_pct", 18.6),
+            ],
+        );
+        let ceiling = cpu_ceiling(&base, &login).unwrap_or(0.0);
+        assert!((ceiling - 0.339).abs() < 0.001, "{ceiling}");
+        let report = Report {
+            duration_secs: 10,
+            cores: 2,
+            rows: vec![base, login],
+        };
+        let text = table(&report);
+        assert!(text.contains("acl-confirm / baseline (sqlite, 100 connections): 27.1% (the CPU a request costs would allow 33.9% with no idle core)"), "{text}");
+        assert!(
+            text.contains(
+                "CPU µs a request: server 45.0 (sqlite-writer 19.4), bench 15.2; cores idle 18.6%"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("cpu_us_"), "{text}");
+    }
+
+    #[test]
+    fn without_cpu_figures_the_ratio_stands_alone() {
+        let report = Report {
+            duration_secs: 10,
+            cores: 2,
+            rows: vec![row("baseline", 100.0, &[]), row("v1-check", 40.0, &[])],
+        };
+        let text = table(&report);
+        assert!(
+            text.contains("v1-check / baseline (sqlite, 100 connections): 40.0%\n"),
+            "{text}"
+        );
+        assert!(!text.contains("CPU µs"), "{text}");
+    }
 }

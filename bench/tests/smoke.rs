@@ -66,8 +66,8 @@ fn run_every_scenario(postgres: Option<&str>) -> Value {
     serde_json::from_slice(&text).expect("the report is JSON")
 }
 
-/// Every scenario ran, sent requests, and every answer passed its check; `send`'s codes
-/// reached the local webhook receiver.
+/// Every scenario ran, sent requests, and every answer passed its check; the report says
+/// where the CPU went; `send`'s codes reached the local webhook receiver.
 fn assert_every_answer_passed(report: &Value, store: &str) {
     let rows = report["rows"].as_array().expect("rows");
     let ran: Vec<&str> = rows.iter().filter_map(|r| r["scenario"].as_str()).collect();
@@ -83,6 +83,15 @@ fn assert_every_answer_passed(report: &Value, store: &str) {
             "{store} {scenario}: {}",
             row["first_error"]
         );
+        // Where the run's CPU went: the server's threads, and PostgreSQL's processes.
+        let cpu = |group: &str| row["extra"][format!("cpu_us_{group}")].as_f64();
+        assert!(
+            cpu("server").is_some_and(|us| us > 0.0),
+            "{store} {scenario}"
+        );
+        if store == "postgres" {
+            assert!(cpu("postgres").is_some_and(|us| us > 0.0), "{scenario}");
+        }
     }
     let send = rows
         .iter()
