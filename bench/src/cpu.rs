@@ -81,37 +81,41 @@ pub fn per_request(before: &Snapshot, after: &Snapshot, requests: usize) -> BTre
 
 /// (thread id, name, nanoseconds on a CPU) of every thread under `task_dir`.
 fn threads_of(task_dir: &str) -> Vec<(u32, String, u64)> {
-    let Ok(entries) = std::fs::read_dir(task_dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let tid = entry.file_name().to_str()?.parse().ok()?;
-            let dir = entry.path();
-            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
-            let ns = on_cpu_ns(&dir)?;
-            Some((tid, comm.trim().to_owned(), ns))
-        })
+    numbered(task_dir)
+        .into_iter()
+        .filter_map(|(tid, dir)| Some((tid, name_of(&dir)?, on_cpu_ns(&dir)?)))
         .collect()
 }
 
 /// (process id, nanoseconds on a CPU) of every process named `postgres` (the postmaster, its
 /// backends and its workers); single-threaded, so the process's own statistics are all of it.
 fn postgres_processes() -> Vec<(u32, u64)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    numbered("/proc")
+        .into_iter()
+        .filter(|(_, dir)| name_of(dir).is_some_and(|name| name == "postgres"))
+        .filter_map(|(pid, dir)| Some((pid, on_cpu_ns(&dir)?)))
+        .collect()
+}
+
+/// The entries of `dir` named by a number (processes in `/proc`, threads in a `task`).
+fn numbered(dir: &str) -> Vec<(u32, std::path::PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     entries
         .filter_map(Result::ok)
-        .filter_map(|entry| {
-            let pid = entry.file_name().to_str()?.parse().ok()?;
-            let dir = entry.path();
-            let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
-            (comm.trim() == "postgres").then_some(())?;
-            Some((pid, on_cpu_ns(&dir)?))
-        })
+        .filter_map(|entry| Some((entry.file_name().to_str()?.parse().ok()?, entry.path())))
         .collect()
+}
+
+/// A process's or thread's name (`comm`).
+fn name_of(dir: &Path) -> Option<String> {
+    Some(
+        std::fs::read_to_string(dir.join("comm"))
+            .ok()?
+            .trim()
+            .to_owned(),
+    )
 }
 
 /// The first field of `schedstat`: nanoseconds the task has run.
