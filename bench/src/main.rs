@@ -49,6 +49,10 @@ enum Command {
         /// Seconds per run (bounded: at most 300).
         #[arg(long, default_value_t = 10)]
         duration: u64,
+        /// Times the scenarios run in turn at each connection count (at most 20): each round's
+        /// ratio to `baseline` pairs runs minutes apart, and the report gives their median.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
         /// Single-use fixtures seeded per run (pending tickets, codes, TOTP users).
         #[arg(long, default_value_t = 100_000)]
         fixtures: usize,
@@ -304,6 +308,7 @@ async fn run_one(
         seed_secs,
         exhausted: measured.exhausted,
         extra,
+        round: 1,
     })
 }
 
@@ -318,6 +323,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             scenarios,
             connections,
             duration,
+            rounds,
             fixtures,
             dead_challenges,
             plans,
@@ -339,27 +345,36 @@ async fn run(cli: Cli) -> Result<(), String> {
             };
             let store = postgres.map_or(Store::Sqlite, Store::Postgres);
             let receiver = start_receiver().await?;
+            let rounds = rounds.clamp(1, 20);
             let mut rows = Vec::new();
             for &c in &connections {
-                for &s in &scenarios {
-                    eprintln!(
-                        "running {} on {} with {c} connections…",
-                        s.name(),
-                        store.name()
-                    );
-                    let row = run_one(
-                        s,
-                        c,
-                        duration,
-                        fixtures,
-                        backdrop,
-                        &store,
-                        pg_connections,
-                        &binary,
-                        &receiver,
-                    )
-                    .await?;
-                    rows.push(row);
+                for round in 1..=rounds {
+                    for &s in &scenarios {
+                        let of_rounds = if rounds > 1 {
+                            format!(" (round {round} of {rounds})")
+                        } else {
+                            String::new()
+                        };
+                        eprintln!(
+                            "running {} on {} with {c} connections{of_rounds}…",
+                            s.name(),
+                            store.name()
+                        );
+                        let mut row = run_one(
+                            s,
+                            c,
+                            duration,
+                            fixtures,
+                            backdrop,
+                            &store,
+                            pg_connections,
+                            &binary,
+                            &receiver,
+                        )
+                        .await?;
+                        row.round = round;
+                        rows.push(row);
+                    }
                 }
             }
             let report = Report {
@@ -392,6 +407,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                         .filter(|r| scenarios.contains(&r.scenario)),
                 );
             }
+            let rows = report::median_rounds(rows);
             let svg = report::svg(&rows, "otpgate: throughput and p99 against connections");
             std::fs::write(&out, svg).map_err(|e| format!("{}: {e}", out.display()))
         }

@@ -43,6 +43,11 @@ pub struct Row {
     /// Scenario-specific figures (delivered/s, argon2 ceiling, side-load p99).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extra: BTreeMap<String, f64>,
+    /// The round of the run this row belongs to, from 1 (`--rounds`: the scenarios run again
+    /// in turn, so that each round's ratio pairs figures taken minutes apart at most); 0 in
+    /// reports written before rounds existed.
+    #[serde(default)]
+    pub round: usize,
 }
 
 /// A whole invocation.
@@ -107,13 +112,17 @@ pub fn table(report: &Report) -> String {
         if r.scenario == "baseline" {
             continue;
         }
-        if let Some(base) = report.rows.iter().find(|b| {
-            b.scenario == "baseline" && b.store == r.store && b.connections == r.connections
-        }) && base.rps > 0.0
+        if let Some(base) = baseline_of(report, r)
+            && base.rps > 0.0
         {
+            let round = if r.round > 1 || report.rows.iter().any(|o| o.round > 1) {
+                format!(", round {}", r.round)
+            } else {
+                String::new()
+            };
             let _ = write!(
                 out,
-                "{} / baseline ({}, {} connections): {:.1}%",
+                "{} / baseline ({}, {} connections{round}): {:.1}%",
                 r.scenario,
                 r.store,
                 r.connections,
@@ -129,7 +138,84 @@ pub fn table(report: &Report) -> String {
             let _ = writeln!(out);
         }
     }
+    for line in median_ratios(report) {
+        let _ = writeln!(out, "{line}");
+    }
     out
+}
+
+/// The `baseline` row measured with `row`: same store, connections and round.
+fn baseline_of<'a>(report: &'a Report, row: &Row) -> Option<&'a Row> {
+    report.rows.iter().find(|b| {
+        b.scenario == "baseline"
+            && b.store == row.store
+            && b.connections == row.connections
+            && b.round == row.round
+    })
+}
+
+/// With several rounds, each scenario's ratios to `baseline` (one per round) and their median:
+/// a figure that one slow minute cannot decide.
+fn median_ratios(report: &Report) -> Vec<String> {
+    let mut ratios: BTreeMap<(&str, &str, usize), Vec<f64>> = BTreeMap::new();
+    for r in report.rows.iter().filter(|r| r.scenario != "baseline") {
+        if let Some(base) = baseline_of(report, r)
+            && base.rps > 0.0
+        {
+            ratios
+                .entry((r.store.as_str(), r.scenario.as_str(), r.connections))
+                .or_default()
+                .push(100.0 * r.rps / base.rps);
+        }
+    }
+    ratios
+        .into_iter()
+        .filter(|(_, each)| each.len() > 1)
+        .map(|((store, scenario, connections), each)| {
+            let listed: Vec<String> = each.iter().map(|p| format!("{p:.1}%")).collect();
+            format!(
+                "{scenario} / baseline ({store}, {connections} connections): median {:.1}% of {} rounds ({})",
+                median(&each),
+                each.len(),
+                listed.join(", ")
+            )
+        })
+        .collect()
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let middle = sorted.len() / 2;
+    if sorted.len().is_multiple_of(2) {
+        let low = middle.checked_sub(1).and_then(|i| sorted.get(i));
+        match (low, sorted.get(middle)) {
+            (Some(low), Some(high)) => (low + high) / 2.0,
+            _ => f64::NAN,
+        }
+    } else {
+        sorted.get(middle).copied().unwrap_or(f64::NAN)
+    }
+}
+
+/// One row per scenario, store and connection count: of several rounds, the one with the
+/// median requests/s (for the plot).
+pub fn median_rounds(rows: Vec<Row>) -> Vec<Row> {
+    let mut groups: BTreeMap<(String, String, usize), Vec<Row>> = BTreeMap::new();
+    for r in rows {
+        groups
+            .entry((r.scenario.clone(), r.store.clone(), r.connections))
+            .or_default()
+            .push(r);
+    }
+    groups
+        .into_values()
+        .filter_map(|mut group| {
+            group.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            let middle = group.len() / 2;
+            group.into_iter().nth(middle)
+        })
+        .collect()
 }
 
 fn is_cpu_figure(key: &str) -> bool {
@@ -191,7 +277,10 @@ pub fn compare(a: &Report, b: &Report) -> String {
     );
     for rb in &b.rows {
         let Some(ra) = a.rows.iter().find(|ra| {
-            ra.scenario == rb.scenario && ra.store == rb.store && ra.connections == rb.connections
+            ra.scenario == rb.scenario
+                && ra.store == rb.store
+                && ra.connections == rb.connections
+                && ra.round == rb.round
         }) else {
             continue;
         };
@@ -338,7 +427,63 @@ mod tests {
             seed_secs: 0.0,
             exhausted: false,
             extra: cpu.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            round: 0,
         }
+    }
+
+    fn in_round(mut row: Row, round: usize) -> Row {
+        row.round = round;
+        row
+    }
+
+    #[test]
+    fn each_round_pairs_with_its_own_baseline_and_the_median_of_the_rounds_is_given() {
+        let rows = vec![
+            in_round(row("baseline", 100.0, &[]), 1),
+            in_round(row("acl-confirm", 30.0, &[]), 1),
+            in_round(row("baseline", 80.0, &[]), 2),
+            in_round(row("acl-confirm", 20.0, &[]), 2),
+            in_round(row("baseline", 90.0, &[]), 3),
+            in_round(row("acl-confirm", 27.0, &[]), 3),
+        ];
+        let report = Report {
+            duration_secs: 5,
+            cores: 2,
+            rows: rows.clone(),
+        };
+        let text = table(&report);
+        for line in [
+            "acl-confirm / baseline (sqlite, 100 connections, round 1): 30.0%\n",
+            "acl-confirm / baseline (sqlite, 100 connections, round 2): 25.0%\n",
+            "acl-confirm / baseline (sqlite, 100 connections, round 3): 30.0%\n",
+            "acl-confirm / baseline (sqlite, 100 connections): median 30.0% of 3 rounds (30.0%, 25.0%, 30.0%)\n",
+        ] {
+            assert!(text.contains(line), "{line}\n{text}");
+        }
+        assert_eq!(median(&[25.0, 30.0, 20.0, 40.0]), 27.5);
+        // The plot keeps the round with the median requests/s of each scenario.
+        let plotted = median_rounds(rows);
+        let rps: Vec<f64> = plotted.iter().map(|r| r.rps).collect();
+        assert_eq!(rps, vec![27.0, 90.0]);
+    }
+
+    #[test]
+    fn compare_pairs_the_same_round() {
+        let a = Report {
+            duration_secs: 5,
+            cores: 2,
+            rows: vec![
+                in_round(row("baseline", 100.0, &[]), 1),
+                in_round(row("baseline", 50.0, &[]), 2),
+            ],
+        };
+        let b = Report {
+            duration_secs: 5,
+            cores: 2,
+            rows: vec![in_round(row("baseline", 100.0, &[]), 2)],
+        };
+        let text = compare(&a, &b);
+        assert!(text.contains("2.000"), "{text}");
     }
 
     #[test]
