@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every benchmark of BENCHMARKS.md: all scenarios on SQLite and on PostgreSQL at 100
-# connections, then baseline and acl-confirm against the connection count, and draws the plot.
-# Each run is bounded (--duration); the whole script takes about half an hour.
+# connections, the acl and native checks in five rounds beside baseline, then baseline and
+# acl-confirm against the connection count, and draws the plot.
+# Each run is bounded (--duration); the whole script takes about 45 minutes.
 # Usage: bench/run-all.sh [postgres-url]   (default: the local server, TLS off on loopback)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,13 @@ timeout 900 $BENCH run --scenarios v1-check,acl-confirm --connections 100 --dura
   --fixtures 450000 --dead-challenges 1000000 --plans --json "$OUT/sqlite-dead.json"
 timeout 1500 $BENCH run --postgres "$PG_URL" --scenarios v1-check --connections 100 \
   --duration 10 --fixtures 300000 --dead-challenges 1000000 --plans --json "$OUT/postgres-dead.json"
+# Five rounds of baseline and the checks in turn: one slow minute moved a single run's ratio by a
+# third on 2026-12-05 (every thread's CPU a request half as much again), and the median of the
+# rounds' ratios is what it cannot move. 450,000 / 200,000 fixtures last each 10-second run.
+timeout 1200 $BENCH run --scenarios baseline,acl-confirm,v1-check --rounds 5 --connections 100 \
+  --duration 10 --fixtures 450000 --json "$OUT/rounds-sqlite.json"
+timeout 1800 $BENCH run --postgres "$PG_URL" --scenarios baseline,acl-confirm --rounds 5 \
+  --connections 100 --duration 10 --fixtures 200000 --json "$OUT/rounds-postgres.json"
 # 5 s each: SQLite's acl-confirm logged in 28,000 times a second and PostgreSQL's 14,700 at
 # 200 connections on 2026-12-04, evening, and both ran out of 120,000 and 60,000 fixtures.
 timeout 900 $BENCH run --scenarios baseline,acl-confirm --connections 1,10,50,100,200 \
