@@ -144,13 +144,18 @@ pub fn table(report: &Report) -> String {
     out
 }
 
+/// The round a row belongs to, reports from before rounds (0) counting as round 1.
+fn round_of(row: &Row) -> usize {
+    row.round.max(1)
+}
+
 /// The `baseline` row measured with `row`: same store, connections and round.
 fn baseline_of<'a>(report: &'a Report, row: &Row) -> Option<&'a Row> {
     report.rows.iter().find(|b| {
         b.scenario == "baseline"
             && b.store == row.store
             && b.connections == row.connections
-            && b.round == row.round
+            && round_of(b) == round_of(row)
     })
 }
 
@@ -280,7 +285,7 @@ pub fn compare(a: &Report, b: &Report) -> String {
             ra.scenario == rb.scenario
                 && ra.store == rb.store
                 && ra.connections == rb.connections
-                && ra.round == rb.round
+                && round_of(ra) == round_of(rb)
         }) else {
             continue;
         };
@@ -484,6 +489,14 @@ mod tests {
         };
         let text = compare(&a, &b);
         assert!(text.contains("2.000"), "{text}");
+        // A report from before rounds (round 0) pairs with the first round of a new one.
+        let old = Report {
+            duration_secs: 5,
+            cores: 2,
+            rows: vec![row("baseline", 25.0, &[])],
+        };
+        let text = compare(&old, &a);
+        assert!(text.contains("4.000"), "{text}");
     }
 
     #[test]
