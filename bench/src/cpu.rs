@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// CPU nanoseconds of the threads and processes a run watches, and the machine's counters.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Snapshot {
     /// (group, thread id) → nanoseconds on a CPU so far.
     threads: HashMap<(String, u32), u64>,

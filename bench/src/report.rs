@@ -108,6 +108,7 @@ pub fn table(report: &Report) -> String {
         }
     }
     // Ratios to the baseline of the same store and connection count, as the targets are put.
+    let several_rounds = report.rows.iter().any(|r| r.round > 1);
     for r in &report.rows {
         if r.scenario == "baseline" {
             continue;
@@ -115,7 +116,7 @@ pub fn table(report: &Report) -> String {
         if let Some(base) = baseline_of(report, r)
             && base.rps > 0.0
         {
-            let round = if r.round > 1 || report.rows.iter().any(|o| o.round > 1) {
+            let round = if several_rounds {
                 format!(", round {}", r.round)
             } else {
                 String::new()
