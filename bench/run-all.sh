@@ -26,9 +26,10 @@ timeout 900 $BENCH run --scenarios v1-check,acl-confirm --connections 100 --dura
   --fixtures 450000 --dead-challenges 1000000 --plans --json "$OUT/sqlite-dead.json"
 timeout 1500 $BENCH run --postgres "$PG_URL" --scenarios v1-check --connections 100 \
   --duration 10 --fixtures 300000 --dead-challenges 1000000 --plans --json "$OUT/postgres-dead.json"
-# Five rounds of baseline and the checks in turn: one slow minute moved a single run's ratio by a
-# third on 2026-12-05 (every thread's CPU a request half as much again), and the median of the
-# rounds' ratios is what it cannot move. 450,000 / 200,000 fixtures last each 10-second run.
+# Five rounds of baseline and the checks in turn: on 2026-12-05 a slow window moved a single
+# run's ratio by a third (every thread's CPU a request half as much again); each round pairs a
+# scenario with the baseline taken just before it, and one slow minute moves one round of five,
+# not their median. 450,000 / 200,000 fixtures last each 10-second run.
 timeout 1200 $BENCH run --scenarios baseline,acl-confirm,v1-check --rounds 5 --connections 100 \
   --duration 10 --fixtures 450000 --json "$OUT/rounds-sqlite.json"
 timeout 1800 $BENCH run --postgres "$PG_URL" --scenarios baseline,acl-confirm --rounds 5 \
