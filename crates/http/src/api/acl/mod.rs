@@ -20,7 +20,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Map, Value, json};
 
 use self::messages::{AclMessage, Lang};
-use crate::context::Ctx;
+use crate::context::{Ctx, preferred_language};
 use crate::{AppState, rfc3339};
 
 /// The acl routes, each under its full path (`/api/acl/auth/...`). Every other path under
@@ -220,11 +220,10 @@ impl<S: Send + Sync> FromRequest<S> for AclBody {
     type Rejection = AclError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let (mut parts, body) = req.into_parts();
-        let AclCtx { lang, .. } = match AclCtx::from_request_parts(&mut parts, state).await {
-            Ok(ctx) => ctx,
-            Err(never) => match never {},
-        };
+        let (parts, body) = req.into_parts();
+        // Only the language: the handler's own `AclCtx` builds the rest of the context (the
+        // client's address as text, among others), which this extractor used to build again.
+        let lang = Lang::from_preference(preferred_language(&parts).as_deref());
         let is_json = parts
             .headers
             .get(CONTENT_TYPE)
