@@ -38,9 +38,11 @@ fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), JobError
     // its first (a constraint), so SQLite copies each page it touches to a statement journal
     // before changing it, to undo that statement alone; a login's two events in one statement
     // spent more on those copies than the second statement costs (its `sqlite_sequence`
-    // update included).
+    // update included). The statement is taken from the cache once for all of them: each
+    // `prepare_cached` hashes the SQL twice and copies it into a new key.
+    let mut stmt = conn.prepare_cached(INSERT_AUDIT)?;
     for e in events {
-        let mut stmt = conn.prepare_cached(INSERT_AUDIT)?;
+        // Every parameter is bound again, and each run resets the statement.
         bind(&mut stmt, e)?;
         stmt.raw_execute()?;
     }
