@@ -20,15 +20,17 @@ mod schema;
 mod store;
 mod vfs;
 
+use std::cell::RefCell;
 use std::ffi::c_int;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use otpgate_core::StoreError;
 use rusqlite::config::DbConfig;
 use rusqlite::wal::CheckpointMode;
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, PrepFlags, Statement};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, WeakUnboundedSender};
 use tokio::sync::oneshot;
 
@@ -50,7 +52,7 @@ trait WriteJob: Send {
     /// Runs the job on the writer's connection; returns whether its changes are to be kept.
     /// It may run twice: a second time, in a savepoint, after another job of its batch failed
     /// and the first attempt was rolled back.
-    fn run(&mut self, conn: &Connection) -> bool;
+    fn run(&mut self, tx: &Tx<'_, '_>) -> bool;
     /// Whether its answer must wait for the sync: it changed a row in its last run, or its caller
     /// may turn even a "nothing changed" into a success (see [`SqliteStore::settle`]).
     fn waits_for_sync(&self) -> bool;
@@ -70,15 +72,15 @@ struct PendingWrite<T, F> {
 impl<T, F> WriteJob for PendingWrite<T, F>
 where
     T: Send,
-    F: Fn(&Connection) -> Result<T, JobError> + Send,
+    F: Fn(&Tx<'_, '_>) -> Result<T, JobError> + Send,
 {
-    fn run(&mut self, conn: &Connection) -> bool {
+    fn run(&mut self, tx: &Tx<'_, '_>) -> bool {
         // One thread writes for the whole process, and jobs carry the core's judges: a job
         // that panics fails alone (its changes rolled back like any failed job's) instead of
         // ending every write of the process.
         let job = &self.job;
-        let changes_before = conn.total_changes();
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn)))
+        let changes_before = tx.total_changes();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(tx)))
             .unwrap_or_else(|_| {
                 tracing::error!("a write job panicked; its changes are rolled back");
                 Err(JobError::Store(StoreError::Other(
@@ -87,7 +89,7 @@ where
             });
         let keep = outcome.is_ok();
         self.outcome = Some(outcome);
-        self.changed = conn.total_changes() != changes_before;
+        self.changed = tx.total_changes() != changes_before;
         keep
     }
 
@@ -111,6 +113,100 @@ where
 }
 
 type Job = Box<dyn WriteJob>;
+
+/// The writer's hot statements, each prepared at its first use and kept for the writer's life.
+/// Taken from rusqlite's cache instead, a statement is removed from an LRU map and put back on
+/// every use, its SQL hashed twice and copied into a new key: about 1,500 instructions each
+/// time, five or six times a login (callgrind, BENCHMARKS.md, 2026-12-05 08:24), on the one
+/// thread every write waits for. Only the statements a login's writes and read go through
+/// ([`Statements::with_statement`] on a [`Tx`]) are held; everything else keeps to the cache.
+struct Held<'c> {
+    conn: &'c Connection,
+    /// Found by the address of their SQL text (one constant, one statement), then by the text.
+    statements: RefCell<Vec<(&'static str, HeldStatement<'c>)>>,
+}
+
+/// One held statement; a job borrows it for one use.
+type HeldStatement<'c> = Rc<RefCell<Statement<'c>>>;
+
+impl<'c> Held<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        Held {
+            conn,
+            statements: RefCell::new(Vec::new()),
+        }
+    }
+
+    fn statement(&self, sql: &'static str) -> rusqlite::Result<HeldStatement<'c>> {
+        let mut held = self.statements.borrow_mut();
+        let found = held
+            .iter()
+            .find(|(text, _)| std::ptr::eq(*text, sql))
+            .or_else(|| held.iter().find(|(text, _)| *text == sql));
+        if let Some((_, statement)) = found {
+            return Ok(Rc::clone(statement));
+        }
+        let statement = Rc::new(RefCell::new(
+            self.conn
+                .prepare_with_flags(sql, PrepFlags::SQLITE_PREPARE_PERSISTENT)?,
+        ));
+        held.push((sql, Rc::clone(&statement)));
+        Ok(statement)
+    }
+}
+
+/// What a write job runs on: the writer's connection (a `Tx` derefs to it, so a job uses it as
+/// one) and the statements it holds.
+pub(crate) struct Tx<'a, 'c> {
+    conn: &'c Connection,
+    held: &'a Held<'c>,
+}
+
+impl std::ops::Deref for Tx<'_, '_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+/// Where a statement comes from: a connection's cache, or the writer's held statements.
+pub(crate) trait Statements {
+    /// Runs `use_it` on the statement of `sql`, which it leaves reset.
+    fn with_statement<R>(
+        &self,
+        sql: &'static str,
+        use_it: impl FnOnce(&mut Statement<'_>) -> rusqlite::Result<R>,
+    ) -> rusqlite::Result<R>;
+}
+
+impl Statements for Connection {
+    fn with_statement<R>(
+        &self,
+        sql: &'static str,
+        use_it: impl FnOnce(&mut Statement<'_>) -> rusqlite::Result<R>,
+    ) -> rusqlite::Result<R> {
+        let mut cached = self.prepare_cached(sql)?;
+        use_it(&mut cached)
+    }
+}
+
+impl Statements for Tx<'_, '_> {
+    fn with_statement<R>(
+        &self,
+        sql: &'static str,
+        use_it: impl FnOnce(&mut Statement<'_>) -> rusqlite::Result<R>,
+    ) -> rusqlite::Result<R> {
+        let statement = self.held.statement(sql)?;
+        // A held statement in use is never asked for again before its use ends (no job
+        // nests two uses of one statement); if one ever were, it takes the cache's copy.
+        let Ok(mut held) = statement.try_borrow_mut() else {
+            let mut cached = self.conn.prepare_cached(sql)?;
+            return use_it(&mut cached);
+        };
+        use_it(&mut held)
+    }
+}
 
 /// What reaches the writer thread.
 enum ToWriter {
@@ -317,18 +413,31 @@ impl SqliteStore {
             idle: Mutex::new(vec![open_connection(&path, true)?]),
         };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<ToWriter>();
-        let writer = Writer::start(
-            writer_conn,
-            sync_wal_of(&path),
-            checkpoint_of(&path)?,
-            tx.downgrade(),
-        )?;
+        let (sync, checkpoint, synced) =
+            (sync_wal_of(&path), checkpoint_of(&path)?, tx.downgrade());
+        // The writer thread owns its connection (the statements it holds borrow it) and says
+        // whether its own threads started.
+        let (started, has_started) = mpsc::channel::<Result<(), StoreError>>();
         // The three threads' names fit Linux's 15 characters, so that `top -H`, `perf` and the
         // bench's CPU report tell them apart.
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer_loop(writer, rx))
+            .spawn(move || {
+                let mut conn = writer_conn;
+                match Writer::start(&mut conn, sync, checkpoint, synced) {
+                    Ok(writer) => {
+                        let _ = started.send(Ok(()));
+                        writer_loop(writer, rx);
+                    }
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                    }
+                }
+            })
             .map_err(|e| StoreError::Other(format!("writer thread: {e}")))?;
+        has_started
+            .recv()
+            .map_err(|_| StoreError::Other("writer thread stopped at its start".into()))??;
         Ok(SqliteStore {
             writer: tx,
             readers: Arc::new(readers),
@@ -347,7 +456,7 @@ impl SqliteStore {
     pub(crate) async fn write<T, F>(&self, job: F) -> Result<Result<T, ConditionFailed>, StoreError>
     where
         T: Send + 'static,
-        F: Fn(&Connection) -> Result<T, JobError> + Send + 'static,
+        F: Fn(&Tx<'_, '_>) -> Result<T, JobError> + Send + 'static,
     {
         self.enqueue(job, false).await
     }
@@ -364,7 +473,7 @@ impl SqliteStore {
     ) -> Result<Result<T, ConditionFailed>, StoreError>
     where
         T: Send + 'static,
-        F: Fn(&Connection) -> Result<T, JobError> + Send + 'static,
+        F: Fn(&Tx<'_, '_>) -> Result<T, JobError> + Send + 'static,
     {
         self.enqueue(job, true).await
     }
@@ -376,7 +485,7 @@ impl SqliteStore {
     ) -> Result<Result<T, ConditionFailed>, StoreError>
     where
         T: Send + 'static,
-        F: Fn(&Connection) -> Result<T, JobError> + Send + 'static,
+        F: Fn(&Tx<'_, '_>) -> Result<T, JobError> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let pending: Job = Box::new(PendingWrite {
@@ -429,7 +538,7 @@ impl SqliteStore {
 /// after it, in the next transaction. Run before it, they held up the next sync by as long as
 /// they took (under `acl-confirm` the sync thread waited about 0.7 ms for each commit, longer
 /// than its `fdatasync`), and every login in the open transaction with them.
-fn writer_loop(mut writer: Writer, mut inbox: UnboundedReceiver<ToWriter>) {
+fn writer_loop(mut writer: Writer<'_>, mut inbox: UnboundedReceiver<ToWriter>) {
     while let Some(first) = inbox.blocking_recv() {
         let mut batch = Vec::new();
         let mut next = Some(first);
@@ -523,8 +632,9 @@ impl CheckpointCadence {
 }
 
 /// The writing connection, and the way to the sync thread that answers committed batches.
-struct Writer {
-    conn: Connection,
+struct Writer<'c> {
+    conn: &'c Connection,
+    held: Held<'c>,
     committed: mpsc::Sender<Vec<Job>>,
     /// Set for good once a sync failed: nothing is written after that (see [`syncer_loop`]).
     broken: Arc<AtomicBool>,
@@ -534,15 +644,15 @@ struct Writer {
     unsynced: usize,
 }
 
-impl Writer {
+impl<'c> Writer<'c> {
     /// Starts the checkpoint and sync threads of `conn`; the sync thread tells `synced` when
     /// it is done with what was committed (see [`writer_loop`]).
     fn start(
-        mut conn: Connection,
+        conn: &'c mut Connection,
         sync: SyncWal,
         checkpoint: CheckpointWal,
         synced: WeakUnboundedSender<ToWriter>,
-    ) -> Result<Writer, StoreError> {
+    ) -> Result<Writer<'c>, StoreError> {
         // The checkpoint leaves the writer's thread: copying a commit's pages into the database
         // file (a read and a write call per page, and two fsyncs) was a fifth of the writer's
         // time, and every request of the next batch waited for it. This hook replaces SQLite's
@@ -591,8 +701,10 @@ impl Writer {
             .name("sqlite-sync".into())
             .spawn(move || syncer_loop(to_sync, sync, &flag, &synced))
             .map_err(|e| StoreError::Other(format!("sync thread: {e}")))?;
+        let conn: &'c Connection = conn;
         Ok(Writer {
             conn,
+            held: Held::new(conn),
             committed,
             broken,
             open: Vec::new(),
@@ -616,23 +728,27 @@ impl Writer {
         }
         if self.open.is_empty()
             && let Err(e) =
-                exec(&self.conn, "BEGIN IMMEDIATE", []).map_err(|e| map_error(e, "begin"))
+                exec(self.conn, "BEGIN IMMEDIATE", []).map_err(|e| map_error(e, "begin"))
         {
             answer_all(batch, Err(&e));
             return Some(false);
         }
-        if batch.iter_mut().all(|job| job.run(&self.conn)) {
+        let tx = Tx {
+            conn: self.conn,
+            held: &self.held,
+        };
+        if batch.iter_mut().all(|job| job.run(&tx)) {
             self.open.append(&mut batch);
             return None;
         }
         let mut jobs = std::mem::take(&mut self.open);
         jobs.append(&mut batch);
-        let outcome = exec(&self.conn, "ROLLBACK", [])
+        let outcome = exec(self.conn, "ROLLBACK", [])
             .map_err(|e| map_error(e, "rollback"))
             .and_then(|_| match jobs.as_mut_slice() {
                 // Nothing else to keep: its failed outcome is its answer.
                 [_only] => Ok(()),
-                jobs => run_each_in_savepoint(&self.conn, jobs),
+                jobs => run_each_in_savepoint(&tx, jobs),
             });
         Some(self.finish(jobs, outcome))
     }
@@ -647,7 +763,7 @@ impl Writer {
         let outcome = if self.broken.load(Ordering::Acquire) {
             Err(broken_store())
         } else {
-            commit(&self.conn)
+            commit(self.conn)
         };
         self.finish(jobs, outcome)
     }
@@ -807,11 +923,12 @@ fn sync_wal_of(db: &Path) -> SyncWal {
 
 /// Runs `batch` in a new transaction, each job in its own savepoint so that a failing job is
 /// undone alone, and commits it.
-fn run_each_in_savepoint(conn: &Connection, batch: &mut [Job]) -> Result<(), StoreError> {
+fn run_each_in_savepoint(tx: &Tx<'_, '_>, batch: &mut [Job]) -> Result<(), StoreError> {
+    let conn: &Connection = tx;
     exec(conn, "BEGIN IMMEDIATE", []).map_err(|e| map_error(e, "begin"))?;
     for job in batch.iter_mut() {
         exec(conn, "SAVEPOINT job", []).map_err(|e| map_error(e, "savepoint"))?;
-        let end = if job.run(conn) {
+        let end = if job.run(tx) {
             exec(conn, "RELEASE job", [])
         } else {
             exec(conn, "ROLLBACK TO job", []).and_then(|_| exec(conn, "RELEASE job", []))
@@ -843,7 +960,7 @@ mod tests {
         on_run: impl Fn(i64) + Send + 'static,
     ) -> (Job, Answer) {
         let (reply, answer) = oneshot::channel();
-        let job = move |c: &Connection| {
+        let job = move |c: &Tx<'_, '_>| {
             exec(c, "INSERT INTO t (x) VALUES (?1)", [value])?;
             on_run(value);
             if fails {
@@ -884,15 +1001,21 @@ mod tests {
         conn
     }
 
+    /// A writer borrows its connection (its held statements do); a test's writer borrows one
+    /// that lives as long as the test process, so the writer can go to a thread of its own.
+    fn for_the_test(conn: Connection) -> &'static mut Connection {
+        Box::leak(Box::new(conn))
+    }
+
     /// The real checkpoint, on the scratch database.
     fn scratch_checkpoint(dir: &tempfile::TempDir) -> CheckpointWal {
         checkpoint_of(&dir.path().join("scratch.db")).unwrap()
     }
 
     /// A writer on a scratch database whose syncs succeed at once.
-    fn scratch_writer(dir: &tempfile::TempDir) -> Writer {
+    fn scratch_writer(dir: &tempfile::TempDir) -> Writer<'static> {
         Writer::start(
-            scratch_connection(dir),
+            for_the_test(scratch_connection(dir)),
             Box::new(|| Ok(())),
             scratch_checkpoint(dir),
             no_writer_thread(),
@@ -902,12 +1025,12 @@ mod tests {
 
     /// A writer on a scratch database whose sync finishes only when the test sends on the
     /// returned channel.
-    fn writer_with_held_sync(dir: &tempfile::TempDir) -> (Writer, mpsc::Sender<()>) {
+    fn writer_with_held_sync(dir: &tempfile::TempDir) -> (Writer<'static>, mpsc::Sender<()>) {
         let (let_sync_finish, sync_may_finish) = mpsc::channel::<()>();
         let sync: SyncWal = Box::new(move || sync_may_finish.recv().map_err(std::io::Error::other));
         (
             Writer::start(
-                scratch_connection(dir),
+                for_the_test(scratch_connection(dir)),
                 sync,
                 scratch_checkpoint(dir),
                 no_writer_thread(),
@@ -938,7 +1061,7 @@ mod tests {
         let committed = writer.write_batch(vec![first, failing, last]);
         // Assert: the failed job's row is gone, the others' rows committed, every caller told.
         assert!(committed);
-        assert_eq!(rows_of_t(&writer.conn), vec![1, 3]);
+        assert_eq!(rows_of_t(writer.conn), vec![1, 3]);
         assert!(matches!(first_answer.blocking_recv(), Ok(Ok(Ok(1)))));
         assert!(matches!(
             failing_answer.blocking_recv(),
@@ -959,7 +1082,7 @@ mod tests {
         let (last, last_answer) = insert_job(3, false, &runs);
         let (reply, panicking_answer) = oneshot::channel();
         let panicking: Job = Box::new(PendingWrite {
-            job: |c: &Connection| -> Result<i64, JobError> {
+            job: |c: &Tx<'_, '_>| -> Result<i64, JobError> {
                 exec(c, "INSERT INTO t (x) VALUES (2)", [])?;
                 panic!("a bug in a job");
             },
@@ -972,7 +1095,7 @@ mod tests {
         let committed = writer.write_batch(vec![first, panicking, last]);
         // Assert: its row is gone, its caller told, the others committed.
         assert!(committed);
-        assert_eq!(rows_of_t(&writer.conn), vec![1, 3]);
+        assert_eq!(rows_of_t(writer.conn), vec![1, 3]);
         assert!(matches!(
             panicking_answer.blocking_recv(),
             Ok(Err(StoreError::Other(_)))
@@ -983,7 +1106,7 @@ mod tests {
         let (next, next_answer) = insert_job(4, false, &runs);
         assert!(writer.write_batch(vec![next]));
         assert!(matches!(next_answer.blocking_recv(), Ok(Ok(Ok(4)))));
-        assert_eq!(rows_of_t(&writer.conn), vec![1, 3, 4]);
+        assert_eq!(rows_of_t(writer.conn), vec![1, 3, 4]);
     }
 
     #[test]
@@ -998,7 +1121,7 @@ mod tests {
         let committed = writer.write_batch(jobs);
         // Assert
         assert!(committed);
-        assert_eq!(rows_of_t(&writer.conn), vec![1, 2, 3, 4]);
+        assert_eq!(rows_of_t(writer.conn), vec![1, 2, 3, 4]);
         assert_eq!(runs.load(Ordering::SeqCst), 4);
         for (expected, answer) in (1..=4).zip(answers) {
             assert!(matches!(answer.blocking_recv(), Ok(Ok(Ok(v))) if v == expected));
@@ -1016,7 +1139,7 @@ mod tests {
         let committed = writer.write_batch(vec![job]);
         // Assert
         assert!(committed);
-        assert!(rows_of_t(&writer.conn).is_empty());
+        assert!(rows_of_t(writer.conn).is_empty());
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(matches!(
             answer.blocking_recv(),
@@ -1049,7 +1172,7 @@ mod tests {
     fn count_job(unchanged_is_a_read: bool) -> (Job, Answer) {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(PendingWrite {
-            job: |c: &Connection| -> Result<i64, JobError> {
+            job: |c: &Tx<'_, '_>| -> Result<i64, JobError> {
                 Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))?)
             },
             outcome: None,
@@ -1091,7 +1214,7 @@ mod tests {
     fn blob_job() -> (Job, Answer) {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(PendingWrite {
-            job: |c: &Connection| -> Result<i64, JobError> {
+            job: |c: &Tx<'_, '_>| -> Result<i64, JobError> {
                 exec(c, "INSERT INTO big (b) VALUES (zeroblob(400000))", [])?;
                 Ok(c.last_insert_rowid())
             },
@@ -1108,15 +1231,21 @@ mod tests {
     fn blob_writer(
         dir: &tempfile::TempDir,
         checkpoint: impl FnOnce(&Path) -> CheckpointWal,
-    ) -> Writer {
+    ) -> Writer<'static> {
         let conn = scratch_connection(dir);
         conn.execute_batch("CREATE TABLE big (b BLOB NOT NULL)")
             .unwrap();
         let checkpoint = checkpoint(&dir.path().join("scratch.db"));
-        Writer::start(conn, Box::new(|| Ok(())), checkpoint, no_writer_thread()).unwrap()
+        Writer::start(
+            for_the_test(conn),
+            Box::new(|| Ok(())),
+            checkpoint,
+            no_writer_thread(),
+        )
+        .unwrap()
     }
 
-    fn write_blobs(writer: &mut Writer, count: usize) {
+    fn write_blobs(writer: &mut Writer<'_>, count: usize) {
         for _ in 0..count {
             let (job, answer) = blob_job();
             assert!(writer.write_batch(vec![job]));
@@ -1240,14 +1369,17 @@ mod tests {
         sync: SyncWal,
     ) -> (UnboundedSender<ToWriter>, std::thread::JoinHandle<()>) {
         let (inbox, jobs) = tokio::sync::mpsc::unbounded_channel::<ToWriter>();
-        let writer = Writer::start(
+        let (conn, checkpoint, synced) = (
             scratch_connection(dir),
-            sync,
             scratch_checkpoint(dir),
             inbox.downgrade(),
-        )
-        .unwrap();
-        (inbox, std::thread::spawn(move || writer_loop(writer, jobs)))
+        );
+        // Built on its thread, as `SqliteStore::open` does: a writer's held statements stay there.
+        let thread = std::thread::spawn(move || {
+            let writer = Writer::start(for_the_test(conn), sync, checkpoint, synced).unwrap();
+            writer_loop(writer, jobs);
+        });
+        (inbox, thread)
     }
 
     /// [`writer_thread`] whose syncs finish only when the test sends on the returned channel.
@@ -1465,7 +1597,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sync: SyncWal = Box::new(|| Err(std::io::Error::other("EIO")));
         let mut writer = Writer::start(
-            scratch_connection(&dir),
+            for_the_test(scratch_connection(&dir)),
             sync,
             scratch_checkpoint(&dir),
             no_writer_thread(),

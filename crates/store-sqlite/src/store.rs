@@ -16,13 +16,15 @@ use rusqlite::{Connection, OptionalExtension, params};
 use time::OffsetDateTime;
 
 use crate::rows::{self, ms};
-use crate::{ConditionFailed, JobError, SqliteStore, exec, map_error, query_row_cached};
+use crate::{
+    ConditionFailed, JobError, SqliteStore, Statements, Tx, exec, map_error, query_row_cached,
+};
 
 const INSERT_AUDIT: &str = "INSERT INTO audit_events \
      (tenant_id, user_id, kind, detail, ip, latitude, longitude, mode, at) \
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)";
 
-fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), JobError> {
+fn insert_audit(conn: &impl Statements, events: &[AuditEvent]) -> Result<(), JobError> {
     fn bind(stmt: &mut rusqlite::Statement<'_>, e: &AuditEvent) -> rusqlite::Result<()> {
         stmt.raw_bind_parameter(1, e.tenant_id.as_str())?;
         stmt.raw_bind_parameter(2, e.user_id.as_ref().map(|u| u.as_str()))?;
@@ -38,14 +40,15 @@ fn insert_audit(conn: &Connection, events: &[AuditEvent]) -> Result<(), JobError
     // its first (a constraint), so SQLite copies each page it touches to a statement journal
     // before changing it, to undo that statement alone; a login's two events in one statement
     // spent more on those copies than the second statement costs (its `sqlite_sequence`
-    // update included). The statement is taken from the cache once for all of them: each
-    // `prepare_cached` hashes the SQL twice and copies it into a new key.
-    let mut stmt = conn.prepare_cached(INSERT_AUDIT)?;
-    for e in events {
-        // Every parameter is bound again, and each run resets the statement.
-        bind(&mut stmt, e)?;
-        stmt.raw_execute()?;
-    }
+    // update included). The statement is asked for once for all of them.
+    conn.with_statement(INSERT_AUDIT, |stmt| {
+        for e in events {
+            // Every parameter is bound again, and each run resets the statement.
+            bind(stmt, e)?;
+            stmt.raw_execute()?;
+        }
+        Ok(())
+    })?;
     Ok(())
 }
 
@@ -133,18 +136,20 @@ fn insert_user(conn: &Connection, u: &User, or_ignore: bool) -> Result<(), JobEr
     Ok(())
 }
 
-fn insert_session(conn: &Connection, s: &Session) -> Result<(), JobError> {
-    conn.prepare_cached(
+fn insert_session(conn: &impl Statements, s: &Session) -> Result<(), JobError> {
+    conn.with_statement(
         "INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
          VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?
-    .execute(params![
-        s.hash.as_slice(),
-        s.tenant_id.as_str(),
-        s.user_id.as_str(),
-        ms(s.created_at),
-        ms(s.expires_at),
-    ])?;
+        |stmt| {
+            stmt.execute(params![
+                s.hash.as_slice(),
+                s.tenant_id.as_str(),
+                s.user_id.as_str(),
+                ms(s.created_at),
+                ms(s.expires_at),
+            ])
+        },
+    )?;
     Ok(())
 }
 
@@ -1621,7 +1626,7 @@ struct Located {
 /// `reset_failures` false skips the reset, for a caller that has just read the account clean;
 /// `located` the rows the caller has just read, found again by row id.
 fn complete_login(
-    c: &Connection,
+    c: &Tx<'_, '_>,
     done: &LoginCompletion,
     reset_failures: bool,
     located: Located,
@@ -1629,19 +1634,17 @@ fn complete_login(
     let now = ms(done.now);
     if let Some(ticket) = &done.ticket_hash {
         let spent = match located.ticket {
-            Some(rowid) => c
-                .prepare_cached(SPEND_TICKET_AT)?
-                .execute(params![rowid, now])?,
+            Some(rowid) => {
+                c.with_statement(SPEND_TICKET_AT, |stmt| stmt.execute(params![rowid, now]))?
+            }
             None => exec(c, SPEND_TICKET, params![ticket.as_slice(), now])?,
         };
         require_one(spent)?;
     }
     let consumed = match located.challenge {
-        Some(rowid) => c.prepare_cached(CONSUME_CHALLENGE_AT)?.execute(params![
-            rowid,
-            done.expected_attempts,
-            now
-        ])?,
+        Some(rowid) => c.with_statement(CONSUME_CHALLENGE_AT, |stmt| {
+            stmt.execute(params![rowid, done.expected_attempts, now])
+        })?,
         None => consume(c, &done.challenge_id, done.expected_attempts, done.now)?,
     };
     require_one(consumed)?;
@@ -1702,14 +1705,14 @@ fn complete_login(
 /// A login ticket with its user and challenge, on `c`, in one statement, and where the ticket
 /// and challenge rows are (for the writes of the same transaction).
 fn read_login_context(
-    c: &Connection,
+    c: &impl Statements,
     hash: &[u8; 32],
 ) -> rusqlite::Result<Option<(LoginContext, Located)>> {
     const USER: usize = rows::width(rows::TICKET_COLUMNS);
     const CHALLENGE: usize = USER + rows::width(rows::USER_COLUMNS);
     const ROW_IDS: usize = CHALLENGE + rows::width(rows::CHALLENGE_COLUMNS);
-    c.prepare_cached(&LOGIN_CONTEXT)?
-        .query_row([hash.as_slice()], |row| {
+    c.with_statement(LOGIN_CONTEXT.as_str(), |stmt| {
+        stmt.query_row([hash.as_slice()], |row| {
             // A joined row that is missing reads as NULL in every column, its id first.
             let present = |column: usize| -> rusqlite::Result<bool> {
                 Ok(!matches!(
@@ -1733,6 +1736,7 @@ fn read_login_context(
             Ok((context, found))
         })
         .optional()
+    })
 }
 
 /// The one statement that counts a wrong code: pending, unexpired, attempts unchanged.
