@@ -2,7 +2,7 @@
 # Runs every benchmark of BENCHMARKS.md: all scenarios on SQLite and on PostgreSQL at 100
 # connections, the acl and native checks in five rounds beside baseline, then baseline and
 # acl-confirm against the connection count, and draws the plot.
-# Each run is bounded (--duration); the whole script takes about 45 minutes.
+# Each run is bounded (--duration); the whole script took 28-30 minutes on 2026-12-05.
 # Usage: bench/run-all.sh [postgres-url]   (default: the local server, TLS off on loopback)
 set -euo pipefail
 cd "$(dirname "$0")/.."
