@@ -16,6 +16,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use clap::{Parser, Subcommand};
+
+use crate::report::{Report, Row};
+use crate::scenario::Scenario;
+use crate::server::{Prepared, Store};
+
 /// mimalloc, as in the server. With glibc's malloc the bench spent about 12% of its time in
 /// malloc and free under `acl-confirm` (it holds every fixture of the run, and glibc's free
 /// lists grow long) against about 3% under `baseline` (one fixture), so its own cost per request,
@@ -23,12 +29,6 @@ use std::time::{Duration, Instant};
 /// the bench's CPU a login before, 13.0-14.5 after, `baseline` unchanged (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-use clap::{Parser, Subcommand};
-
-use crate::report::{Report, Row};
-use crate::scenario::Scenario;
-use crate::server::{Prepared, Store};
 
 #[derive(Parser)]
 #[command(

@@ -172,7 +172,8 @@ impl std::ops::Deref for Tx<'_, '_> {
 
 /// Where a statement comes from: a connection's cache, or the writer's held statements.
 pub(crate) trait Statements {
-    /// Runs `use_it` on the statement of `sql`, which it leaves reset.
+    /// Runs `use_it` on the statement of `sql`. rusqlite resets a statement at the end of each
+    /// `execute` and `query_row`, so the next use starts afresh; every use binds all parameters.
     fn with_statement<R>(
         &self,
         sql: &'static str,
