@@ -1130,6 +1130,35 @@ mod tests {
     }
 
     #[test]
+    fn a_held_statement_is_prepared_once_and_a_nested_use_takes_the_cache() {
+        // Arrange
+        let dir = tempfile::tempdir().unwrap();
+        let conn = scratch_connection(&dir);
+        let held = Held::new(&conn);
+        let tx = Tx {
+            conn: &conn,
+            held: &held,
+        };
+        const INSERT: &str = "INSERT INTO t (x) VALUES (?1)";
+
+        // Act: two uses, then a use inside a use of the same statement.
+        for x in [1, 2] {
+            tx.with_statement(INSERT, |s| s.execute([x])).unwrap();
+        }
+        let nested = tx
+            .with_statement(INSERT, |outer| {
+                tx.with_statement(INSERT, |inner| inner.execute([4]))?;
+                outer.execute([3])
+            })
+            .unwrap();
+
+        // Assert
+        assert_eq!(nested, 1);
+        assert_eq!(rows_of_t(&conn), vec![1, 2, 3, 4]);
+        assert_eq!(held.statements.borrow().len(), 1, "prepared once");
+    }
+
+    #[test]
     fn a_lone_failing_job_leaves_nothing_behind() {
         // Arrange
         let dir = tempfile::tempdir().unwrap();
