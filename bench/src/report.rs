@@ -113,9 +113,7 @@ pub fn table(report: &Report) -> String {
         if r.scenario == "baseline" {
             continue;
         }
-        if let Some(base) = baseline_of(report, r)
-            && base.rps > 0.0
-        {
+        if let Some((base, percent)) = percent_of_baseline(report, r) {
             let round = if several_rounds {
                 format!(", round {}", r.round)
             } else {
@@ -124,10 +122,7 @@ pub fn table(report: &Report) -> String {
             let _ = write!(
                 out,
                 "{} / baseline ({}, {} connections{round}): {:.1}%",
-                r.scenario,
-                r.store,
-                r.connections,
-                100.0 * r.rps / base.rps
+                r.scenario, r.store, r.connections, percent
             );
             if let Some(ceiling) = cpu_ceiling(base, r) {
                 let _ = write!(
@@ -160,18 +155,23 @@ fn baseline_of<'a>(report: &'a Report, row: &Row) -> Option<&'a Row> {
     })
 }
 
+/// `row`'s `baseline` and `row`'s requests/s as a percentage of it (none without a baseline
+/// that answered anything).
+fn percent_of_baseline<'a>(report: &'a Report, row: &Row) -> Option<(&'a Row, f64)> {
+    let base = baseline_of(report, row).filter(|b| b.rps > 0.0)?;
+    Some((base, 100.0 * row.rps / base.rps))
+}
+
 /// With several rounds, each scenario's ratios to `baseline` (one per round) and their median:
 /// a figure that one slow minute cannot decide.
 fn median_ratios(report: &Report) -> Vec<String> {
     let mut ratios: BTreeMap<(&str, &str, usize), Vec<f64>> = BTreeMap::new();
     for r in report.rows.iter().filter(|r| r.scenario != "baseline") {
-        if let Some(base) = baseline_of(report, r)
-            && base.rps > 0.0
-        {
+        if let Some((_, percent)) = percent_of_baseline(report, r) {
             ratios
                 .entry((r.store.as_str(), r.scenario.as_str(), r.connections))
                 .or_default()
-                .push(100.0 * r.rps / base.rps);
+                .push(percent);
         }
     }
     ratios
