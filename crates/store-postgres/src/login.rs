@@ -21,7 +21,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use otpgate_core::model::AuditEvent;
+use otpgate_core::model::{AuditEvent, User};
 use otpgate_core::store::{
     LoginCompletion, LoginContext, LoginJudge, LoginVerdict, SettledLogin, Store, StoreResult,
     settle_login_by_read_and_write,
@@ -85,7 +85,20 @@ pub(crate) fn start_settles(max_wait: Duration) -> crate::batch::Queue<SettleLog
 /// answered.
 trait Completing: Send + Sized + 'static {
     fn completion(&self) -> (&LoginCompletion, [u8; 32]);
+    /// Whether the account's failed-login count and lock are to be cleared: false only for
+    /// an account this login has just read with neither.
+    fn reset_failures(&self) -> bool {
+        true
+    }
     fn answer(self, outcome: StoreResult<bool>);
+}
+
+/// One login of [`CODE_LOGINS`]: its completion, its ticket, and whether to clear the account's
+/// failures ([`Completing::reset_failures`]).
+pub(crate) struct CodeLogin<'a> {
+    pub done: &'a LoginCompletion,
+    pub ticket: [u8; 32],
+    pub reset_failures: bool,
 }
 
 impl Completing for LoginRequest {
@@ -109,9 +122,20 @@ impl Completing for JudgedLogin {
     fn completion(&self) -> (&LoginCompletion, [u8; 32]) {
         (&self.done, self.ticket)
     }
+    /// The judge saw the account a moment ago. Read clean, its reset is skipped (an index
+    /// search of the account a login): a failure counted since, by a concurrent wrong code,
+    /// stays counted, as if it had come just after this login, which is the stricter outcome.
+    fn reset_failures(&self) -> bool {
+        has_failures(self.context.user.as_ref())
+    }
     fn answer(self, outcome: StoreResult<bool>) {
         answer_settled(self.request, self.context, self.done, outcome);
     }
+}
+
+/// Whether an account as read has failures to clear (or was not read, and may have).
+fn has_failures(user: Option<&User>) -> bool {
+    user.is_none_or(|u| u.failed_logins != 0 || u.locked_until.is_some())
 }
 
 /// Answers a login step whose completion was tried. One whose conditions no longer held
@@ -165,7 +189,17 @@ async fn complete_together<C: Completing>(store: &PgStore, batch: Vec<C>) {
         // planned afresh for each call).
         batch.into_iter().for_each(|c| complete_alone(store, c));
     } else if !batch.is_empty() {
-        let logins: Vec<_> = batch.iter().map(Completing::completion).collect();
+        let logins: Vec<_> = batch
+            .iter()
+            .map(|c| {
+                let (done, ticket) = c.completion();
+                CodeLogin {
+                    done,
+                    ticket,
+                    reset_failures: c.reset_failures(),
+                }
+            })
+            .collect();
         match store.complete_code_logins(&logins).await {
             Ok(spent) => {
                 for c in batch {
@@ -276,9 +310,9 @@ pub(crate) static CODE_LOGINS: std::sync::LazyLock<String> = std::sync::LazyLock
     format!(
         "WITH logins AS ( \
          SELECT * FROM UNNEST($10::text[], $11::text[], $12::int8[], $13::text[], $14::int8[], \
-             $15::bytea[], $16::bytea[], $17::int8[], $18::int8[]) \
+             $15::bytea[], $16::bytea[], $17::int8[], $18::int8[], $20::bool[]) \
          AS l(tenant_id, user_id, at, challenge_id, attempts, ticket, session_hash, \
-             created_at, expires_at)), \
+             created_at, expires_at, reset)), \
      consumed AS ( \
          UPDATE challenges c SET status = 'approved', resolved_at = l.at \
          FROM logins l \
@@ -297,7 +331,7 @@ pub(crate) static CODE_LOGINS: std::sync::LazyLock<String> = std::sync::LazyLock
          UPDATE users u SET failed_logins = 0, locked_until = NULL \
          FROM logins l \
          WHERE u.id = l.user_id \
-         AND (u.failed_logins <> 0 OR u.locked_until IS NOT NULL) \
+         AND l.reset AND (u.failed_logins <> 0 OR u.locked_until IS NOT NULL) \
          AND l.ticket IN (SELECT hash FROM spent)), \
      session AS ( \
          INSERT INTO sessions (hash, tenant_id, user_id, created_at, expires_at) \
@@ -319,12 +353,17 @@ impl PgStore {
     /// answers the tickets spent.
     pub(crate) async fn complete_code_logins(
         &self,
-        logins: &[(&LoginCompletion, [u8; 32])],
+        logins: &[CodeLogin<'_>],
     ) -> StoreResult<HashSet<[u8; 32]>> {
         let mut audit: Vec<AuditEvent> = Vec::new();
         let mut audit_of: Vec<Vec<u8>> = Vec::new();
         let mut columns = LoginColumns::default();
-        for (done, ticket) in logins {
+        for CodeLogin {
+            done,
+            ticket,
+            reset_failures,
+        } in logins
+        {
             let session = done.session.as_ref();
             columns.tenant.push(done.tenant_id.as_str());
             columns.user.push(done.user_id.as_str());
@@ -335,6 +374,7 @@ impl PgStore {
             columns.session.push(session.map(|s| s.hash.to_vec()));
             columns.created.push(session.map(|s| ms(s.created_at)));
             columns.expires.push(session.map(|s| ms(s.expires_at)));
+            columns.reset.push(*reset_failures);
             audit.extend(done.audit.iter().cloned());
             audit_of.extend(done.audit.iter().map(|_| ticket.to_vec()));
         }
@@ -349,6 +389,7 @@ impl PgStore {
             .bind(columns.created)
             .bind(columns.expires)
             .bind(audit_of)
+            .bind(columns.reset)
             .fetch_all(self.pool())
             .await
             .map_err(db)?;
@@ -375,6 +416,7 @@ struct LoginColumns<'a> {
     session: Vec<Option<Vec<u8>>>,
     created: Vec<Option<i64>>,
     expires: Vec<Option<i64>>,
+    reset: Vec<bool>,
 }
 
 #[cfg(test)]
@@ -419,6 +461,121 @@ mod tests {
                 audit: Vec::new(),
             }))
         })
+    }
+
+    #[test]
+    fn only_an_account_read_clean_skips_the_reset() {
+        let tenant = otpgate_core::model::Tenant {
+            id: otpgate_core::model::TenantId::generate().unwrap(),
+            name: "reset".into(),
+            is_default: false,
+            settings: Default::default(),
+            created_at: contract::t0(),
+        };
+        let clean = contract::user(&tenant, "ali");
+        assert!(!has_failures(Some(&clean)));
+        let failed = User {
+            failed_logins: 1,
+            ..clean.clone()
+        };
+        let locked = User {
+            locked_until: Some(contract::t0()),
+            ..clean
+        };
+        assert!(has_failures(Some(&failed)));
+        assert!(has_failures(Some(&locked)));
+        assert!(has_failures(None));
+    }
+
+    /// The account's failed-login count, set to `n` when `Some`.
+    async fn failures(store: &PgStore, challenge: &Challenge, n: Option<i64>) -> u32 {
+        let user = challenge.user_id.clone().unwrap();
+        if let Some(n) = n {
+            sqlx::query("UPDATE users SET failed_logins = $1 WHERE id = $2")
+                .bind(n)
+                .bind(user.as_str())
+                .execute(store.pool())
+                .await
+                .unwrap();
+        }
+        let user = store.get_user(&challenge.tenant_id, &user).await.unwrap();
+        user.unwrap().failed_logins
+    }
+
+    #[tokio::test]
+    async fn a_batch_clears_the_failures_of_an_account_read_with_them_and_only_then() {
+        // Arrange: four pending logins of one user, who has two failed logins.
+        let Some((_db, store)) = fresh_store().await else {
+            return;
+        };
+        let challenges = pending_logins(&store, 4).await;
+        assert_eq!(failures(&store, &challenges[0], Some(2)).await, 2);
+        // Act: two steps judged together (one batch statement) on the account read with its
+        // failures.
+        let tickets: Vec<[u8; 32]> = (0..4).map(ticket_hash).collect();
+        let (first, second) = tokio::join!(
+            store.settle_login(&tickets[0], completing(&challenges[0], 10, false)),
+            store.settle_login(&tickets[1], completing(&challenges[1], 11, false)),
+        );
+        // Assert: both completed and the count is cleared.
+        for settled in [first, second] {
+            let verdict = settled.unwrap().unwrap().verdict;
+            assert!(matches!(verdict, LoginVerdict::Complete(_)));
+        }
+        assert_eq!(failures(&store, &challenges[0], None).await, 0);
+        // A batch told the account was read clean leaves a count it finds (one counted since
+        // the read); told otherwise, it clears it.
+        assert_eq!(failures(&store, &challenges[0], Some(1)).await, 1);
+        let user_id = challenges[0].user_id.clone().unwrap();
+        let user = store.get_user(&challenges[0].tenant_id, &user_id).await;
+        let user = user.unwrap().unwrap();
+        let completions: Vec<LoginCompletion> = (2..4)
+            .map(|i| {
+                let judge = completing(&challenges[i], 20 + i as u8, false);
+                let context = LoginContext {
+                    ticket: otpgate_core::model::LoginTicket {
+                        hash: tickets[i],
+                        tenant_id: challenges[i].tenant_id.clone(),
+                        user_id: challenges[i].user_id.clone().unwrap(),
+                        challenge_id: challenges[i].id.clone(),
+                        channel: otpgate_core::model::Channel::Sms,
+                        created_at: challenges[i].created_at,
+                        expires_at: challenges[i].expires_at,
+                        used_at: None,
+                    },
+                    user: Some(user.clone()),
+                    challenge: Some(challenges[i].clone()),
+                };
+                match judge(&context) {
+                    LoginVerdict::Complete(done) => *done,
+                    LoginVerdict::Leave => panic!("not completed"),
+                }
+            })
+            .collect();
+        let clean_read = [CodeLogin {
+            done: &completions[0],
+            ticket: tickets[2],
+            reset_failures: false,
+        }];
+        assert_eq!(
+            store.complete_code_logins(&clean_read).await.unwrap().len(),
+            1
+        );
+        assert_eq!(failures(&store, &challenges[0], None).await, 1);
+        let failed_read = [CodeLogin {
+            done: &completions[1],
+            ticket: tickets[3],
+            reset_failures: true,
+        }];
+        assert_eq!(
+            store
+                .complete_code_logins(&failed_read)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(failures(&store, &challenges[0], None).await, 0);
     }
 
     #[tokio::test]

@@ -17,30 +17,37 @@ pub(crate) fn ms(t: OffsetDateTime) -> i64 {
     i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
-fn bad(column: &str, what: &str) -> sqlx::Error {
+fn bad(column: impl std::fmt::Display, what: &str) -> sqlx::Error {
     sqlx::Error::ColumnDecode {
-        index: column.to_owned(),
+        index: column.to_string(),
         source: format!("invalid stored {what}").into(),
     }
 }
 
-fn to_time(column: &str, millis: i64) -> sqlx::Result<OffsetDateTime> {
+/// Where a mapping finds a column: its name (`&str`), or its position (`usize`) in a select list
+/// built from the `*_COLUMNS` constants, which spares the row a lookup of the name (see
+/// [`login_context`]).
+trait Column: sqlx::ColumnIndex<PgRow> + std::fmt::Display + Copy {}
+impl Column for &str {}
+impl Column for usize {}
+
+fn to_time(column: impl std::fmt::Display, millis: i64) -> sqlx::Result<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
         .map_err(|_| bad(column, "time"))
 }
 
-fn time_at(row: &PgRow, column: &str) -> sqlx::Result<OffsetDateTime> {
+fn time_at(row: &PgRow, column: impl Column) -> sqlx::Result<OffsetDateTime> {
     to_time(column, row.try_get(column)?)
 }
 
-fn opt_time_at(row: &PgRow, column: &str) -> sqlx::Result<Option<OffsetDateTime>> {
+fn opt_time_at(row: &PgRow, column: impl Column) -> sqlx::Result<Option<OffsetDateTime>> {
     let millis: Option<i64> = row.try_get(column)?;
     millis.map(|m| to_time(column, m)).transpose()
 }
 
 fn parsed<T>(
     row: &PgRow,
-    column: &str,
+    column: impl Column,
     parse: impl FnOnce(&str) -> Result<T, otpgate_core::CoreError>,
 ) -> sqlx::Result<T> {
     let text: &str = row.try_get(column)?;
@@ -49,7 +56,7 @@ fn parsed<T>(
 
 fn opt_parsed<T>(
     row: &PgRow,
-    column: &str,
+    column: impl Column,
     parse: impl FnOnce(&str) -> Result<T, otpgate_core::CoreError>,
 ) -> sqlx::Result<Option<T>> {
     let text: Option<&str> = row.try_get(column)?;
@@ -57,12 +64,12 @@ fn opt_parsed<T>(
         .transpose()
 }
 
-fn hash32(row: &PgRow, column: &str) -> sqlx::Result<[u8; 32]> {
+fn hash32(row: &PgRow, column: impl Column) -> sqlx::Result<[u8; 32]> {
     let bytes: &[u8] = row.try_get(column)?;
     bytes.try_into().map_err(|_| bad(column, "hash"))
 }
 
-fn count(row: &PgRow, column: &str) -> sqlx::Result<u32> {
+fn count(row: &PgRow, column: impl Column) -> sqlx::Result<u32> {
     let n: i64 = row.try_get(column)?;
     u32::try_from(n).map_err(|_| bad(column, "count"))
 }
@@ -83,32 +90,34 @@ pub(crate) fn tenant(row: &PgRow) -> sqlx::Result<Tenant> {
 pub(crate) const USER_COLUMNS: &str = "id, tenant_id, username, email, phone, role, password_hash, \
      mobile_verified_at, email_verified_at, failed_logins, locked_until, created_at, user_type";
 
-/// A user's columns under a prefix (a joined read names them `u_id`, `u_tenant_id`, …), so one
-/// mapping serves both reads.
-macro_rules! user_named {
-    ($row:expr, $p:literal) => {
+/// A user from its columns, each found by `$at(position in USER_COLUMNS, name)`: by name in a
+/// read of the table, by position in the joined read of [`login_context`], so one mapping serves
+/// both.
+macro_rules! user_from {
+    ($row:expr, $at:expr) => {{
+        let at = $at;
         User {
-            id: parsed($row, concat!($p, "id"), UserId::parse)?,
-            tenant_id: parsed($row, concat!($p, "tenant_id"), TenantId::parse)?,
-            username: parsed($row, concat!($p, "username"), Username::parse)?,
-            email: opt_parsed($row, concat!($p, "email"), Email::parse)?,
-            phone: opt_parsed($row, concat!($p, "phone"), E164Phone::parse)?,
-            role: parsed($row, concat!($p, "role"), Role::parse)?,
-            password_hash: $row.try_get(concat!($p, "password_hash"))?,
-            mobile_verified_at: opt_time_at($row, concat!($p, "mobile_verified_at"))?,
-            email_verified_at: opt_time_at($row, concat!($p, "email_verified_at"))?,
-            failed_logins: count($row, concat!($p, "failed_logins"))?,
-            locked_until: opt_time_at($row, concat!($p, "locked_until"))?,
-            created_at: time_at($row, concat!($p, "created_at"))?,
+            id: parsed($row, at(0, "id"), UserId::parse)?,
+            tenant_id: parsed($row, at(1, "tenant_id"), TenantId::parse)?,
+            username: parsed($row, at(2, "username"), Username::parse)?,
+            email: opt_parsed($row, at(3, "email"), Email::parse)?,
+            phone: opt_parsed($row, at(4, "phone"), E164Phone::parse)?,
+            role: parsed($row, at(5, "role"), Role::parse)?,
+            password_hash: $row.try_get(at(6, "password_hash"))?,
+            mobile_verified_at: opt_time_at($row, at(7, "mobile_verified_at"))?,
+            email_verified_at: opt_time_at($row, at(8, "email_verified_at"))?,
+            failed_logins: count($row, at(9, "failed_logins"))?,
+            locked_until: opt_time_at($row, at(10, "locked_until"))?,
+            created_at: time_at($row, at(11, "created_at"))?,
             user_type: $row
-                .try_get::<Option<i64>, _>(concat!($p, "user_type"))?
-                .map(|t| u16::try_from(t).map_err(|_| bad(concat!($p, "user_type"), "user type")))
+                .try_get::<Option<i64>, _>(at(12, "user_type"))?
+                .map(|t| u16::try_from(t).map_err(|_| bad(at(12, "user_type"), "user type")))
                 .transpose()?,
         }
-    };
+    }};
 }
 pub(crate) fn user(row: &PgRow) -> sqlx::Result<User> {
-    Ok(user_named!(row, ""))
+    Ok(user_from!(row, |_, name| name))
 }
 
 pub(crate) const JWT_KEY_COLUMNS: &str = "id, tenant_id, secret_sealed, created_at, verify_until";
@@ -139,45 +148,55 @@ pub(crate) fn api_key(row: &PgRow) -> sqlx::Result<ApiKey> {
 pub(crate) const CHALLENGE_COLUMNS: &str = "id, tenant_id, user_id, purpose, channel, destination, \
      code_hash, locale, created_at, expires_at, last_sent_at, send_count, attempts, max_attempts, status";
 
-/// A challenge's columns under a prefix (`c_id`, … in a joined read).
-macro_rules! challenge_named {
-    ($row:expr, $p:literal) => {
+/// A challenge from its columns, each found by `$at(position in CHALLENGE_COLUMNS, name)`, as
+/// [`user_from`].
+macro_rules! challenge_from {
+    ($row:expr, $at:expr) => {{
+        let at = $at;
         Challenge {
-            id: parsed($row, concat!($p, "id"), ChallengeId::parse)?,
-            tenant_id: parsed($row, concat!($p, "tenant_id"), TenantId::parse)?,
-            user_id: opt_parsed($row, concat!($p, "user_id"), UserId::parse)?,
-            purpose: parsed($row, concat!($p, "purpose"), Purpose::parse)?,
-            channel: parsed($row, concat!($p, "channel"), Channel::parse)?,
-            destination: $row.try_get(concat!($p, "destination"))?,
-            code_hash: $row.try_get(concat!($p, "code_hash"))?,
-            locale: $row.try_get(concat!($p, "locale"))?,
-            created_at: time_at($row, concat!($p, "created_at"))?,
-            expires_at: time_at($row, concat!($p, "expires_at"))?,
-            last_sent_at: time_at($row, concat!($p, "last_sent_at"))?,
-            send_count: count($row, concat!($p, "send_count"))?,
-            attempts: count($row, concat!($p, "attempts"))?,
-            max_attempts: count($row, concat!($p, "max_attempts"))?,
-            status: parsed($row, concat!($p, "status"), ChallengeStatus::parse)?,
+            id: parsed($row, at(0, "id"), ChallengeId::parse)?,
+            tenant_id: parsed($row, at(1, "tenant_id"), TenantId::parse)?,
+            user_id: opt_parsed($row, at(2, "user_id"), UserId::parse)?,
+            purpose: parsed($row, at(3, "purpose"), Purpose::parse)?,
+            channel: parsed($row, at(4, "channel"), Channel::parse)?,
+            destination: $row.try_get(at(5, "destination"))?,
+            code_hash: $row.try_get(at(6, "code_hash"))?,
+            locale: $row.try_get(at(7, "locale"))?,
+            created_at: time_at($row, at(8, "created_at"))?,
+            expires_at: time_at($row, at(9, "expires_at"))?,
+            last_sent_at: time_at($row, at(10, "last_sent_at"))?,
+            send_count: count($row, at(11, "send_count"))?,
+            attempts: count($row, at(12, "attempts"))?,
+            max_attempts: count($row, at(13, "max_attempts"))?,
+            status: parsed($row, at(14, "status"), ChallengeStatus::parse)?,
         }
-    };
+    }};
 }
 pub(crate) fn challenge(row: &PgRow) -> sqlx::Result<Challenge> {
-    Ok(challenge_named!(row, ""))
+    Ok(challenge_from!(row, |_, name| name))
 }
 
 pub(crate) const TICKET_COLUMNS: &str =
     "hash, tenant_id, user_id, challenge_id, channel, created_at, expires_at, used_at";
 
 pub(crate) fn ticket(row: &PgRow) -> sqlx::Result<LoginTicket> {
+    ticket_from(row, |_, name| name)
+}
+
+/// A login ticket from its columns, each found by `at(position in TICKET_COLUMNS, name)`.
+fn ticket_from<C: Column>(
+    row: &PgRow,
+    at: impl Fn(usize, &'static str) -> C,
+) -> sqlx::Result<LoginTicket> {
     Ok(LoginTicket {
-        hash: hash32(row, "hash")?,
-        tenant_id: parsed(row, "tenant_id", TenantId::parse)?,
-        user_id: parsed(row, "user_id", UserId::parse)?,
-        challenge_id: parsed(row, "challenge_id", ChallengeId::parse)?,
-        channel: parsed(row, "channel", Channel::parse)?,
-        created_at: time_at(row, "created_at")?,
-        expires_at: time_at(row, "expires_at")?,
-        used_at: opt_time_at(row, "used_at")?,
+        hash: hash32(row, at(0, "hash"))?,
+        tenant_id: parsed(row, at(1, "tenant_id"), TenantId::parse)?,
+        user_id: parsed(row, at(2, "user_id"), UserId::parse)?,
+        challenge_id: parsed(row, at(3, "challenge_id"), ChallengeId::parse)?,
+        channel: parsed(row, at(4, "channel"), Channel::parse)?,
+        created_at: time_at(row, at(5, "created_at"))?,
+        expires_at: time_at(row, at(6, "expires_at"))?,
+        used_at: opt_time_at(row, at(7, "used_at"))?,
     })
 }
 
@@ -191,21 +210,58 @@ pub(crate) fn prefixed(columns: &str, table: &str, prefix: &str) -> String {
         .join(", ")
 }
 
+/// Where the joined read of a login's rows (`LOGIN_CONTEXTS_BY_HASH`) puts each table's
+/// columns: the ticket's first, then the user's, then the challenge's, each in the order of its
+/// `*_COLUMNS` list.
+const USER_AT: usize = width(TICKET_COLUMNS);
+const CHALLENGE_AT: usize = USER_AT + width(USER_COLUMNS);
+
+/// The columns a `*_COLUMNS` list names (as the SQLite store's `rows::width`).
+const fn width(columns: &str) -> usize {
+    let mut rest = columns.as_bytes();
+    let mut commas = 0;
+    while let [first, tail @ ..] = rest {
+        if *first == b',' {
+            commas += 1;
+        }
+        rest = tail;
+    }
+    commas + 1
+}
+
+/// The position of the joined read's column `prefix` + `name`, found at `at`: the select list
+/// is built from the `*_COLUMNS` constants ([`prefixed`]), so a row is read by position, which
+/// spares it a lookup of each of its 36 names (about a tenth of the server's CPU a login on
+/// PostgreSQL, by `perf`). Debug builds check the name there.
+fn joined_column(row: &PgRow, at: usize, prefix: &str, name: &str) -> usize {
+    debug_assert!(
+        row.try_column(at)
+            .is_ok_and(|c| sqlx::Column::name(c).strip_prefix(prefix) == Some(name)),
+        "column {at} of the login read is not {prefix}{name}"
+    );
+    at
+}
+
 /// A login ticket with its user (`u_` columns) and challenge (`c_` columns), as a left join
 /// read them: `None` where the row is missing or belongs to another tenant.
 pub(crate) fn login_context(row: &PgRow) -> sqlx::Result<otpgate_core::store::LoginContext> {
-    let ticket = ticket(row)?;
+    let ticket = ticket_from(row, |i, name| joined_column(row, i, "", name))?;
     // A missing row of a left join reads as NULLs: its key says whether there is one.
-    let user = match row.try_get::<Option<&str>, _>("u_id")? {
-        Some(_) => Some(user_named!(row, "u_")),
+    let user = match row.try_get::<Option<&str>, _>(joined_column(row, USER_AT, "u_", "id"))? {
+        Some(_) => Some(user_from!(row, |i, name| {
+            joined_column(row, USER_AT + i, "u_", name)
+        })),
         None => None,
     }
     .filter(|u: &User| u.tenant_id == ticket.tenant_id);
-    let challenge = match row.try_get::<Option<&str>, _>("c_id")? {
-        Some(_) => Some(challenge_named!(row, "c_")),
-        None => None,
-    }
-    .filter(|c: &Challenge| c.tenant_id == ticket.tenant_id);
+    let challenge =
+        match row.try_get::<Option<&str>, _>(joined_column(row, CHALLENGE_AT, "c_", "id"))? {
+            Some(_) => Some(challenge_from!(row, |i, name| {
+                joined_column(row, CHALLENGE_AT + i, "c_", name)
+            })),
+            None => None,
+        }
+        .filter(|c: &Challenge| c.tenant_id == ticket.tenant_id);
     Ok(otpgate_core::store::LoginContext {
         ticket,
         user,

@@ -132,7 +132,11 @@ mod tests {
             .collect();
         let logins: Vec<_> = logins
             .iter()
-            .map(|done| (done, done.ticket_hash.unwrap()))
+            .map(|done| crate::login::CodeLogin {
+                done,
+                ticket: done.ticket_hash.unwrap(),
+                reset_failures: true,
+            })
             .collect();
         let spent = store.complete_code_logins(&logins).await.unwrap();
         // Assert: the pages held many rows each, and every new version stayed on its row's
