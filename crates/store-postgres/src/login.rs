@@ -306,6 +306,14 @@ async fn settle_batch(batch: Vec<SettleLoginRequest>) {
 
 /// `CODE_LOGIN` for many logins: the same conditions, each login's row of `logins` standing for
 /// that statement's parameters; the hashes of the tickets spent come back.
+///
+/// The ticket is searched for once: the challenge's update joins it (unused, unexpired) and
+/// returns its row's address, and `spent` updates the row there (a TID scan, where it searched
+/// the key again: one index search of five a login, by `pg_stat_user_tables`). Should the row
+/// have changed since (only another completion of the same login changes a ticket, and it
+/// waits for the challenge this statement has just locked), its new version no longer has that
+/// address, and the login is not spent: its challenge stays consumed, the login answers
+/// `false`, and the core reads again, as after any lost race.
 pub(crate) static CODE_LOGINS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH logins AS ( \
@@ -315,17 +323,15 @@ pub(crate) static CODE_LOGINS: std::sync::LazyLock<String> = std::sync::LazyLock
              created_at, expires_at, reset)), \
      consumed AS ( \
          UPDATE challenges c SET status = 'approved', resolved_at = l.at \
-         FROM logins l \
+         FROM logins l JOIN login_tickets t \
+             ON t.hash = l.ticket AND t.used_at IS NULL AND t.expires_at > l.at \
          WHERE c.id = l.challenge_id AND c.attempts = l.attempts AND c.status = 'pending' \
          AND c.expires_at > l.at \
-         AND EXISTS (SELECT 1 FROM login_tickets t \
-             WHERE t.hash = l.ticket AND t.used_at IS NULL AND t.expires_at > l.at) \
-         RETURNING l.ticket), \
+         RETURNING t.ctid AS ticket_row, l.at), \
      spent AS ( \
-         UPDATE login_tickets t SET used_at = l.at \
-         FROM logins l \
-         WHERE t.hash = l.ticket AND t.used_at IS NULL AND t.expires_at > l.at \
-         AND l.ticket IN (SELECT ticket FROM consumed) \
+         UPDATE login_tickets t SET used_at = k.at \
+         FROM consumed k \
+         WHERE t.ctid = k.ticket_row AND t.used_at IS NULL AND t.expires_at > k.at \
          RETURNING t.hash), \
      reset AS ( \
          UPDATE users u SET failed_logins = 0, locked_until = NULL \
