@@ -309,11 +309,12 @@ async fn settle_batch(batch: Vec<SettleLoginRequest>) {
 ///
 /// The ticket is searched for once: the challenge's update joins it (unused, unexpired) and
 /// returns its row's address, and `spent` updates the row there (a TID scan, where it searched
-/// the key again: one index search of five a login, by `pg_stat_user_tables`). Should the row
-/// have changed since (only another completion of the same login changes a ticket, and it
-/// waits for the challenge this statement has just locked), its new version no longer has that
-/// address, and the login is not spent: its challenge stays consumed, the login answers
-/// `false`, and the core reads again, as after any lost race.
+/// the key again: one index search of five a login, by `pg_stat_user_tables`). Only another
+/// completion of the same login changes a ticket, and it must consume the same challenge, which
+/// this statement has just locked (one that changed the ticket first ends in a deadlock that
+/// PostgreSQL breaks, as before). Should the row have changed all the same, its new version no
+/// longer has that address and the login is not spent: its challenge stays consumed, the login
+/// answers `false`, and the core reads again, as after any lost race.
 pub(crate) static CODE_LOGINS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH logins AS ( \
