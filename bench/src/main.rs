@@ -388,6 +388,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let report = Report {
                 duration_secs: duration.as_secs(),
                 cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+                cpu_model: cpu::model(),
                 rows,
             };
             print!("{}", report::table(&report));

@@ -57,6 +57,10 @@ pub struct Report {
     pub duration_secs: u64,
     /// Cores the machine has.
     pub cores: usize,
+    /// The machine's processor (`/proc/cpuinfo`), when known; absent in reports made before
+    /// 2026-12-05, 14:40.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
     /// Every run, in order.
     pub rows: Vec<Row>,
 }
@@ -64,6 +68,9 @@ pub struct Report {
 /// The table printed after a run.
 pub fn table(report: &Report) -> String {
     let mut out = String::new();
+    if let Some(model) = &report.cpu_model {
+        let _ = writeln!(out, "machine: {model}, {} cores", report.cores);
+    }
     let _ = writeln!(
         out,
         "{:<15} {:<8} {:>5} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>6} {:>8} {:>8}",
@@ -455,6 +462,7 @@ mod tests {
         let report = Report {
             duration_secs: 5,
             cores: 2,
+            cpu_model: None,
             rows: rows.clone(),
         };
         let text = table(&report);
@@ -478,6 +486,7 @@ mod tests {
         let a = Report {
             duration_secs: 5,
             cores: 2,
+            cpu_model: None,
             rows: vec![
                 in_round(row("baseline", 100.0, &[]), 1),
                 in_round(row("baseline", 50.0, &[]), 2),
@@ -486,6 +495,7 @@ mod tests {
         let b = Report {
             duration_secs: 5,
             cores: 2,
+            cpu_model: None,
             rows: vec![in_round(row("baseline", 100.0, &[]), 2)],
         };
         let text = compare(&a, &b);
@@ -494,6 +504,7 @@ mod tests {
         let old = Report {
             duration_secs: 5,
             cores: 2,
+            cpu_model: None,
             rows: vec![row("baseline", 25.0, &[])],
         };
         let text = compare(&old, &a);
@@ -528,9 +539,11 @@ mod tests {
         let report = Report {
             duration_secs: 10,
             cores: 2,
+            cpu_model: Some("AMD EPYC".into()),
             rows: vec![base, login],
         };
         let text = table(&report);
+        assert!(text.starts_with("machine: AMD EPYC, 2 cores\n"), "{text}");
         assert!(text.contains("acl-confirm / baseline (sqlite, 100 connections): 27.1% (the CPU a request costs would allow 33.9% with no idle core)"), "{text}");
         assert!(
             text.contains(
@@ -546,9 +559,11 @@ mod tests {
         let report = Report {
             duration_secs: 10,
             cores: 2,
+            cpu_model: None,
             rows: vec![row("baseline", 100.0, &[]), row("v1-check", 40.0, &[])],
         };
         let text = table(&report);
+        assert!(!text.contains("machine:"), "{text}");
         assert!(
             text.contains("v1-check / baseline (sqlite, 100 connections): 40.0%\n"),
             "{text}"
