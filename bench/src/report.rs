@@ -283,6 +283,22 @@ fn cpu_ceiling(base: &Row, row: &Row) -> Option<f64> {
 /// Ratios B/A for every run both reports have.
 pub fn compare(a: &Report, b: &Report) -> String {
     let mut out = String::new();
+    // A ratio of two runs on different machines measures the machines as much as the builds.
+    let machine = |r: &Report| {
+        format!(
+            "{}, {} cores",
+            r.cpu_model.as_deref().unwrap_or("an unrecorded processor"),
+            r.cores
+        )
+    };
+    if (&a.cpu_model, a.cores) != (&b.cpu_model, b.cores) || a.cpu_model.is_none() {
+        let _ = writeln!(
+            out,
+            "machines: A on {}, B on {}; not known to be the same, so the ratios include the machines",
+            machine(a),
+            machine(b)
+        );
+    }
     let _ = writeln!(
         out,
         "{:<15} {:<8} {:>5} {:>12} {:>12} {:>12}",
@@ -508,6 +524,22 @@ mod tests {
             rows: vec![row("baseline", 25.0, &[])],
         };
         let text = compare(&old, &a);
+        assert!(text.starts_with("machines: A on an unrecorded processor, 2 cores, B on an unrecorded processor, 2 cores;"), "{text}");
+        let on = |model: &str, cores: usize| Report {
+            duration_secs: 5,
+            cores,
+            cpu_model: Some(model.into()),
+            rows: vec![row("baseline", 100.0, &[])],
+        };
+        let same = compare(&on("AMD EPYC", 2), &on("AMD EPYC", 2));
+        assert!(!same.contains("machines:"), "{same}");
+        let other = compare(&on("Intel Xeon", 2), &on("AMD EPYC", 2));
+        assert!(
+            other.starts_with("machines: A on Intel Xeon, 2 cores, B on AMD EPYC, 2 cores;"),
+            "{other}"
+        );
+        let more_cores = compare(&on("AMD EPYC", 4), &on("AMD EPYC", 2));
+        assert!(more_cores.contains("machines:"), "{more_cores}");
         assert!(text.contains("4.000"), "{text}");
     }
 
