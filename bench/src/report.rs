@@ -524,23 +524,34 @@ mod tests {
             rows: vec![row("baseline", 25.0, &[])],
         };
         let text = compare(&old, &a);
-        assert!(text.starts_with("machines: A on an unrecorded processor, 2 cores, B on an unrecorded processor, 2 cores;"), "{text}");
-        let on = |model: &str, cores: usize| Report {
+        assert!(text.contains("4.000"), "{text}");
+    }
+
+    #[test]
+    fn compare_names_the_machines_unless_both_are_recorded_and_the_same() {
+        let on = |model: Option<&str>, cores: usize| Report {
             duration_secs: 5,
             cores,
-            cpu_model: Some(model.into()),
+            cpu_model: model.map(Into::into),
             rows: vec![row("baseline", 100.0, &[])],
         };
-        let same = compare(&on("AMD EPYC", 2), &on("AMD EPYC", 2));
+        let unknown = compare(&on(None, 2), &on(None, 2));
+        assert!(
+            unknown.starts_with(
+                "machines: A on an unrecorded processor, 2 cores, B on an unrecorded processor, 2 cores;"
+            ),
+            "{unknown}"
+        );
+        let same = compare(&on(Some("AMD EPYC"), 2), &on(Some("AMD EPYC"), 2));
         assert!(!same.contains("machines:"), "{same}");
-        let other = compare(&on("Intel Xeon", 2), &on("AMD EPYC", 2));
+        assert!(same.contains("1.000"), "{same}");
+        let other = compare(&on(Some("Intel Xeon"), 2), &on(Some("AMD EPYC"), 2));
         assert!(
             other.starts_with("machines: A on Intel Xeon, 2 cores, B on AMD EPYC, 2 cores;"),
             "{other}"
         );
-        let more_cores = compare(&on("AMD EPYC", 4), &on("AMD EPYC", 2));
+        let more_cores = compare(&on(Some("AMD EPYC"), 4), &on(Some("AMD EPYC"), 2));
         assert!(more_cores.contains("machines:"), "{more_cores}");
-        assert!(text.contains("4.000"), "{text}");
     }
 
     #[test]
