@@ -23,6 +23,31 @@ pub fn normalize_digit(c: char) -> char {
     }
 }
 
+/// Calls `take` `count` times with an index below `n` (1 to 256), each equally likely: bytes
+/// from the OS CSPRNG, rejected at or above the largest multiple of `n`. The bytes come a block
+/// at a time: one system call per code, where one per character made the random source a
+/// tenth of the CPU a `send` spent outside the store.
+fn uniform_indexes(count: usize, n: usize, mut take: impl FnMut(u8)) -> Result<(), CoreError> {
+    if !(1..=256).contains(&n) {
+        return Err(CoreError::Internal(format!("cannot draw from {n} symbols")));
+    }
+    let limit = 256 - 256 % n;
+    let mut block = [0u8; 32];
+    let mut taken = 0;
+    while taken < count {
+        fill_random(&mut block)?;
+        for &byte in block.iter().filter(|&&b| usize::from(b) < limit) {
+            if taken == count {
+                break;
+            }
+            // `byte % n` is below `n` <= 256, so it fits a byte.
+            take(u8::try_from(usize::from(byte) % n).unwrap_or(0));
+            taken += 1;
+        }
+    }
+    Ok(())
+}
+
 impl OtpCode {
     /// Parses a typed code: surrounding white space dropped, Persian and Arabic-Indic digits
     /// made ASCII; anything else that is not a digit, or a length other than `expected_len`
@@ -56,14 +81,9 @@ impl OtpCode {
     /// A fresh uniformly random code of `len` digits.
     pub fn generate(len: u8) -> Result<Self, CoreError> {
         let mut digits = String::with_capacity(usize::from(len));
-        let mut buf = [0u8; 1];
-        while digits.len() < usize::from(len) {
-            fill_random(&mut buf)?;
-            // Rejection sampling: 250 = 25 * 10, so every digit is equally likely.
-            if buf[0] < 250 {
-                digits.push(char::from(b'0' + buf[0] % 10));
-            }
-        }
+        uniform_indexes(usize::from(len), 10, |digit| {
+            digits.push(char::from(b'0'.saturating_add(digit)));
+        })?;
         Ok(OtpCode(digits))
     }
 
@@ -103,20 +123,11 @@ impl RecoveryCode {
     /// A fresh random code.
     pub fn generate() -> Result<Self, CoreError> {
         let mut code = String::with_capacity(RECOVERY_CODE_LEN);
-        let mut buf = [0u8; 1];
-        let n = RECOVERY_ALPHABET.len();
-        // Rejection sampling: only bytes below the largest multiple of n, so every character is
-        // equally likely.
-        let limit = 256 - 256 % n;
-        while code.len() < RECOVERY_CODE_LEN {
-            fill_random(&mut buf)?;
-            let byte = usize::from(buf[0]);
-            if byte < limit
-                && let Some(c) = RECOVERY_ALPHABET.get(byte % n)
-            {
+        uniform_indexes(RECOVERY_CODE_LEN, RECOVERY_ALPHABET.len(), |i| {
+            if let Some(c) = RECOVERY_ALPHABET.get(usize::from(i)) {
                 code.push(char::from(*c));
             }
-        }
+        })?;
         Ok(RecoveryCode(code))
     }
 
@@ -190,6 +201,33 @@ mod tests {
             assert_eq!(code.expose().len(), usize::from(len));
             assert!(code.expose().bytes().all(|b| b.is_ascii_digit()));
         }
+    }
+
+    #[test]
+    fn drawn_indexes_cover_every_symbol_evenly_across_blocks() {
+        // 20,000 draws need many blocks of random bytes: a block's bytes must all be used or
+        // dropped, never counted twice, and every symbol must come out about as often.
+        let mut seen = [0u32; 31];
+        let mut drawn = 0;
+        uniform_indexes(20_000, 31, |i| {
+            seen[usize::from(i)] += 1;
+            drawn += 1;
+        })
+        .unwrap();
+        assert_eq!(drawn, 20_000);
+        // 645 expected each; five standard deviations (about 125) either side.
+        assert!(seen.iter().all(|&n| (520..=770).contains(&n)), "{seen:?}");
+        let mut digits = [0u32; 10];
+        uniform_indexes(20_000, 10, |d| digits[usize::from(d)] += 1).unwrap();
+        assert!(
+            digits.iter().all(|&n| (1800..=2200).contains(&n)),
+            "{digits:?}"
+        );
+        assert!(uniform_indexes(1, 0, |_| {}).is_err());
+        assert!(uniform_indexes(1, 257, |_| {}).is_err());
+        let mut any = 0;
+        uniform_indexes(3, 256, |_| any += 1).unwrap();
+        assert_eq!(any, 3);
     }
 
     #[test]
