@@ -25,6 +25,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../migrations/0014_room_for_a_batch_of_hot_updates.sql"),
     include_str!("../migrations/0015_no_session_user_foreign_key.sql"),
     include_str!("../migrations/0016_one_audit_index.sql"),
+    include_str!("../migrations/0017_no_outbox_challenge_foreign_key.sql"),
 ];
 
 /// An arbitrary constant naming otpgate's migration lock.

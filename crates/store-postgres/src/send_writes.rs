@@ -68,8 +68,7 @@ const NEW_MESSAGE_ARRAYS: &str = "$25::text[], $26::text[], $27::text[], $28::te
      $29::text[], $30::text[], $31::text[], $32::text[], $33::text[], $34::text[], $35::int8[], \
      $36::int8[], $37::int8[], $38::text[], $39::text[]";
 
-/// Many new challenges, their messages and their audit rows in one statement. The outbox rows'
-/// foreign keys are checked at the end of the statement, when their challenges are there.
+/// Many new challenges, their messages and their audit rows in one statement.
 static NEW_CHALLENGES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "WITH challenge AS (INSERT INTO challenges ({CHALLENGE_INSERT_COLUMNS}) \

@@ -155,8 +155,6 @@ static NEW_CHALLENGE: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::ne
         "challenge AS (INSERT INTO challenges ({CHALLENGE_INSERT_COLUMNS}) VALUES ({}))",
         placeholders(10, 15)
     );
-    // The outbox row's foreign key is checked at the end of the statement, when the
-    // challenge row of the same statement is there.
     let message = format!(
         "message AS (INSERT INTO outbox ({MESSAGE_INSERT_COLUMNS}) VALUES ({}))",
         placeholders(25, 15)
