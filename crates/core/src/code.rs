@@ -25,8 +25,7 @@ pub fn normalize_digit(c: char) -> char {
 
 /// Calls `take` `count` times with an index below `n` (1 to 256), each equally likely: bytes
 /// from the OS CSPRNG, rejected at or above the largest multiple of `n`. The bytes come a block
-/// at a time: one system call per code, where one per character made the random source a
-/// tenth of the CPU a `send` spent outside the store.
+/// at a time: one system call per code instead of one per character.
 fn uniform_indexes(count: usize, n: usize, mut take: impl FnMut(u8)) -> Result<(), CoreError> {
     if !(1..=256).contains(&n) {
         return Err(CoreError::Internal(format!("cannot draw from {n} symbols")));
