@@ -338,6 +338,11 @@ mod tests {
             ("+19002345678", LineType::PremiumRate),
             ("+18002345678", LineType::TollFree),
             ("+78001234567", LineType::TollFree),
+            // National numbers that begin with 0 keep it (Italy's landlines, Côte d'Ivoire's
+            // and Gabon's mobiles): the plans' patterns include it.
+            ("+390212345678", LineType::FixedLine),
+            ("+2250123456789", LineType::Mobile),
+            ("+24106031234", LineType::Mobile),
             ("+14155550100", LineType::FixedLineOrMobile),
         ] {
             assert_eq!(
