@@ -159,33 +159,43 @@ impl E164Phone {
         let Some(code) = country.get(1..).and_then(|c| c.parse::<u16>().ok()) else {
             return LineType::Unknown;
         };
-        match number_plan_of(code, national) {
-            Some(plan) => line_type_in(plan, national),
-            None => LineType::Unknown,
-        }
+        line_type_under(code, national)
     }
 }
 
-/// The plan that holds `national` under the country code `code`: the code's only region, or
-/// the first of its regions (the NANP's, say) whose leading digits, or else whose patterns,
-/// take the number.
-fn number_plan_of(code: u16, national: &str) -> Option<&'static phonenumber::Metadata> {
+/// The line type of `national` in the plan that holds it under the country code `code`: the
+/// code's only region, or the first of its regions (the NANP's, say) whose leading digits, or
+/// else whose patterns, take the number. A plan chosen by its patterns has already said what
+/// the number is: its patterns are not matched a second time.
+fn line_type_under(code: u16, national: &str) -> LineType {
     let plans: &'static phonenumber::metadata::Database = &phonenumber::metadata::DATABASE;
-    let regions = plans.region(&code)?;
+    let Some(regions) = plans.region(&code) else {
+        return LineType::Unknown;
+    };
     if let [only] = regions.as_slice() {
-        return if *only == "001" {
-            plans.by_code(&code)?.into_iter().next()
+        let plan = if *only == "001" {
+            plans.by_code(&code).and_then(|p| p.into_iter().next())
         } else {
             plans.by_id(*only)
         };
+        return plan.map_or(LineType::Unknown, |plan| line_type_in(plan, national));
     }
-    regions
-        .into_iter()
-        .filter_map(|region| plans.by_id(region))
-        .find(|plan| match plan.leading_digits() {
-            Some(leading) => leading.find(national).is_some_and(|m| m.start() == 0),
-            None => line_type_in(plan, national) != LineType::Unknown,
-        })
+    for plan in regions.into_iter().filter_map(|region| plans.by_id(region)) {
+        match plan.leading_digits() {
+            Some(leading) => {
+                if leading.find(national).is_some_and(|m| m.start() == 0) {
+                    return line_type_in(plan, national);
+                }
+            }
+            None => {
+                let kind = line_type_in(plan, national);
+                if kind != LineType::Unknown {
+                    return kind;
+                }
+            }
+        }
+    }
+    LineType::Unknown
 }
 
 /// The first of the plan's kinds whose pattern takes `national`, in libphonenumber's order
