@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Notify, watch};
 
 use crate::clock::Clock;
@@ -46,8 +48,10 @@ pub struct DeliveryPolicy {
     pub lease: Duration,
     /// Longest sleep between polls when nothing wakes the worker.
     pub poll_interval: Duration,
-    /// Messages claimed per round.
+    /// Messages one claim takes at most (the worker claims again as deliveries end).
     pub batch: u32,
+    /// Provider calls one worker has in flight at most (a provider's concurrency limit, say).
+    pub max_in_flight: u32,
 }
 
 impl Default for DeliveryPolicy {
@@ -59,6 +63,7 @@ impl Default for DeliveryPolicy {
             lease: Duration::from_secs(60),
             poll_interval: Duration::from_secs(1),
             batch: 32,
+            max_in_flight: 64,
         }
     }
 }
@@ -86,12 +91,6 @@ pub struct DeliveryWorker {
     wake: Arc<Notify>,
 }
 
-/// Provider calls one worker makes at once.
-const CONCURRENT_DELIVERIES: usize = 16;
-
-type Delivery<'a> =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), crate::StoreError>> + Send + 'a>>;
-
 impl DeliveryWorker {
     /// A worker; `wake` is notified by the core whenever it queues a message.
     pub fn new(
@@ -110,50 +109,70 @@ impl DeliveryWorker {
         }
     }
 
-    /// Runs until `shutdown` turns true; the round in progress finishes first.
+    /// Runs until `shutdown` turns true; the deliveries in flight finish first.
+    ///
+    /// A provider call takes milliseconds to seconds (up to the provider time-out when a
+    /// gateway hangs), so the worker keeps up to [`DeliveryPolicy::max_in_flight`] of them going
+    /// and claims more as they end: when it waited for a whole claimed batch instead, one hung
+    /// call held up every message claimed with it, and every message queued after them, until
+    /// its time-out. It claims whenever a claim's worth of room is free (or nothing is in
+    /// flight); a claim that finds fewer messages than it asked for means the queue is empty,
+    /// and the next one waits for the core's wake-up, the poll interval or a delivery's end.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let max_in_flight = usize::try_from(self.policy.max_in_flight)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        let claim_size = usize::try_from(self.policy.batch)
+            .unwrap_or(max_in_flight)
+            .clamp(1, max_in_flight);
+        let mut in_flight = FuturesUnordered::new();
+        let mut queue_empty = false;
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let handled = match self.deliver_due().await {
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbox round failed");
-                    0
+            let room = max_in_flight.saturating_sub(in_flight.len());
+            if !queue_empty && (room >= claim_size || in_flight.is_empty()) {
+                match self.claim(claim_size.min(room)).await {
+                    Ok(claimed) => {
+                        queue_empty = claimed.len() < claim_size.min(room);
+                        for message in claimed {
+                            in_flight.push(self.deliver_owned(message));
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "claiming due messages failed");
+                        queue_empty = true;
+                    }
                 }
-            };
-            if handled > 0 {
-                continue;
             }
             tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.policy.poll_interval) => {}
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                _ = self.wake.notified() => queue_empty = false,
+                _ = tokio::time::sleep(self.policy.poll_interval) => queue_empty = false,
                 _ = shutdown.changed() => {}
             }
         }
+        while in_flight.next().await.is_some() {}
         tracing::info!("outbox worker stopped");
     }
 
-    /// One round: claims due messages and tries each once. Returns how many it handled.
-    pub async fn deliver_due(&self) -> Result<usize, crate::StoreError> {
+    /// Claims up to `limit` due messages for the lease.
+    async fn claim(&self, limit: usize) -> Result<Vec<OutboxMessage>, crate::StoreError> {
         let now = self.clock.now();
-        let claimed = self
-            .store
-            .claim_outbox(now, now + self.policy.lease, self.policy.batch)
-            .await?;
-        // A provider call takes milliseconds to seconds: the batch goes out side by side, or one
-        // slow gateway would hold every message behind it.
-        for chunk in claimed.chunks(CONCURRENT_DELIVERIES) {
-            let mut deliveries: Vec<Delivery<'_>> = Vec::with_capacity(chunk.len());
-            for message in chunk {
-                deliveries.push(Box::pin(self.deliver_one(message)));
-            }
-            for outcome in futures_util::future::join_all(deliveries).await {
-                outcome?;
-            }
+        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+        self.store
+            .claim_outbox(now, now + self.policy.lease, limit)
+            .await
+    }
+
+    /// Delivers one claimed message. A failure to record the outcome is logged: the message
+    /// stays claimed until its lease lapses, and is then tried again.
+    async fn deliver_owned(&self, message: OutboxMessage) {
+        if let Err(e) = self.deliver_one(&message).await {
+            tracing::warn!(message_id = %message.id, error = %e, "recording a delivery's outcome failed");
         }
-        Ok(claimed.len())
     }
 
     async fn deliver_one(&self, message: &OutboxMessage) -> Result<(), crate::StoreError> {

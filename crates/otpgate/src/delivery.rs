@@ -39,6 +39,8 @@ pub struct DeliverySettings {
     pub lease_ms: u64,
     /// Time-out of one provider call, milliseconds.
     pub timeout_ms: u64,
+    /// Provider calls in flight at once (per otpgate instance).
+    pub max_in_flight: u32,
     /// The webhook provider.
     pub webhook: WebhookSettings,
     /// The Twilio provider.
@@ -163,6 +165,7 @@ impl Default for DeliverySettings {
             poll_interval_ms: d.poll_interval.as_millis() as u64,
             lease_ms: d.lease.as_millis() as u64,
             timeout_ms: 10_000,
+            max_in_flight: d.max_in_flight,
             webhook: WebhookSettings::default(),
             twilio: TwilioSettings::default(),
             kavenegar: KavenegarSettings::default(),
@@ -185,9 +188,11 @@ impl DeliverySettings {
             || self.poll_interval_ms == 0
             || self.lease_ms == 0
             || self.timeout_ms == 0
+            || self.max_in_flight == 0
         {
             return Err(ConfigError(
-                "delivery.max_tries, poll_interval_ms, lease_ms and timeout_ms must be positive"
+                "delivery.max_tries, poll_interval_ms, lease_ms, timeout_ms and max_in_flight \
+                 must be positive"
                     .into(),
             ));
         }
@@ -223,6 +228,7 @@ impl DeliverySettings {
             ),
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             lease: Duration::from_millis(self.lease_ms),
+            max_in_flight: self.max_in_flight,
             ..DeliveryPolicy::default()
         })
     }
@@ -367,6 +373,21 @@ mod tests {
             .map(|e| e.0)
             .unwrap_or_default();
         assert!(err.contains("delivery.smtp.host"), "{err}");
+    }
+
+    #[test]
+    fn the_limit_of_calls_in_flight_reaches_the_worker_and_zero_is_refused() {
+        let settings = DeliverySettings {
+            max_in_flight: 3,
+            ..DeliverySettings::default()
+        };
+        assert_eq!(settings.policy().map(|p| p.max_in_flight).ok(), Some(3));
+        let none = DeliverySettings {
+            max_in_flight: 0,
+            ..DeliverySettings::default()
+        };
+        let err = none.policy().err().map(|e| e.0).unwrap_or_default();
+        assert!(err.contains("max_in_flight"), "{err}");
     }
 
     #[test]

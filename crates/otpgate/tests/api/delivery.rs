@@ -117,6 +117,8 @@ impl SmtpServer {
 #[derive(Clone, Debug)]
 pub enum Behaviour {
     Answer(u16, &'static str),
+    /// 200 after this long.
+    Slow(Duration),
     Hang,
 }
 
@@ -133,6 +135,8 @@ pub struct Provider {
     pub requests: Arc<Mutex<Vec<Recorded>>>,
     script: Arc<Mutex<VecDeque<Behaviour>>>,
     otherwise: Arc<Mutex<Option<Behaviour>>>,
+    /// Requests being answered now, and the most there ever were at once.
+    in_flight: Arc<Mutex<(usize, usize)>>,
 }
 
 async fn handle(
@@ -154,6 +158,16 @@ async fn handle(
         .unwrap_or(Behaviour::Answer(200, "{}"));
     match behaviour {
         Behaviour::Answer(code, body) => (StatusCode::from_u16(code).unwrap(), body.to_owned()),
+        Behaviour::Slow(delay) => {
+            {
+                let mut counts = p.in_flight.lock().unwrap();
+                counts.0 += 1;
+                counts.1 = counts.1.max(counts.0);
+            }
+            tokio::time::sleep(delay).await;
+            p.in_flight.lock().unwrap().0 -= 1;
+            (StatusCode::OK, "{}".to_owned())
+        }
         Behaviour::Hang => {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             (StatusCode::OK, String::new())
@@ -178,6 +192,11 @@ impl Provider {
 
     pub fn otherwise(&self, behaviour: Behaviour) {
         *self.otherwise.lock().unwrap() = Some(behaviour);
+    }
+
+    /// The most requests it was answering at once.
+    pub fn most_in_flight(&self) -> usize {
+        self.in_flight.lock().unwrap().1
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -460,6 +479,79 @@ async fn a_provider_that_hangs_is_cut_off_and_retried_with_back_off() {
     app.clock.advance(Duration::from_secs(2));
     let provider_id = wait_delivery(&app, &id, DeliveryStatus::Sent).await;
     assert_eq!(provider_id.as_deref(), Some("twilio:SM9"));
+}
+
+#[tokio::test]
+async fn a_provider_call_that_hangs_holds_up_no_other_message() {
+    let (webhook, w_addr) = Provider::start().await;
+    webhook.script([Behaviour::Hang]);
+    let hang_cut_off_after = Duration::from_secs(10);
+    let app = spawn_app_with(
+        None,
+        |s| {
+            s.delivery.sms = vec!["webhook".into()];
+            s.delivery.webhook.url = Some(format!("http://{w_addr}/hooks/sms"));
+            s.delivery.webhook.secret = Some("whsec_c2VjcmV0LWtleQ==".to_owned().into());
+            s.delivery.timeout_ms = hang_cut_off_after.as_millis() as u64;
+            s.delivery.lease_ms = 60_000;
+            s.policy.max_sends_per_ip_per_hour = 0;
+        },
+        false,
+    )
+    .await;
+    let hung = app.start_sms("+989120000000").await.body["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    webhook.wait_for(1).await;
+    // More than one claim's worth (32), sent while the first call hangs.
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for n in 1..=40 {
+        let answer = app.start_sms(&format!("+98912{n:07}")).await;
+        assert_eq!(answer.status, 201, "{:?}", answer.body);
+        ids.push(answer.body["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        wait_delivery(&app, id, DeliveryStatus::Sent).await;
+    }
+    assert!(
+        started.elapsed() < hang_cut_off_after / 2,
+        "the other messages waited for the hung call: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        delivery_of(&app, &hung).await.map(|d| d.0),
+        Some(DeliveryStatus::Queued),
+        "the hung call is still in flight"
+    );
+}
+
+#[tokio::test]
+async fn no_more_provider_calls_are_in_flight_than_configured() {
+    let (webhook, w_addr) = Provider::start().await;
+    webhook.otherwise(Behaviour::Slow(Duration::from_millis(200)));
+    let app = spawn_app_with(
+        None,
+        |s| {
+            s.delivery.sms = vec!["webhook".into()];
+            s.delivery.webhook.url = Some(format!("http://{w_addr}/hooks/sms"));
+            s.delivery.webhook.secret = Some("whsec_c2VjcmV0LWtleQ==".to_owned().into());
+            s.delivery.max_in_flight = 3;
+        },
+        false,
+    )
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..12 {
+        let answer = app.start_sms(&format!("+98912{n:07}")).await;
+        assert_eq!(answer.status, 201, "{:?}", answer.body);
+        ids.push(answer.body["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ids {
+        wait_delivery(&app, id, DeliveryStatus::Sent).await;
+    }
+    assert_eq!(webhook.most_in_flight(), 3);
 }
 
 #[tokio::test]
