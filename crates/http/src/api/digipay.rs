@@ -209,13 +209,15 @@ impl FromRequestParts<AppState> for Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| TenantId::parse(v).ok())
             .ok_or_else(|| DigipayError::new(StatusCode::NOT_FOUND, Vec::new()))?;
-        state
-            .core
-            .tenant(&company)
-            .await
-            .map_err(DigipayError::from_core)?;
         if company != tenant {
-            // A client of one company never acts for another.
+            // A client of one company never acts for another: an unknown company is not
+            // found, any other refused. Its own company exists (the key belongs to it), so only
+            // here is the company looked up: one read less on every request.
+            state
+                .core
+                .tenant(&company)
+                .await
+                .map_err(DigipayError::from_core)?;
             return Err(DigipayError::unauthorized());
         }
         Ok(Client(tenant))
