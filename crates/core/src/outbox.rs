@@ -116,8 +116,9 @@ impl DeliveryWorker {
     /// and claims more as they end: when it waited for a whole claimed batch instead, one hung
     /// call held up every message claimed with it, and every message queued after them, until
     /// its time-out. It claims whenever a claim's worth of room is free (or nothing is in
-    /// flight); a claim that finds fewer messages than it asked for means the queue is empty,
-    /// and the next one waits for the core's wake-up, the poll interval or a delivery's end.
+    /// flight), so with less room it waits for deliveries to end; a claim that finds fewer
+    /// messages than it asked for means the queue is empty, and the next one waits for the
+    /// core's wake-up (a new message) or the poll interval (a retry that fell due).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let max_in_flight = usize::try_from(self.policy.max_in_flight)
             .unwrap_or(usize::MAX)
