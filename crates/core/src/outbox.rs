@@ -134,9 +134,10 @@ impl DeliveryWorker {
             }
             let room = max_in_flight.saturating_sub(in_flight.len());
             if !queue_empty && (room >= claim_size || in_flight.is_empty()) {
-                match self.claim(claim_size.min(room)).await {
+                let wanted = claim_size.min(room);
+                match self.claim(wanted).await {
                     Ok(claimed) => {
-                        queue_empty = claimed.len() < claim_size.min(room);
+                        queue_empty = claimed.len() < wanted;
                         for message in claimed {
                             in_flight.push(self.deliver_owned(message));
                         }

@@ -347,14 +347,31 @@ async fn a_recipient_the_smtp_server_refuses_fails_at_once_and_the_code_is_erase
 
 // ------------------------------------------------------------------ SMS providers
 
+/// SMS through the signed webhook at `webhook` alone.
+fn webhook_settings(s: &mut otpgate::config::Settings, webhook: SocketAddr) {
+    s.delivery.sms = vec!["webhook".into()];
+    s.delivery.webhook.url = Some(format!("http://{webhook}/hooks/sms"));
+    s.delivery.webhook.secret = Some("whsec_c2VjcmV0LWtleQ==".to_owned().into());
+}
+
+/// Starts an SMS code to each of the numbers `+98912` `n` (seven digits); their ids.
+async fn start_codes(app: &TestApp, numbers: std::ops::RangeInclusive<u32>) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in numbers {
+        let answer = app.start_sms(&format!("+98912{n:07}")).await;
+        assert_eq!(answer.status, 201, "{:?}", answer.body);
+        ids.push(answer.body["id"].as_str().unwrap().to_owned());
+    }
+    ids
+}
+
 fn sms_app_settings(s: &mut otpgate::config::Settings, twilio: SocketAddr, webhook: SocketAddr) {
+    webhook_settings(s, webhook);
     s.delivery.sms = vec!["twilio".into(), "webhook".into()];
     s.delivery.twilio.base_url = format!("http://{twilio}");
     s.delivery.twilio.account_sid = Some("AC0123456789".into());
     s.delivery.twilio.auth_token = Some("twilio-token".to_owned().into());
     s.delivery.twilio.from = Some("+15005550006".into());
-    s.delivery.webhook.url = Some(format!("http://{webhook}/hooks/sms"));
-    s.delivery.webhook.secret = Some("whsec_c2VjcmV0LWtleQ==".to_owned().into());
     s.delivery.timeout_ms = 300;
     s.delivery.lease_ms = 5_000;
     s.delivery.base_backoff_ms = 1_000;
@@ -489,9 +506,7 @@ async fn a_provider_call_that_hangs_holds_up_no_other_message() {
     let app = spawn_app_with(
         None,
         |s| {
-            s.delivery.sms = vec!["webhook".into()];
-            s.delivery.webhook.url = Some(format!("http://{w_addr}/hooks/sms"));
-            s.delivery.webhook.secret = Some("whsec_c2VjcmV0LWtleQ==".to_owned().into());
+            webhook_settings(s, w_addr);
             s.delivery.timeout_ms = hang_cut_off_after.as_millis() as u64;
             s.delivery.lease_ms = 60_000;
             s.policy.max_sends_per_ip_per_hour = 0;
@@ -506,13 +521,7 @@ async fn a_provider_call_that_hangs_holds_up_no_other_message() {
     webhook.wait_for(1).await;
     // More than one claim's worth (32), sent while the first call hangs.
     let started = Instant::now();
-    let mut ids = Vec::new();
-    for n in 1..=40 {
-        let answer = app.start_sms(&format!("+98912{n:07}")).await;
-        assert_eq!(answer.status, 201, "{:?}", answer.body);
-        ids.push(answer.body["id"].as_str().unwrap().to_owned());
-    }
-    for id in &ids {
+    for id in &start_codes(&app, 1..=40).await {
         wait_delivery(&app, id, DeliveryStatus::Sent).await;
     }
     assert!(
@@ -534,21 +543,13 @@ async fn no_more_provider_calls_are_in_flight_than_configured() {
     let app = spawn_app_with(
         None,
         |s| {
-            s.delivery.sms = vec!["webhook".into()];
-            s.delivery.webhook.url = Some(format!("http://{w_addr}/hooks/sms"));
-            s.delivery.webhook.secret = Some("whsec_c2VjcmV0LWtleQ==".to_owned().into());
+            webhook_settings(s, w_addr);
             s.delivery.max_in_flight = 3;
         },
         false,
     )
     .await;
-    let mut ids = Vec::new();
-    for n in 0..12 {
-        let answer = app.start_sms(&format!("+98912{n:07}")).await;
-        assert_eq!(answer.status, 201, "{:?}", answer.body);
-        ids.push(answer.body["id"].as_str().unwrap().to_owned());
-    }
-    for id in &ids {
+    for id in &start_codes(&app, 1..=12).await {
         wait_delivery(&app, id, DeliveryStatus::Sent).await;
     }
     assert_eq!(webhook.most_in_flight(), 3);
